@@ -1,0 +1,216 @@
+"""Text + context -> watermarked 24 kHz audio: the one place that chains tokenizer, frames, the
+frame loop, Mimi and the watermark.
+
+It takes built components (see `loaders.py` for building them) and knows nothing about files,
+profiles, scripts or the UI. Waveforms are (S,) float32 tensors at 24 kHz on the CPU.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig
+from .errors import ContextTooLongError, WatermarkUnavailableError
+from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
+from .generate import Sampler, iterate_frames
+from .model import CSM
+
+
+@dataclass
+class Utterance:
+    """One generated line: audio (S,), its codes (K, T), and how it was made."""
+
+    audio: torch.Tensor
+    codes: torch.Tensor
+    seed: int
+    watermarked: bool
+    prompt_positions: int
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.numel() / self.sample_rate
+
+
+@dataclass
+class AudioChunk:
+    """A piece of a streamed utterance. `frames` counts the frames decoded so far."""
+
+    audio: torch.Tensor
+    frames: int
+    seed: int
+    watermarked: bool
+    sample_rate: int = SAMPLE_RATE
+
+
+@dataclass
+class EngineInfo:
+    """What is loaded, said plainly (for logs and the UI)."""
+
+    model: str
+    device: str
+    dtype: str
+    tokenizer: str
+    codec: str
+    watermark: str
+    untrained: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: CSM, tokenizer, codec, watermarker=None, *, watermark: bool = True,
+                 info: EngineInfo | None = None):
+        if watermark and watermarker is None:
+            raise WatermarkUnavailableError(
+                "no watermark model was given: load one, or pass watermark=False explicitly "
+                "(output will then be marked as not watermarked)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.watermarker = watermarker if watermark else None
+        self.config = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
+                                       tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
+                                       watermark="on" if self.watermarker else "OFF")
+
+    # ---- prompts --------------------------------------------------------------------------
+    def text_frames(self, text: str, speaker: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return text_frames(self.tokenizer.encode(format_text(speaker, text)), self.config.audio_num_codebooks)
+
+    def segment_codes(self, segment: Segment) -> torch.Tensor:
+        """(K, T) Mimi codes of a context segment (encoded now unless the segment carries them)."""
+        if segment.codes is not None:
+            return segment.codes
+        if segment.audio is None:
+            raise ValueError(f"context segment {segment.text[:40]!r} has neither audio nor codes")
+        return self.codec.encode(segment.audio.to(self.codec.device, torch.float32))
+
+    def segment_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        return concat_frames([self.text_frames(segment.text, segment.speaker),
+                              audio_frames(self.segment_codes(segment))])
+
+    def segment_positions(self, segment: Segment) -> int:
+        """Window positions a context segment takes: its text tokens + its frames + the EOS frame."""
+        n_text = len(self.tokenizer.encode(format_text(segment.speaker, segment.text)))
+        return n_text + self.segment_codes(segment).shape[-1] + 1
+
+    def build_prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, K+1) tokens and mask: every context segment, then the text to speak."""
+        parts = [self.segment_frames(seg) for seg in context]
+        parts.append(self.text_frames(text, speaker))
+        return concat_frames(parts)
+
+    def check_window(self, prompt_positions: int, max_frames: int) -> None:
+        window = self.config.max_seq_len
+        if prompt_positions + max_frames > window:
+            raise ContextTooLongError(
+                f"the prompt takes {prompt_positions} of the model's {window} positions and up to "
+                f"{max_frames} frames ({max_frames * FRAME_MS / 1000:.1f} s) must still fit: shorten the "
+                "context (fewer or shorter reference clips / earlier lines), the text, or max_audio_length_ms"
+            )
+
+    # ---- generation -----------------------------------------------------------------------
+    def _sampler(self, sampling: SamplingConfig) -> tuple[Sampler, int]:
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return Sampler(sampling.temperature, sampling.topk, gen, num_codes=self.codec.cardinality), seed
+
+    def _frames(self, text, speaker, context, sampling) -> tuple[Iterator[torch.Tensor], int, int]:
+        tokens, mask = self.build_prompt(text, speaker, context)
+        self.check_window(tokens.size(0), sampling.max_frames)
+        sampler, seed = self._sampler(sampling)
+        it = iterate_frames(self.model, tokens[None].to(self.device), mask[None].to(self.device),
+                            sampler, sampling.max_frames)
+        return (codes[0] for codes, _ in it), seed, tokens.size(0)
+
+    def _watermark(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.watermarker.apply(audio, SAMPLE_RATE) if self.watermarker else audio
+
+    @torch.inference_mode()
+    def generate_codes(self, text: str, speaker: int, context: Sequence[Segment] = (),
+                       sampling: SamplingConfig = SamplingConfig()) -> tuple[torch.Tensor, int, int]:
+        """Codes (K, T) of one utterance (T may be 0 when the model ends at once), seed, prompt size."""
+        frames, seed, n_prompt = self._frames(text, speaker, context, sampling)
+        codes = [f for f in frames]
+        k = self.config.audio_num_codebooks
+        stacked = torch.stack(codes, dim=1) if codes else torch.zeros(k, 0, dtype=torch.long, device=self.device)
+        return stacked, seed, n_prompt
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(K, T) codes -> (T * 1920,) float32 CPU waveform (not watermarked)."""
+        if codes.shape[-1] == 0:
+            return torch.zeros(0)
+        return self.codec.decode(codes.to(self.codec.device)).float().cpu()
+
+    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+                 sampling: SamplingConfig = SamplingConfig()) -> Utterance:
+        """Speak `text` as `speaker` after `context`; returns watermarked audio unless disabled."""
+        codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling)
+        audio = self._watermark(self.decode(codes))
+        return Utterance(audio=audio, codes=codes.cpu(), seed=seed, watermarked=self.watermarker is not None,
+                         prompt_positions=n_prompt)
+
+    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+               sampling: SamplingConfig = SamplingConfig(), chunks: StreamConfig = StreamConfig()) -> Iterator[AudioChunk]:
+        """Yield decoded audio while frames are generated: a short first chunk, then larger ones.
+
+        Each chunk is watermarked on its own (the watermark is applied per chunk, so a listener
+        never receives unmarked audio). Concatenated chunks equal the whole-call decode of the same
+        codes up to Mimi's streaming tolerance (tests/test_engine.py).
+        """
+        with torch.inference_mode():
+            frames, seed, _ = self._frames(text, speaker, context, sampling)
+            pending: list[torch.Tensor] = []
+            done = 0
+            with self.codec.stream(batch_size=1) as decoder:
+                want = chunks.first_chunk_frames
+                for frame in frames:
+                    pending.append(frame)
+                    if len(pending) < want:
+                        continue
+                    done += len(pending)
+                    yield self._chunk(decoder, pending, done, seed)
+                    pending, want = [], chunks.chunk_frames
+                if pending:
+                    done += len(pending)
+                    yield self._chunk(decoder, pending, done, seed)
+
+    def _chunk(self, decoder, frames: list[torch.Tensor], done: int, seed: int) -> AudioChunk:
+        codes = torch.stack(frames, dim=1).unsqueeze(0).to(self.codec.device)  # (1, K, t)
+        audio = decoder.decode(codes)[0].float().cpu()
+        return AudioChunk(audio=self._watermark(audio), frames=done, seed=seed,
+                          watermarked=self.watermarker is not None)
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[tuple[str, int, Sequence[Segment]]],
+                       sampling: SamplingConfig = SamplingConfig()) -> list[Utterance]:
+        """Several independent utterances as one batch (left-padded prompts, per-row EOS)."""
+        prompts = [self.build_prompt(text, spk, ctx) for text, spk, ctx in requests]
+        longest = max(t.size(0) for t, _ in prompts)
+        self.check_window(longest, sampling.max_frames)
+        tokens = torch.zeros(len(prompts), longest, self.config.frame_width, dtype=torch.long)
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        pad = torch.tensor([longest - t.size(0) for t, _ in prompts])
+        for row, (t, m) in enumerate(prompts):
+            tokens[row, pad[row]:], mask[row, pad[row]:] = t, m
+        sampler, seed = self._sampler(sampling)
+        per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for codes, alive in iterate_frames(self.model, tokens.to(self.device), mask.to(self.device), sampler,
+                                           sampling.max_frames, pad):
+            for row in alive.nonzero().flatten().tolist():
+                per_row[row].append(codes[row])
+        out = []
+        k = self.config.audio_num_codebooks
+        for row, frames in enumerate(per_row):
+            codes = torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long)
+            out.append(Utterance(audio=self._watermark(self.decode(codes)), codes=codes.cpu(), seed=seed,
+                                 watermarked=self.watermarker is not None, prompt_positions=prompts[row][0].size(0)))
+        return out

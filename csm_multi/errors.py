@@ -1,0 +1,36 @@
+"""Typed, readable errors. Each message says what went wrong and what to do about it.
+
+The UI and CLI show `str(error)` to people; nothing here may carry a stack trace's worth of detail.
+"""
+
+
+class CsmError(Exception):
+    """Base class of every error csm-multi raises on purpose."""
+
+
+class WeightsUnavailableError(CsmError):
+    """Model weights, tokenizer or codec files could not be obtained (token, gating, network, file)."""
+
+
+class CheckpointFormatError(CsmError):
+    """A checkpoint file is not in a layout we can read, or its shapes do not match the preset."""
+
+
+class WatermarkUnavailableError(CsmError):
+    """The watermark model could not be loaded and the caller did not explicitly disable watermarking."""
+
+
+class ContextTooLongError(CsmError):
+    """Context + text + frames to generate do not fit the model's window."""
+
+
+class AudioInputError(CsmError):
+    """An audio file or array is unreadable, empty, silent, too short/long or otherwise unusable."""
+
+
+class ScriptError(CsmError):
+    """A dialogue script could not be parsed or refers to unknown speakers (carries line numbers)."""
+
+
+class ProfileError(CsmError):
+    """A voice profile is missing, badly named, or could not be saved/loaded."""

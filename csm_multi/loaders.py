@@ -1,0 +1,200 @@
+"""The composition root: find weights (hub or local), build models on a device, wire the Engine.
+
+Everything else takes built objects. Hub access happens only when a function here is called.
+Presets: `csm-1b` loads the published weights (gated: HF_TOKEN); `tiny` builds random weights,
+a random Mimi and a random watermarker offline; `auto` tries `csm-1b` and falls back to `tiny`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from .checkpoints import check_shapes, read_state_dict, to_ours
+from .config import ModelConfig, get_preset
+from .engine import Engine, EngineInfo
+from .errors import WeightsUnavailableError
+from .model import CSM
+from .text import ByteTokenizer, HFTextTokenizer, add_bos_eos
+
+log = logging.getLogger("csm_multi")
+
+CSM_REPO = "sesame/csm-1b"
+TOKENIZER_REPO = "meta-llama/Llama-3.2-1B"
+CHECKPOINT_FILES = ("model.safetensors", "ckpt.pt")  # hub layout first, then the first release's file
+HUB_HOST = "huggingface.co"
+UNTRAINED_WARNING = (
+    "OFFLINE DEMO: the 'tiny' preset has RANDOM, UNTRAINED weights (model, Mimi codec and watermarker): "
+    "its output is noise, not speech. Set HF_TOKEN with access to sesame/csm-1b and meta-llama/Llama-3.2-1B "
+    "and use --model csm-1b for real speech."
+)
+
+
+def hf_token(env=os.environ) -> str | None:
+    return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline start does not wait through the hub client's retries."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_file(repo: str, filename: str, token: str | None = None, revision: str | None = None,
+             local_only: bool = False) -> Path:
+    """Download (or find in the local HF cache) one file; failures become WeightsUnavailableError."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hub_errors
+
+    url = f"https://huggingface.co/{repo}"
+    try:
+        return Path(hf_hub_download(repo, filename, token=token, revision=revision, local_files_only=local_only))
+    except hub_errors.GatedRepoError as e:
+        raise WeightsUnavailableError(
+            f"{repo} is gated: accept its licence at {url} with your account, then set HF_TOKEN to a token "
+            f"of that account (or run with --model tiny for the offline demo). ({type(e).__name__})") from e
+    except hub_errors.RepositoryNotFoundError as e:
+        raise WeightsUnavailableError(
+            f"{repo} was not found or your token cannot see it: check the repo id and HF_TOKEN "
+            f"(status: {getattr(getattr(e, 'response', None), 'status_code', '?')}).") from e
+    except hub_errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
+        raise WeightsUnavailableError(
+            f"cannot reach the Hugging Face hub for {repo}/{filename} and it is not in the local cache: "
+            "connect to the network and set HF_TOKEN for gated repos (or pre-download the files with `hf download`), "
+            "or run with --model tiny for the offline demo.") from e
+    except hub_errors.EntryNotFoundError as e:
+        raise WeightsUnavailableError(f"{repo} has no file {filename!r} (revision {revision or 'main'}).") from e
+    except Exception as e:  # HTTP, httpx transport and OS errors alike
+        raise WeightsUnavailableError(
+            f"downloading {repo}/{filename} failed ({type(e).__name__}: {e}); check the network and HF_TOKEN, "
+            "or run with --model tiny for the offline demo.") from e
+
+
+def mimi_weights_path(token: str | None = None, local_only: bool = False) -> Path:
+    """Kyutai's pretrained Mimi checkpoint (the file the reference CSM generator uses)."""
+    from moshi.models.loaders import DEFAULT_REPO, MIMI_NAME
+
+    return hub_file(DEFAULT_REPO, MIMI_NAME, token, local_only=local_only)
+
+
+def resolve_checkpoint(source: str, token: str | None = None, revision: str | None = None,
+                       local_only: bool = False) -> Path:
+    """A local file, a local directory holding one, or a hub repo id -> the checkpoint file."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in CHECKPOINT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsUnavailableError(f"{path} holds none of {CHECKPOINT_FILES}")
+    if source.startswith((".", "/", "~")) or path.suffix in (".pt", ".safetensors"):
+        raise WeightsUnavailableError(f"checkpoint {source} does not exist")
+    last: WeightsUnavailableError | None = None
+    for name in CHECKPOINT_FILES:
+        try:
+            return hub_file(source, name, token, revision, local_only)
+        except WeightsUnavailableError as e:
+            if "has no file" not in str(e):
+                raise
+            last = e
+    raise WeightsUnavailableError(f"{source} holds no CSM checkpoint ({', '.join(CHECKPOINT_FILES)})") from last
+
+
+def load_csm(checkpoint: str | Path, config: ModelConfig, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> CSM:
+    """Read a checkpoint in either supported layout into a CSM of `config`'s shapes."""
+    state = to_ours(read_state_dict(checkpoint), config)
+    model = CSM(config)
+    check_shapes(state, model.state_dict(), config.name)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_text_tokenizer(repo: str = TOKENIZER_REPO, token: str | None = None, local_only: bool = False) -> HFTextTokenizer:
+    """The Llama 3.2 tokenizer with the reference's BOS ... EOS post-processor."""
+    from transformers import AutoTokenizer
+
+    hub_file(repo, "tokenizer.json", token, local_only=local_only)  # clear errors for gating/network
+    tok = AutoTokenizer.from_pretrained(repo, token=token, local_files_only=local_only)
+    add_bos_eos(tok)
+    return HFTextTokenizer(tok, repo)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_engine(model: str = "auto", *, checkpoint: str | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, watermark: bool = True, watermark_key=None,
+                 token: str | None = None, tokenizer_repo: str = TOKENIZER_REPO, seed: int = 0) -> Engine:
+    """Build a ready Engine.
+
+    model: "csm-1b" (published weights), "tiny" (random, offline) or "auto" (csm-1b, else tiny).
+    checkpoint: a local file/directory or hub repo to read instead of sesame/csm-1b.
+    watermark: False disables the watermark explicitly; True with no loadable watermarker raises.
+    """
+    from .codec import MimiCodec, build_mimi
+    from .watermark import Watermarker, build_random_silentcipher, key_from_env
+
+    token = token or hf_token()
+    dev = torch.device(device) if device else default_device()
+    dt = dtype or default_dtype(dev)
+    key = tuple(watermark_key) if watermark_key else key_from_env()
+
+    if model == "auto":
+        local_only = not hub_reachable()
+        try:
+            return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, local_only)
+        except WeightsUnavailableError as e:
+            log.warning("csm-1b is unavailable (%s); falling back to the offline 'tiny' preset.", e)
+            model = "tiny"
+
+    if model == "csm-1b":
+        return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, False)
+    if model != "tiny":
+        get_preset(model)  # raises a clear ValueError for unknown names
+        raise ValueError(f"preset {model!r} has no loader; use csm-1b, tiny or auto")
+
+    log.warning(UNTRAINED_WARNING)
+    config = get_preset("tiny")
+    if checkpoint:
+        csm = load_csm(resolve_checkpoint(checkpoint, token), config, dev, dt)
+    else:
+        csm = CSM(config).init_random_(seed).to(device=dev, dtype=dt).eval()
+    codec = MimiCodec(build_mimi(None, device=dev, seed=seed))
+    marker = Watermarker(build_random_silentcipher(device=dev, seed=seed), key) if watermark else None
+    info = EngineInfo(model="tiny (random weights, offline demo)", device=str(dev), dtype=str(dt).replace("torch.", ""),
+                      tokenizer=ByteTokenizer.name, codec="Mimi (random codebooks)",
+                      watermark="on (random watermarker)" if marker else "OFF", untrained=True,
+                      notes=[UNTRAINED_WARNING])
+    return Engine(csm, ByteTokenizer(), codec, marker, watermark=watermark, info=info)
+
+
+def _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, local_only) -> Engine:
+    from .codec import MimiCodec, build_mimi
+    from .watermark import Watermarker, load_silentcipher
+
+    config = get_preset("csm-1b")
+    ckpt = resolve_checkpoint(checkpoint or CSM_REPO, token, local_only=local_only)
+    tokenizer = load_text_tokenizer(tokenizer_repo, token, local_only=local_only)
+    codec = MimiCodec(build_mimi(mimi_weights_path(token, local_only), device=dev))
+    marker = None
+    if watermark:
+        marker = Watermarker(load_silentcipher(device=str(dev), token=token), key)
+    csm = load_csm(ckpt, config, dev, dt)
+    info = EngineInfo(model=f"csm-1b ({checkpoint or CSM_REPO})", device=str(dev), dtype=str(dt).replace("torch.", ""),
+                      tokenizer=tokenizer.name, codec="Mimi (kyutai)", watermark="on" if marker else "OFF")
+    return Engine(csm, tokenizer, codec, marker, watermark=watermark, info=info)
+

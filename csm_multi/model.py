@@ -1,0 +1,138 @@
+"""The CSM network: embeddings, Llama-3.2 backbone, depth decoder, heads and KV caches.
+
+Parameter names and shapes are those of the reference `Model` (SesameAILabs/csm), so its
+checkpoints load as they are. Built on torchtune's Llama 3.2 blocks as the reference is. No
+sampling loop, no I/O, no tokenizer here: `generate.py` drives these methods.
+
+Shapes: B batch, S positions, K codebooks, V vocab, Db / Dd backbone / decoder width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.modules import TransformerDecoder
+
+from .config import LlamaConfig, ModelConfig
+
+
+def _llama(cfg: LlamaConfig) -> TransformerDecoder:
+    """A torchtune Llama 3.2 stack without token embedding and output head (CSM brings its own)."""
+    model = llama3_2(
+        vocab_size=1,  # replaced below; CSM embeds frames itself
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        embed_dim=cfg.embed_dim,
+        max_seq_len=cfg.max_seq_len,
+        intermediate_dim=cfg.intermediate_dim,
+        attn_dropout=0.0,
+        norm_eps=cfg.norm_eps,
+        rope_base=cfg.rope_base,
+        scale_factor=cfg.rope_scale_factor,
+    )
+    model.tok_embeddings = nn.Identity()
+    model.output = nn.Identity()
+    return model
+
+
+class CSM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        db, dd = config.backbone.embed_dim, config.decoder.embed_dim
+        k, v = config.audio_num_codebooks, config.audio_vocab_size
+        self.backbone = _llama(config.backbone)
+        self.decoder = _llama(config.decoder)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, db)
+        self.audio_embeddings = nn.Embedding(v * k, db)  # codebook i uses rows [i*V, (i+1)*V)
+        self.projection = nn.Linear(db, dd, bias=False)
+        self.codebook0_head = nn.Linear(db, v, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(k - 1, dd, v))  # heads for codebooks 1..K-1
+        self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
+        self._cache_batch_size: int | None = None
+
+    # ---- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> CSM:
+        """Random weights (for tests and the offline preset): N(0, std) matrices, unit norms."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith(".scale"):  # RMSNorm gains
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    # ---- caches ---------------------------------------------------------------------------
+    def setup_caches(self, batch_size: int) -> None:
+        """Allocate static KV caches for `batch_size` rows (idempotent for the same size)."""
+        if self._cache_batch_size == batch_size:
+            return
+        p = next(self.parameters())
+        for layer in (*self.backbone.layers, *self.decoder.layers):
+            layer.attn.kv_cache = None  # torchtune refuses to resize caches; drop them first
+        with p.device:
+            self.backbone.setup_caches(batch_size, p.dtype)
+            self.decoder.setup_caches(batch_size, p.dtype, decoder_max_seq_len=self.config.audio_num_codebooks)
+        self.register_buffer("backbone_causal_mask", _causal(self.config.max_seq_len, p.device), persistent=False)
+        self.register_buffer(
+            "decoder_causal_mask", _causal(self.config.audio_num_codebooks, p.device), persistent=False
+        )
+        k = self.config.audio_num_codebooks
+        positions = torch.arange(k, device=p.device).unsqueeze(0).expand(batch_size, k).contiguous()
+        self.register_buffer("decoder_positions", positions, persistent=False)
+        self._cache_batch_size = batch_size
+
+    def reset_caches(self) -> None:
+        self.backbone.reset_caches()
+        self.decoder.reset_caches()
+
+    @property
+    def cache_batch_size(self) -> int | None:
+        return self._cache_batch_size
+
+    # ---- embeddings -----------------------------------------------------------------------
+    def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Frames (B, S, K+1) + mask (B, S, K+1) -> summed embeddings (B, S, Db)."""
+        audio = self.audio_embeddings(tokens[..., :-1] + self._codebook_offsets)  # (B, S, K, Db)
+        text = self.text_embeddings(tokens[..., -1:])  # (B, S, 1, Db)
+        embeds = torch.cat([audio, text], dim=-2)
+        return (embeds * mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=2)
+
+    def embed_audio(self, codebook: int, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, 1) of one codebook -> (B, 1, Db)."""
+        return self.audio_embeddings(codes + codebook * self.config.audio_vocab_size)
+
+    # ---- forward steps --------------------------------------------------------------------
+    def backbone_step(
+        self, tokens: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, key_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run S new frames through the backbone; return the last position's hidden state (B, Db).
+
+        `key_valid` (B, max_seq_len) marks the cache slots a row may attend to (False for left
+        padding of batched prompts of unequal length).
+        """
+        h = self.embed_frames(tokens, mask)
+        attn_mask = self.backbone_causal_mask[input_pos]  # (B, S, max_seq_len)
+        if key_valid is not None:
+            # Padding positions attend to themselves only, so no row is fully masked (NaN).
+            own = torch.nn.functional.one_hot(input_pos, attn_mask.size(-1)).bool()
+            attn_mask = (attn_mask & key_valid.unsqueeze(1)) | own
+        h = self.backbone(h, input_pos=input_pos, mask=attn_mask)
+        return h[:, -1, :].to(self.codebook0_head.weight.dtype)
+
+    def decoder_step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs (B, S, Db) at positions (B, S) -> last hidden state (B, Dd)."""
+        attn_mask = self.decoder_causal_mask[input_pos]
+        out = self.decoder(self.projection(h), input_pos=input_pos, mask=attn_mask)
+        return out[:, -1, :].to(self.audio_head.dtype)
+
+    def codebook_logits(self, codebook: int, decoder_h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of codebook `codebook` >= 1 from the decoder's hidden state (B, Dd)."""
+        return decoder_h @ self.audio_head[codebook - 1]
+
+
+def _causal(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
