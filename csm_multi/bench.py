@@ -1,0 +1,181 @@
+"""Benchmark: our frame loop against transformers' CsmForConditionalGeneration with the same weights.
+
+    python -m csm_multi.bench --quick                 # tiny preset, CPU, seconds (CI runs this)
+    python -m csm_multi.bench --device cuda           # csm-1b-sized random weights on a GPU
+    python -m csm_multi.bench --checkpoint DIR        # real weights when you have them
+
+Prints a table (setting | ms/frame | RTF | frames/s | TTFA | peak mem | ratio) and writes JSON.
+Random weights give random codes, so EOS is never reached early and every run generates the same
+number of frames; speed does not depend on the values of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import FRAME_MS, get_preset
+from .frames import text_frames
+from .generate import Sampler, iterate_frames
+from .model import CSM
+
+PROMPT = [128000, 58, 15, 60, 9906, 1070, 13, 1115, 374, 264, 1296, 315, 279, 4732, 13, 128001]
+
+
+@dataclass
+class Row:
+    engine: str
+    setting: str
+    batch: int
+    frames: int
+    ms_per_frame: float
+    rtf: float
+    frames_per_s: float
+    audio_s_per_s: float
+    ttfa_ms: float | None
+    peak_mem_mb: float | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _row(engine, setting, batch, frames, seconds, ttfa, device) -> Row:
+    ms = seconds * 1000 / frames
+    return Row(engine, setting, batch, frames, round(ms, 2), round(ms / FRAME_MS, 4), round(frames * batch / seconds, 2),
+               round(frames * batch * FRAME_MS / 1000 / seconds, 3), None if ttfa is None else round(ttfa * 1000, 1),
+               None if _peak(device) is None else round(_peak(device), 1))
+
+
+@torch.inference_mode()
+def bench_ours(model: CSM, device, batch: int, frames: int, codec=None) -> Row:
+    tokens, mask = text_frames(PROMPT, model.config.audio_num_codebooks)
+    tokens = tokens[None].expand(batch, -1, -1).to(device)
+    mask = mask[None].expand(batch, -1, -1).to(device)
+    sample = Sampler(0.9, 50, torch.Generator(device=device).manual_seed(0), num_codes=2048)
+    for _ in iterate_frames(model, tokens, mask, sample, 2):  # warm-up (allocator, kernels)
+        pass
+    _peak_reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    ttfa = None
+    n = 0
+    if codec is not None:
+        stream = codec.stream(batch_size=batch)
+        decoder = stream.__enter__()
+    for codes, _ in iterate_frames(model, tokens, mask, sample, frames):
+        n += 1
+        if ttfa is None:
+            if codec is not None:
+                decoder.decode(codes.unsqueeze(-1))
+            _sync(device)
+            ttfa = time.perf_counter() - t0
+    _sync(device)
+    if codec is not None:
+        stream.__exit__(None, None, None)
+    return _row("ours", f"{model.config.name} {str(next(model.parameters()).dtype)[6:]}", batch, n,
+                time.perf_counter() - t0, ttfa, device)
+
+
+@torch.inference_mode()
+def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
+    ids = torch.tensor([PROMPT] * batch, device=device)
+    kwargs = dict(do_sample=True, top_k=50, temperature=0.9, depth_decoder_do_sample=True, depth_decoder_top_k=50,
+                  depth_decoder_temperature=0.9)
+    hf.generate(input_ids=ids, max_new_tokens=2, **kwargs)
+    _peak_reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(input_ids=ids, max_new_tokens=frames, min_new_tokens=frames, **kwargs)
+    _sync(device)
+    n = out.shape[1]
+    return _row("transformers", f"{config.name} {str(hf.dtype)[6:]}", batch, n, time.perf_counter() - t0, None, device)
+
+
+def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0) -> dict:
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    config = get_preset(preset)
+    torch.manual_seed(seed)
+    model = CSM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # N(0, 0.02) matrices, unit norms (fast for 1.6B parameters)
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()} if with_hf else None
+    model = model.to(dev, dt).eval()
+    from .codec import MimiCodec, build_mimi
+
+    codec = MimiCodec(build_mimi(None, device=dev))
+    rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
+    if with_hf:
+        model.cpu()
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        from .hf_compat import hf_model
+
+        hf = hf_model(state, config, small_codec=True).to(dev, dt)
+        del state
+        rows += [bench_transformers(hf, config, dev, b, frames) for b in batches]
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                    "torch": torch.__version__},
+        "preset": preset, "device": device, "dtype": dtype, "frames": frames,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def table(result: dict) -> str:
+    hf = {r["batch"]: r for r in result["rows"] if r["engine"] == "transformers"}
+    lines = ["| engine | setting | batch | ms/frame | RTF | frames/s | audio s/s | TTFA ms | peak MB | speed-up vs transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ref = hf.get(r["batch"])
+        ratio = f"{ref['ms_per_frame'] / r['ms_per_frame']:.2f}x" if ref else "-"
+        lines.append(f"| {r['engine']} | {r['setting']} | {r['batch']} | {r['ms_per_frame']} | {r['rtf']} | "
+                     f"{r['frames_per_s']} | {r['audio_s_per_s']} | {r['ttfa_ms'] or '-'} | {r['peak_mem_mb'] or '-'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny preset, few frames (CI)")
+    p.add_argument("--preset", default="csm-1b")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--json", default="bench.json")
+    a = p.parse_args(argv)
+    preset = "tiny" if a.quick else a.preset
+    frames = a.frames or (4 if a.quick else 20)
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers)
+    print(f"machine: {result['machine']}")
+    print(table(result))
+    with open(a.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
