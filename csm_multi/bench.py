@@ -21,7 +21,7 @@ import torch
 
 from .config import FRAME_MS, get_preset
 from .frames import text_frames
-from .generate import Sampler, iterate_frames
+from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
 
 PROMPT = [128000, 58, 15, 60, 9906, 1070, 13, 1115, 374, 264, 1296, 315, 279, 4732, 13, 128001]
@@ -63,12 +63,13 @@ def _row(engine, setting, batch, frames, seconds, ttfa, device) -> Row:
 
 
 @torch.inference_mode()
-def bench_ours(model: CSM, device, batch: int, frames: int, codec=None) -> Row:
+def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed: bool = False) -> Row:
     tokens, mask = text_frames(PROMPT, model.config.audio_num_codebooks)
     tokens = tokens[None].expand(batch, -1, -1).to(device)
     mask = mask[None].expand(batch, -1, -1).to(device)
     sample = Sampler(0.9, 50, torch.Generator(device=device).manual_seed(0), num_codes=2048)
-    for _ in iterate_frames(model, tokens, mask, sample, 2):  # warm-up (allocator, kernels)
+    graph = FrameGraph(model, batch, sample) if graphed else None  # captured once per setting, like Engine
+    for _ in iterate_frames(model, tokens, mask, sample, 3, graph=graph):  # warm-up (allocator, kernels)
         pass
     _peak_reset(device)
     _sync(device)
@@ -78,7 +79,7 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None) -> Row:
     if codec is not None:
         stream = codec.stream(batch_size=batch)
         decoder = stream.__enter__()
-    for codes, _ in iterate_frames(model, tokens, mask, sample, frames):
+    for codes, _ in iterate_frames(model, tokens, mask, sample, frames, graph=graph):
         n += 1
         if ttfa is None:
             if codec is not None:
@@ -88,7 +89,8 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None) -> Row:
     _sync(device)
     if codec is not None:
         stream.__exit__(None, None, None)
-    return _row("ours", f"{model.config.name} {str(next(model.parameters()).dtype)[6:]}", batch, n,
+    name = "ours (CUDA graph)" if graphed else "ours (eager)"
+    return _row(name, f"{model.config.name} {str(next(model.parameters()).dtype)[6:]}", batch, n,
                 time.perf_counter() - t0, ttfa, device)
 
 
@@ -122,6 +124,8 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
 
     codec = MimiCodec(build_mimi(None, device=dev))
     rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
+    if dev.type == "cuda":
+        rows += [bench_ours(model, dev, b, frames, codec, graphed=True) for b in batches]
     if with_hf:
         model.cpu()
         del model

@@ -8,7 +8,7 @@ profiles, scripts or the UI. Waveforms are (S,) float32 tensors at 24 kHz on the
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig
 from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
-from .generate import Sampler, iterate_frames
+from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
 
 
@@ -62,8 +62,10 @@ class EngineInfo:
 
 
 class Engine:
+    MAX_GRAPHS = 4  # captured frame graphs kept (one per batch size / sampling setting)
+
     def __init__(self, model: CSM, tokenizer, codec, watermarker=None, *, watermark: bool = True,
-                 info: EngineInfo | None = None):
+                 info: EngineInfo | None = None, fast: bool | None = None):
         if watermark and watermarker is None:
             raise WatermarkUnavailableError(
                 "no watermark model was given: load one, or pass watermark=False explicitly "
@@ -76,6 +78,10 @@ class Engine:
         self.config = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # fast path: one CUDA graph per frame (CUDA only; CPU runs the same code eagerly)
+        self.fast = (self.device.type == "cuda") if fast is None else (fast and self.device.type == "cuda")
+        self._generator = torch.Generator(device=self.device)
+        self._graphs: dict[tuple, FrameGraph] = {}
         self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
                                        tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
                                        watermark="on" if self.watermarker else "OFF")
@@ -119,15 +125,28 @@ class Engine:
     # ---- generation -----------------------------------------------------------------------
     def _sampler(self, sampling: SamplingConfig) -> tuple[Sampler, int]:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        return Sampler(sampling.temperature, sampling.topk, gen, num_codes=self.codec.cardinality), seed
+        self._generator.manual_seed(seed)  # one generator, reseeded: captured graphs stay valid
+        return Sampler(sampling.temperature, sampling.topk, self._generator, num_codes=self.codec.cardinality), seed
+
+    def _graph(self, batch: int, sampler: Sampler, padded: bool) -> FrameGraph | None:
+        if not self.fast:
+            return None
+        key = (batch, sampler.temperature, sampler.topk, sampler.num_codes, padded)
+        graph = self._graphs.get(key)
+        if graph is None or not graph.valid:
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == batch}  # others are stale now
+            if len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            graph = self._graphs[key] = FrameGraph(self.model, batch, sampler, padded)
+        return graph
 
     def _frames(self, text, speaker, context, sampling) -> tuple[Iterator[torch.Tensor], int, int]:
         tokens, mask = self.build_prompt(text, speaker, context)
         self.check_window(tokens.size(0), sampling.max_frames)
         sampler, seed = self._sampler(sampling)
+        graph = self._graph(1, sampler, padded=False)
         it = iterate_frames(self.model, tokens[None].to(self.device), mask[None].to(self.device),
-                            sampler, sampling.max_frames)
+                            sampler, sampling.max_frames, graph=graph)
         return (codes[0] for codes, _ in it), seed, tokens.size(0)
 
     def _watermark(self, audio: torch.Tensor) -> torch.Tensor:
@@ -135,10 +154,18 @@ class Engine:
 
     @torch.inference_mode()
     def generate_codes(self, text: str, speaker: int, context: Sequence[Segment] = (),
-                       sampling: SamplingConfig = SamplingConfig()) -> tuple[torch.Tensor, int, int]:
-        """Codes (K, T) of one utterance (T may be 0 when the model ends at once), seed, prompt size."""
+                       sampling: SamplingConfig = SamplingConfig(),
+                       on_frame: Callable[[], None] | None = None) -> tuple[torch.Tensor, int, int]:
+        """Codes (K, T) of one utterance (T may be 0 when the model ends at once), seed, prompt size.
+
+        `on_frame` is called after every frame (progress, cancellation, memory housekeeping).
+        """
         frames, seed, n_prompt = self._frames(text, speaker, context, sampling)
-        codes = [f for f in frames]
+        codes = []
+        for frame in frames:
+            codes.append(frame)
+            if on_frame:
+                on_frame()
         k = self.config.audio_num_codebooks
         stacked = torch.stack(codes, dim=1) if codes else torch.zeros(k, 0, dtype=torch.long, device=self.device)
         return stacked, seed, n_prompt
@@ -151,9 +178,9 @@ class Engine:
         return self.codec.decode(codes.to(self.codec.device)).float().cpu()
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-                 sampling: SamplingConfig = SamplingConfig()) -> Utterance:
+                 sampling: SamplingConfig = SamplingConfig(), on_frame: Callable[[], None] | None = None) -> Utterance:
         """Speak `text` as `speaker` after `context`; returns watermarked audio unless disabled."""
-        codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling)
+        codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling, on_frame)
         audio = self._watermark(self.decode(codes))
         return Utterance(audio=audio, codes=codes.cpu(), seed=seed, watermarked=self.watermarker is not None,
                          prompt_positions=n_prompt)
@@ -202,9 +229,10 @@ class Engine:
         for row, (t, m) in enumerate(prompts):
             tokens[row, pad[row]:], mask[row, pad[row]:] = t, m
         sampler, seed = self._sampler(sampling)
+        graph = self._graph(len(prompts), sampler, padded=True)
         per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
         for codes, alive in iterate_frames(self.model, tokens.to(self.device), mask.to(self.device), sampler,
-                                           sampling.max_frames, pad):
+                                           sampling.max_frames, pad, graph):
             for row in alive.nonzero().flatten().tolist():
                 per_row[row].append(codes[row])
         out = []

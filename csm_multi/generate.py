@@ -65,13 +65,15 @@ def next_frame_input(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def iterate_frames(
     model: CSM, tokens: torch.Tensor, mask: torch.Tensor, sample: Sampler, max_frames: int,
-    pad: torch.Tensor | None = None,
+    pad: torch.Tensor | None = None, graph: FrameGraph | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (codes (B, K), alive (B,) bool) per frame until every row has emitted EOS.
 
     `tokens`/`mask` are (B, S, K+1) prompts, left-padded; `pad` (B,) says how many leading
     positions of each row are padding (they are masked out of attention). A row's EOS frame and
     everything after it are reported with alive=False. The caller checks the window beforehand.
+    With `graph` (captured for this batch size and this `sample`), frames after the eager prefill
+    are CUDA-graph replays.
     """
     b, s, _ = tokens.shape
     model.setup_caches(b)
@@ -82,11 +84,81 @@ def iterate_frames(
     if pad is not None:
         key_valid = torch.arange(model.config.max_seq_len, device=device).unsqueeze(0) >= pad.to(device).unsqueeze(1)
     alive = torch.ones(b, dtype=torch.bool, device=device)
-    for _ in range(max_frames):
-        codes = generate_frame(model, tokens, mask, input_pos, sample, key_valid)
+    for i in range(max_frames):
+        if graph is not None and i > 0:
+            codes = graph.step().clone()
+        else:
+            codes = generate_frame(model, tokens, mask, input_pos, sample, key_valid)
         alive = alive & ~is_eos(codes)
         if not bool(alive.any()):  # one host sync per frame: the caller needs the frame anyway
             return
         yield codes, alive
-        tokens, mask = next_frame_input(codes)
         input_pos = input_pos[:, -1:] + 1
+        if graph is not None:
+            if i == 0:
+                graph.start(codes, input_pos, key_valid)
+        else:
+            tokens, mask = next_frame_input(codes)
+
+
+class FrameGraph:
+    """A whole decode frame as ONE CUDA graph: backbone step for the newest frame, the K-1
+    depth-decoder steps and all sampling, then it writes its own next input. One replay per frame
+    leaves no per-frame Python or kernel-launch overhead (eager CSM launches thousands of kernels).
+
+    Static buffers: `tokens` (B, 1, K+1), `input_pos` (B, 1), `codes` (B, K). Captured for one
+    batch size and one Sampler (temperature, top-k and its generator are baked in). CUDA only.
+    """
+
+    def __init__(self, model: CSM, batch: int, sample: Sampler, padded: bool = False, warmup: int = 2):
+        device = next(model.parameters()).device
+        k, width = model.config.audio_num_codebooks, model.config.frame_width
+        model.setup_caches(batch)
+        self.model, self.sample = model, sample
+        self.tokens = torch.zeros(batch, 1, width, dtype=torch.long, device=device)
+        self.mask = torch.ones(batch, 1, width, dtype=torch.bool, device=device)
+        self.mask[..., -1] = False  # generated frames carry audio only
+        self.input_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.key_valid = (torch.ones(batch, model.config.max_seq_len, dtype=torch.bool, device=device)
+                          if padded else None)
+        rng = sample.generator.get_state() if sample.generator is not None else None
+        model.reset_caches()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        if sample.generator is not None:
+            self.graph.register_generator_state(sample.generator)
+        with torch.cuda.graph(self.graph):
+            self.codes = self._step()
+        model.reset_caches()
+        if rng is not None:
+            sample.generator.set_state(rng)  # warm-up draws must not shift the seeded sequence
+        self.batch, self.k = batch, k
+        self.cache_version = model.cache_version
+
+    @property
+    def valid(self) -> bool:
+        """False once the model's caches were reallocated (e.g. for another batch size)."""
+        return self.cache_version == self.model.cache_version
+
+    def _step(self) -> torch.Tensor:
+        codes = generate_frame(self.model, self.tokens, self.mask, self.input_pos, self.sample, self.key_valid)
+        self.tokens[:, 0, :-1].copy_(codes)  # feed the frame back: next replay continues from it
+        self.input_pos.add_(1)
+        return codes
+
+    def start(self, codes: torch.Tensor, next_pos: torch.Tensor, key_valid: torch.Tensor | None = None) -> None:
+        """Continue after an eager prefill: the last sampled frame (B, K) sits at `next_pos` (B, 1)."""
+        self.tokens[:, 0, :-1].copy_(codes)
+        self.input_pos.copy_(next_pos)
+        if self.key_valid is not None and key_valid is not None:
+            self.key_valid.copy_(key_valid)
+
+    def step(self) -> torch.Tensor:
+        """Replay once; returns the static (B, K) codes buffer (clone to keep them)."""
+        self.graph.replay()
+        return self.codes

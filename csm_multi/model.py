@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchtune.models.llama3_2 import llama3_2
 from torchtune.modules import TransformerDecoder
+from torchtune.modules.kv_cache import KVCache
 
 from .config import LlamaConfig, ModelConfig
 
@@ -37,6 +38,27 @@ def _llama(cfg: LlamaConfig) -> TransformerDecoder:
     return model
 
 
+class StaticKVCache(KVCache):
+    """torchtune's KV cache without host syncs, so a whole frame can be captured in a CUDA graph.
+
+    Departure from torchtune: its `update` asserts on a device tensor and its `reset` reads
+    `cache_pos[0].item()`; each forces a device->host sync (~140 per frame). Same buffers and
+    semantics here; bounds are the caller's job (the Engine checks the window before generating).
+    """
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.cache_pos[: k_val.shape[2]]
+        self.k_cache.index_copy_(2, positions, k_val)
+        self.v_cache.index_copy_(2, positions, v_val)
+        self.cache_pos.add_(k_val.shape[2])
+        return self.k_cache, self.v_cache
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        torch.arange(self.cache_pos.numel(), out=self.cache_pos)
+
+
 class CSM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -52,6 +74,7 @@ class CSM(nn.Module):
         self.audio_head = nn.Parameter(torch.empty(k - 1, dd, v))  # heads for codebooks 1..K-1
         self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
         self._cache_batch_size: int | None = None
+        self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
 
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -83,7 +106,14 @@ class CSM(nn.Module):
         k = self.config.audio_num_codebooks
         positions = torch.arange(k, device=p.device).unsqueeze(0).expand(batch_size, k).contiguous()
         self.register_buffer("decoder_positions", positions, persistent=False)
+        for stack in (self.backbone, self.decoder):
+            for layer in stack.layers:
+                old = layer.attn.kv_cache
+                b, h, n, d = old.k_cache.shape
+                with p.device:
+                    layer.attn.kv_cache = StaticKVCache(b, n, h, d, old.k_cache.dtype)
         self._cache_batch_size = batch_size
+        self.cache_version += 1
 
     def reset_caches(self) -> None:
         self.backbone.reset_caches()
