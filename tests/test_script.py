@@ -1,0 +1,186 @@
+"""Dialogue scripts: syntaxes, line numbers in errors, speakers, limits, and a fuzz test."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csm_multi.errors import ScriptError
+from csm_multi.script import ScriptLine, ScriptProblems, check_speakers, parse_script, speakers
+
+
+def problems(text: str, **limits) -> list[tuple[int, str]]:
+    with pytest.raises(ScriptError) as info:
+        parse_script(text, **limits)
+    return info.value.problems
+
+
+def test_module_does_not_import_torch():
+    import csm_multi.script as mod
+
+    assert "torch" not in mod.__dict__
+    assert "import torch" not in open(mod.__file__).read()
+
+
+def test_all_three_syntaxes():
+    text = "Alice: Hello there.\n[Bob] Hi Alice!\n[Carol]: Morning, both."
+    assert parse_script(text) == [
+        ScriptLine(1, "Alice", "Hello there."),
+        ScriptLine(2, "Bob", "Hi Alice!"),
+        ScriptLine(3, "Carol", "Morning, both."),
+    ]
+
+
+def test_comments_blank_lines_and_whitespace_keep_source_numbers():
+    text = "# scene 1\n\n   Alice :   Hello.   \n\t# aside\n\r\n  [ Bob ]   Hi.  \n"
+    assert parse_script(text) == [ScriptLine(3, "Alice", "Hello."), ScriptLine(6, "Bob", "Hi.")]
+
+
+def test_crlf_and_bom():
+    assert parse_script("\ufeffAlice: a\r\nBob: b\r\n") == [ScriptLine(1, "Alice", "a"), ScriptLine(2, "Bob", "b")]
+
+
+def test_colon_inside_text_belongs_to_text():
+    assert parse_script("Alice: Note: it's 10:30.")[0].text == "Note: it's 10:30."
+    assert parse_script("[Alice] Time: 10:30")[0].text == "Time: 10:30"
+
+
+def test_full_width_colon():
+    assert parse_script("アリス：こんにちは")[0] == ScriptLine(1, "アリス", "こんにちは")
+
+
+def test_line_without_speaker_is_an_error_with_hint():
+    [(number, msg)] = problems("Alice: Hello\nand this continues\nBob: Hi")
+    assert number == 2
+    assert "no speaker" in msg and "Name: text" in msg and "line 1" in msg  # continuation hint
+    assert "line 2:" in str(ScriptProblems([(number, msg)]))
+
+
+def test_many_errors_collected_with_line_numbers():
+    text = "Alice: ok\nno marker here\n[Unclosed hi\n: empty name\nBob:\n" + "x" * 50 + ": long name\nBob: fine"
+    found = problems(text)
+    assert [n for n, _ in found] == [2, 3, 4, 5, 6]
+    msgs = dict(found)
+    assert "]" in msgs[3]
+    assert "empty" in msgs[4]
+    assert "nothing to say" in msgs[5]
+    assert "40" in msgs[6]
+    assert all(" — " in m for m in msgs.values())  # every problem says how to fix it
+
+
+def test_error_listing_is_capped():
+    text = "\n".join(f"bad line {i}" for i in range(30))
+    with pytest.raises(ScriptError) as info:
+        parse_script(text)
+    assert len(info.value.problems) == 30
+    message = str(info.value)
+    assert "line 20:" in message and "line 21:" not in message
+    assert "and 10 more" in message
+
+
+def test_empty_script():
+    for text in ("", "   \n\n", "# only a comment\n"):
+        [(number, msg)] = problems(text)
+        assert number == 0 and "empty" in msg
+
+
+def test_limits():
+    [(number, msg)] = problems("Alice: a\nBob: b\nAlice: c", max_lines=2)
+    assert number == 3 and "limit is 2" in msg
+    [(number, msg)] = problems("Alice: short\nBob: " + "y" * 11, max_chars_per_line=10)
+    assert number == 2 and "11 characters" in msg and "limit is 10" in msg
+    assert parse_script("Bob: " + "y" * 10, max_chars_per_line=10)[0].text == "y" * 10
+    with pytest.raises(ValueError):
+        parse_script("Alice: a", max_lines=0)
+
+
+def test_speaker_names_case_insensitive_first_spelling_shown():
+    lines = parse_script("alice: one\nBOB: two\nAlice: three\nbob: four\nMary  Ann: five\nmary ann: six")
+    assert [line.speaker for line in lines] == ["alice", "BOB", "alice", "BOB", "Mary Ann", "Mary Ann"]
+    assert speakers(lines) == ["alice", "BOB", "Mary Ann"]
+
+
+def test_speaker_name_with_control_character_is_rejected():
+    [(number, msg)] = problems("Al\x00ice: hi")
+    assert number == 1 and "control" in msg
+
+
+def test_control_characters_stripped_unicode_kept():
+    rtl = "\u05e9\u05dc\u05d5\u05dd \u200fעולם"  # Hebrew with a right-to-left mark
+    emoji = "hi 👩\u200d👩\u200d👧 🎉"  # ZWJ family sequence
+    lines = parse_script(f"Dana: {rtl}\nEve: a\x07b\x1bc\td\nملك: {emoji}")
+    assert lines[0].text == rtl
+    assert lines[1].text == "abc\td"
+    assert lines[2] == ScriptLine(3, "ملك", emoji)
+
+
+def test_check_speakers_accepts_known_any_case():
+    lines = parse_script("Alice: a\nbob: b")
+    check_speakers(lines, ["ALICE", "Bob"])
+    check_speakers(lines, {"alice": "voice-1", "bob": None})
+
+
+def test_check_speakers_names_unknown_speakers_with_line_numbers():
+    lines = parse_script("Alice: a\nZed: b\n# c\nAlice: d\nzed: e\nYan: f")
+    with pytest.raises(ScriptError) as info:
+        check_speakers(lines, {"Alice": object(), "Bob": object()})
+    err = info.value
+    assert [n for n, _ in err.problems] == [2, 6]
+    message = str(err)
+    assert "'Zed' (lines 2, 5)" in message and "'Yan' (line 6)" in message
+    assert "Alice, Bob" in message  # lists the known names
+
+
+def test_check_speakers_with_nothing_known_and_single_string():
+    lines = parse_script("Alice: a")
+    with pytest.raises(ScriptError, match="none are set up"):
+        check_speakers(lines, [])
+    check_speakers(lines, "alice")  # one name, not its characters
+
+
+def test_script_error_is_a_csm_error():
+    from csm_multi.errors import CsmError
+
+    assert issubclass(ScriptProblems, ScriptError) and issubclass(ScriptProblems, CsmError)
+
+
+# ---- properties -------------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=400), st.text(alphabet="ab :：[]#\n\r\t\x00\x07\x1cé\u200f👩", max_size=200)))
+def test_fuzz_parse_returns_lines_or_raises_script_error(text):
+    try:
+        lines = parse_script(text, max_lines=20, max_chars_per_line=50)
+    except ScriptError as e:
+        assert e.problems and all(isinstance(n, int) and n >= 0 for n, _ in e.problems)
+        assert str(e)
+    else:
+        assert 1 <= len(lines) <= 20
+        assert [line.number for line in lines] == sorted({line.number for line in lines})
+        for line in lines:
+            assert line.text and line.text == line.text.strip() and len(line.text) <= 50
+            assert 1 <= len(line.speaker) <= 40
+            assert not any(ord(c) < 32 and c != "\t" for c in line.text)
+
+
+names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="[]:：#"),
+                min_size=1, max_size=40).map(lambda s: " ".join(s.split())).filter(lambda s: s and len(s) <= 40)
+texts = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=80).map(
+    str.strip).filter(lambda s: s and s[0] not in ":：")  # `[A] : x` reads as `[A]: x`, by design
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(names, texts, st.sampled_from(["{n}: {t}", "[{n}] {t}", "[{n}]: {t}"])),
+                min_size=1, max_size=10))
+def test_round_trip_of_written_scripts(rows):
+    text = "\n".join(form.format(n=n, t=t) for n, t, form in rows)
+    lines = parse_script(text)
+    assert [line.number for line in lines] == list(range(1, len(rows) + 1))
+    assert [line.text for line in lines] == [t for _, t, _ in rows]
+    assert [line.speaker.casefold() for line in lines] == [n.casefold() for n, _, _ in rows]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
