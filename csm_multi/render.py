@@ -1,0 +1,286 @@
+"""Render a multi-speaker script: lines + voice profiles -> one dialogue, per-line clips, manifest.
+
+Each line is generated with context chosen by `ContextBudget`: the speaker's profile prompt, the
+most recent lines, other speakers' prompts. Progress goes out through a callback, cancellation
+comes in through one; this module never imports a UI. Waveforms: (S,) float32 at 24 kHz.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .audio import save_audio
+from .config import SAMPLE_RATE, SamplingConfig
+from .context import ContextBudget, ContextItem
+from .engine import Engine
+from .errors import CsmError
+from .frames import Segment, format_text
+from .script import ScriptLine, check_speakers, parse_script, speakers
+
+CONVERSATIONAL = "conversational"
+FAST = "fast"
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How a script is rendered. `seed` fixes line i's seed to seed + i (None: random per line)."""
+
+    pause_ms: int = 300
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+    max_line_ms: float = 10_000
+    mode: str = CONVERSATIONAL  # "fast": context = profiles only, lines generated in batches
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.pause_ms <= 10_000:
+            raise ValueError("pause_ms must be between 0 and 10000")
+        if self.mode not in (CONVERSATIONAL, FAST):
+            raise ValueError(f"mode must be {CONVERSATIONAL!r} or {FAST!r}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def sampling(self, index: int, seed: int | None = None) -> SamplingConfig:
+        if seed is None and self.seed is not None:
+            seed = self.seed + index
+        return SamplingConfig(temperature=self.temperature, topk=self.topk, seed=seed,
+                              max_audio_length_ms=self.max_line_ms)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: line `line` of `lines` (0-based), `frame` frames into it."""
+
+    line: int
+    lines: int
+    frame: int
+    max_frames: int
+    speaker: str
+    text: str
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, (self.line + min(self.frame, self.max_frames) / self.max_frames) / self.lines)
+
+
+@dataclass
+class Clip:
+    index: int
+    line: ScriptLine
+    speaker_id: int
+    profile: str | None
+    audio: torch.Tensor
+    codes: torch.Tensor
+    seed: int
+    watermarked: bool
+    context: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    context_positions: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.numel() / SAMPLE_RATE
+
+
+@dataclass
+class RenderResult:
+    clips: list[Clip]
+    config: RenderConfig
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def audio(self) -> torch.Tensor:
+        """The dialogue: clips joined with `pause_ms` of silence between consecutive lines."""
+        pause = torch.zeros(int(self.sample_rate * self.config.pause_ms / 1000))
+        parts: list[torch.Tensor] = []
+        for i, clip in enumerate(self.clips):
+            if i:
+                parts.append(pause)
+            parts.append(clip.audio)
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def manifest(self) -> list[dict]:
+        rows, t = [], 0.0
+        pause = self.config.pause_ms / 1000
+        for i, clip in enumerate(self.clips):
+            if i:
+                t += pause
+            rows.append({"index": clip.index, "line": clip.line.number, "speaker": clip.line.speaker,
+                         "profile": clip.profile, "text": clip.line.text, "start_s": round(t, 3),
+                         "duration_s": round(clip.duration_s, 3), "seed": clip.seed,
+                         "watermarked": clip.watermarked, "context": clip.context, "dropped": clip.dropped,
+                         "context_positions": clip.context_positions})
+            t += clip.duration_s
+        return rows
+
+    def save(self, directory: str | Path, name: str = "dialogue") -> dict[str, Path]:
+        """Write `<name>.wav`, `clips/NNN-speaker.wav` and `<name>.json` (the manifest)."""
+        directory = Path(directory)
+        (directory / "clips").mkdir(parents=True, exist_ok=True)
+        paths = {"dialogue": save_audio(directory / f"{name}.wav", self.audio)}
+        for clip in self.clips:
+            slug = "".join(c if c.isalnum() else "_" for c in clip.line.speaker)[:24]
+            paths[f"clip{clip.index}"] = save_audio(directory / "clips" / f"{clip.index + 1:03d}-{slug}.wav", clip.audio)
+        manifest = directory / f"{name}.json"
+        manifest.write_text(json.dumps({"sample_rate": self.sample_rate, "pause_ms": self.config.pause_ms,
+                                        "lines": self.manifest()}, indent=2, ensure_ascii=False))
+        paths["manifest"] = manifest
+        return paths
+
+
+class RenderError(CsmError):
+    """A line failed (or the render was cancelled); `partial` holds the clips already made."""
+
+    def __init__(self, message: str, partial: RenderResult, line: ScriptLine | None = None):
+        super().__init__(message)
+        self.partial, self.line = partial, line
+
+
+class RenderCancelled(RenderError):
+    pass
+
+
+ProfileSource = Callable[[str], Segment]  # profile name -> Segment(text=transcript, codes=...)
+
+
+class ScriptRenderer:
+    """Renders scripts with one engine and one profile source (e.g. `ProfileStore.segment`)."""
+
+    def __init__(self, engine: Engine, profile_segment: ProfileSource, budget: ContextBudget | None = None,
+                 on_frame: Callable[[], None] | None = None):
+        self.engine = engine
+        self.profile_segment = profile_segment
+        self.budget = budget or ContextBudget(engine.config.max_seq_len)
+        self.on_frame = on_frame  # e.g. CudaMemoryManager.step
+
+    def prepare(self, script: str | Sequence[ScriptLine], voices: Mapping[str, str | None]):
+        """Parse and check a script before any generation: unknown speakers raise ScriptError."""
+        lines = parse_script(script) if isinstance(script, str) else list(script)
+        check_speakers(lines, {k.casefold(): v for k, v in voices.items()})
+        return lines
+
+    def render(self, script: str | Sequence[ScriptLine], voices: Mapping[str, str | None],
+               config: RenderConfig = RenderConfig(), progress: Callable[[Progress], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> RenderResult:
+        """voices: script speaker name -> profile name (None: no reference voice for that speaker)."""
+        lines = self.prepare(script, voices)
+        ids = {name.casefold(): i for i, name in enumerate(speakers(lines))}
+        profiles = self._profile_items(voices, ids)
+        result = RenderResult([], config)
+        if config.mode == FAST:
+            return self._render_fast(lines, voices, ids, profiles, config, progress, cancel, result)
+        for index, line in enumerate(lines):
+            clip = self._line(index, lines, result.clips, voices, ids, profiles, config, progress, cancel, result)
+            result.clips.append(clip)
+        return result
+
+    def rerender_line(self, result: RenderResult, index: int, voices: Mapping[str, str | None],
+                      seed: int | None = None, progress=None, cancel=None) -> RenderResult:
+        """Regenerate line `index` (new or given seed) with the same context rules; others are kept."""
+        lines = [c.line for c in result.clips]
+        ids = {name.casefold(): i for i, name in enumerate(speakers(lines))}
+        profiles = self._profile_items(voices, ids)
+        history = result.clips[:index] if result.config.mode == CONVERSATIONAL else []
+        clip = self._line(index, lines, history, voices, ids, profiles, result.config, progress, cancel, result,
+                          seed=seed, fresh_seed=seed is None)
+        clips = list(result.clips)
+        clips[index] = clip
+        return replace(result, clips=clips)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _profile_items(self, voices, ids) -> dict[str, ContextItem]:
+        items = {}
+        for name, profile in voices.items():
+            key = name.casefold()
+            if profile is None or key not in ids:
+                continue
+            seg = self.profile_segment(profile)
+            seg = Segment(speaker=ids[key], text=seg.text, audio=seg.audio, codes=seg.codes)
+            items[key] = ContextItem(kind="profile", label=f"profile:{profile}", speaker=key,
+                                     positions=self.engine.segment_positions(seg), order=-1, payload=seg)
+        return items
+
+    def _context(self, line, index, history, ids, profiles, sampling) -> tuple[list[Segment], list[str], list[str], int]:
+        key = line.speaker.casefold()
+        hist = [ContextItem(kind="line", label=f"line {c.line.number}", speaker=c.line.speaker.casefold(),
+                            positions=self.engine.segment_positions(seg), order=c.index, payload=seg)
+                for c in history
+                for seg in [Segment(speaker=ids[c.line.speaker.casefold()], text=c.line.text, codes=c.codes)]]
+        text_positions = len(self.engine.tokenizer.encode(format_text(ids[key], line.text)))
+        plan = self.budget.plan(key, list(profiles.values()), hist, text_positions + sampling.max_frames)
+        kept = [item.payload for item in plan.kept]
+        return kept, [i.label for i in plan.kept], [d.label if isinstance(d, ContextItem) else str(d) for d in plan.dropped], plan.used
+
+    def _line(self, index, lines, history, voices, ids, profiles, config, progress, cancel, result,
+              seed=None, fresh_seed=False) -> Clip:
+        line = lines[index]
+        sampling = config.sampling(index, seed)
+        if fresh_seed:
+            sampling = sampling.with_(seed=None)
+        context, kept, dropped, used = self._context(line, index, history, ids, profiles, sampling)
+        frames_done = 0
+
+        def on_frame() -> None:
+            nonlocal frames_done
+            frames_done += 1
+            if self.on_frame:
+                self.on_frame()
+            if progress:
+                progress(Progress(index, len(lines), frames_done, sampling.max_frames, line.speaker, line.text))
+            if cancel and cancel():
+                raise RenderCancelled(f"cancelled during line {line.number}", result, line)
+
+        if progress:
+            progress(Progress(index, len(lines), 0, sampling.max_frames, line.speaker, line.text))
+        try:
+            utt = self.engine.generate(line.text, ids[line.speaker.casefold()], context, sampling, on_frame=on_frame)
+        except RenderError:
+            raise
+        except Exception as e:  # report which line failed; keep what was made
+            raise RenderError(f"line {line.number} ({line.speaker}) failed: {e}", result, line) from e
+        return Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()],
+                    profile=_lookup(voices, line.speaker),
+                    audio=utt.audio, codes=utt.codes, seed=utt.seed, watermarked=utt.watermarked,
+                    context=kept, dropped=dropped, context_positions=used)
+
+    def _render_fast(self, lines, voices, ids, profiles, config, progress, cancel, result) -> RenderResult:
+        """Lines conditioned only on profile prompts, generated `batch_size` at a time."""
+        sampling = config.sampling(0)
+        for start in range(0, len(lines), config.batch_size):
+            if cancel and cancel():
+                raise RenderCancelled(f"cancelled before line {lines[start].number}", result, lines[start])
+            chunk = list(enumerate(lines))[start:start + config.batch_size]
+            requests, meta = [], []
+            for index, line in chunk:
+                context, kept, dropped, used = self._context(line, index, [], ids, profiles, sampling)
+                requests.append((line.text, ids[line.speaker.casefold()], context))
+                meta.append((index, line, kept, dropped, used))
+            if progress:
+                progress(Progress(start, len(lines), 0, sampling.max_frames, chunk[0][1].speaker, chunk[0][1].text))
+            batch_sampling = config.sampling(start)
+            try:
+                utts = self.engine.generate_batch(requests, batch_sampling)
+            except Exception as e:
+                raise RenderError(f"lines {chunk[0][1].number}-{chunk[-1][1].number} failed: {e}", result,
+                                  chunk[0][1]) from e
+            for (index, line, kept, dropped, used), utt in zip(meta, utts):
+                result.clips.append(Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()],
+                                         profile=_lookup(voices, line.speaker), audio=utt.audio, codes=utt.codes,
+                                         seed=utt.seed, watermarked=utt.watermarked, context=kept,
+                                         dropped=dropped, context_positions=used))
+        if progress and lines:
+            last = lines[-1]
+            progress(Progress(len(lines) - 1, len(lines), sampling.max_frames, sampling.max_frames, last.speaker, last.text))
+        return result
+
+
+def _lookup(voices: Mapping[str, str | None], speaker: str) -> str | None:
+    key = speaker.casefold()
+    return next((v for k, v in voices.items() if k.casefold() == key), None)
+

@@ -1,0 +1,162 @@
+"""render_script on the tiny preset: dialogue = clips + pauses, context per line, progress, cancel,
+errors that keep finished clips, regenerating one line, and the batched fast mode."""
+
+import json
+
+import pytest
+import torch
+
+from csm_multi.codec import MimiCodec, build_mimi
+from csm_multi.config import SAMPLES_PER_FRAME
+from csm_multi.engine import Engine
+from csm_multi.errors import ScriptError
+from csm_multi.frames import Segment
+from csm_multi.render import FAST, RenderCancelled, RenderConfig, RenderError, ScriptRenderer
+from csm_multi.text import ByteTokenizer
+
+SCRIPT = """# a three-speaker scene
+Alice: Hi Bob.
+Bob: Hello Alice, how are you?
+[Carol] I am here too.
+Alice: Good to see you both.
+"""
+VOICES = {"alice": "alice-profile", "Bob": "bob-profile", "carol": None}
+CONFIG = RenderConfig(pause_ms=250, seed=100, max_line_ms=400)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None, seed=0)), watermark=False)
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    calls = []
+
+    def segment(name):
+        calls.append(name)
+        g = torch.Generator().manual_seed(len(name))
+        return Segment(speaker=0, text=f"Reference words of {name}.", codes=torch.randint(1, 2048, (32, 4), generator=g))
+
+    segment.calls = calls
+    return segment
+
+
+@pytest.fixture(scope="module")
+def rendered(engine, profiles):
+    events = []
+    result = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, CONFIG, progress=events.append)
+    return result, events
+
+
+def test_dialogue_length_is_clips_plus_pauses(rendered, tmp_path):
+    result, _ = rendered
+    assert [c.line.speaker for c in result.clips] == ["Alice", "Bob", "Carol", "Alice"]
+    pause = int(24_000 * 0.25)
+    assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + 3 * pause
+    assert all(c.audio.numel() % SAMPLES_PER_FRAME == 0 and c.audio.numel() > 0 for c in result.clips)
+    paths = result.save(tmp_path)
+    import soundfile as sf
+
+    info = sf.info(str(paths["dialogue"]))
+    assert info.samplerate == 24_000 and info.channels == 1 and info.frames == result.audio.numel()
+    manifest = json.loads(paths["manifest"].read_text())["lines"]
+    assert [m["line"] for m in manifest] == [2, 3, 4, 5]
+    assert [m["seed"] for m in manifest] == [100, 101, 102, 103]
+    for prev, cur in zip(manifest, manifest[1:]):
+        assert cur["start_s"] == pytest.approx(prev["start_s"] + prev["duration_s"] + 0.25, abs=2e-3)
+    assert len(list((tmp_path / "clips").glob("*.wav"))) == 4
+
+
+def test_each_line_gets_profile_and_history_context(rendered):
+    result, _ = rendered
+    first, bob, carol, alice2 = result.clips
+    assert "profile:alice-profile" in first.context and not any(c.startswith("line") for c in first.context)
+    assert "line 2" in bob.context and "profile:bob-profile" in bob.context
+    assert not any("carol" in c for c in carol.context)  # Carol has no profile
+    assert {"line 2", "line 3", "line 4"} <= set(alice2.context)
+    assert all(c.context_positions > 0 for c in result.clips)
+    # speakers get dialogue-local ids in order of appearance
+    assert [c.speaker_id for c in result.clips] == [0, 1, 2, 0]
+
+
+def test_progress_per_line_and_per_frame(rendered):
+    result, events = rendered
+    assert {e.line for e in events} == {0, 1, 2, 3}
+    frames_line0 = [e.frame for e in events if e.line == 0]
+    assert frames_line0[0] == 0 and frames_line0[-1] == result.clips[0].codes.shape[1]
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+
+
+def test_same_seeds_reproduce_the_render(rendered, engine, profiles):
+    again = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, CONFIG)
+    for a, b in zip(rendered[0].clips, again.clips):
+        assert torch.equal(a.codes, b.codes)
+
+
+def test_unknown_speaker_reported_before_generation(engine):
+    called = []
+    renderer = ScriptRenderer(engine, lambda name: called.append(name))
+    with pytest.raises(ScriptError, match="Dave") as e:
+        renderer.render("Alice: hi\nDave: who?\nDave: me", {"alice": None})
+    assert "3" in str(e.value) and "2" in str(e.value)
+    assert called == []
+
+
+def test_cancel_keeps_finished_lines(engine, profiles):
+    stop = {"after": None}
+
+    def progress(p):
+        if p.line == 1 and p.frame == 1:
+            stop["after"] = True
+
+    with pytest.raises(RenderCancelled) as e:
+        ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, CONFIG, progress=progress,
+                                                cancel=lambda: bool(stop["after"]))
+    assert [c.line.number for c in e.value.partial.clips] == [2]
+    assert e.value.line.number == 3
+
+
+def test_failing_line_reports_its_number_and_keeps_clips(engine, profiles):
+    class Flaky:
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def generate(self, *args, **kwargs):
+            self.n += 1
+            if self.n == 3:
+                raise RuntimeError("CUDA error: out of memory")
+            return self.inner.generate(*args, **kwargs)
+
+    with pytest.raises(RenderError, match=r"line 4 \(Carol\) failed: CUDA error") as e:
+        ScriptRenderer(Flaky(engine), profiles).render(SCRIPT, VOICES, CONFIG)
+    assert [c.line.number for c in e.value.partial.clips] == [2, 3]
+
+
+def test_rerender_one_line_keeps_the_others(rendered, engine, profiles):
+    result, _ = rendered
+    new = ScriptRenderer(engine, profiles).rerender_line(result, 1, VOICES, seed=999)
+    assert new.clips[1].seed == 999 and not torch.equal(new.clips[1].codes, result.clips[1].codes)
+    for i in (0, 2, 3):
+        assert new.clips[i] is result.clips[i]
+    assert new.audio.numel() == sum(c.audio.numel() for c in new.clips) + 3 * int(24_000 * 0.25)
+    drawn = ScriptRenderer(engine, profiles).rerender_line(result, 2, VOICES)
+    assert drawn.clips[2].seed != result.clips[2].seed
+
+
+def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
+    config = RenderConfig(pause_ms=100, seed=5, max_line_ms=320, mode=FAST, batch_size=3)
+    result = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, config)
+    assert [c.line.number for c in result.clips] == [2, 3, 4, 5]
+    assert not any(ctx.startswith("line") for c in result.clips for ctx in c.context)
+    assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + 3 * 2400
+    # the batch agrees with rendering each line alone under greedy sampling
+    greedy = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=4, topk=1)
+    single = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=1, topk=1)
+    a = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, greedy)
+    b = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, single)
+    assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.clips, b.clips))
