@@ -109,7 +109,8 @@ def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
     return _row("transformers", f"{config.name} {str(hf.dtype)[6:]}", batch, n, time.perf_counter() - t0, None, device)
 
 
-def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0) -> dict:
+def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
+        compiled: bool = False) -> dict:
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     config = get_preset(preset)
@@ -126,6 +127,12 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
     rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
     if dev.type == "cuda":
         rows += [bench_ours(model, dev, b, frames, codec, graphed=True) for b in batches]
+        if compiled:
+            model.compile_steps()
+            for b in batches:
+                row = bench_ours(model, dev, b, frames, codec, graphed=True)
+                row.engine = "ours (compile + CUDA graph)"
+                rows.append(row)
     if with_hf:
         model.cpu()
         del model
@@ -167,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
     preset = "tiny" if a.quick else a.preset
     frames = a.frames or (4 if a.quick else 20)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers)
+    result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers, compiled=a.compile)
     print(f"machine: {result['machine']}")
     print(table(result))
     with open(a.json, "w") as f:

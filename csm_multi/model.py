@@ -88,6 +88,16 @@ class CSM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    def compile_steps(self, mode: str = "default") -> CSM:
+        """torch.compile the backbone and decoder steps (fuses norms, RoPE, SiLU; fewer kernels).
+
+        Optional: the CUDA-graph fast path works without it (ZeroGPU has no torch.compile).
+        Compiled steps are still captured into the per-frame CUDA graph by FrameGraph.
+        """
+        self.backbone_step = torch.compile(self.backbone_step, mode=mode, dynamic=False)
+        self.decoder_step = torch.compile(self.decoder_step, mode=mode, dynamic=False)
+        return self
+
     # ---- caches ---------------------------------------------------------------------------
     def setup_caches(self, batch_size: int) -> None:
         """Allocate static KV caches for `batch_size` rows (idempotent for the same size)."""
