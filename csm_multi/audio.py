@@ -7,6 +7,7 @@ function says otherwise. Problems raise `AudioInputError` with a message a perso
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,129 @@ def save_audio(path: str | Path, audio: torch.Tensor, sample_rate: int = SAMPLE_
     data = audio.detach().float().cpu().clamp(-1, 1).numpy()
     sf.write(str(path), data, sample_rate, subtype="PCM_16")
     return path
+
+
+# ---- uploads and voice-reference clips ------------------------------------------------------
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # an upload larger than this is refused before it is read
+MIN_REFERENCE_S = 1.0  # a reference clip shorter than this (after trimming) carries too little voice
+MAX_REFERENCE_S = 30  # ... and a longer one wastes the context window (375 Mimi frames at most)
+REFERENCE_RMS_DBFS = -20.0  # loudness target of a prepared reference (RMS over its active frames)
+REFERENCE_PEAK_DBFS = -1.0  # ... unless that would push a peak above this: then the peak decides
+SILENCE_DBFS = -55.0  # a clip whose loudest 20 ms frame is quieter than this is silent
+TRIM_DB = 40.0  # frames more than this below the loudest frame count as silence when trimming
+TRIM_MARGIN_S = 0.15  # silence kept before the first and after the last active frame
+CLIPPED_FRACTION = 0.05  # more than this share of samples pinned at a full-scale peak: unusable
+_FRAME = SAMPLE_RATE // 50  # 20 ms analysis frames
+
+
+def load_upload(source: str | Path | bytes) -> torch.Tensor:
+    """An uploaded file (path or bytes) -> (S,) float32 mono at 24 kHz, with upload checks first.
+
+    A path must end in .wav/.flac/.ogg/.mp3 (the content decides the decoder); empty or larger than
+    `MAX_UPLOAD_BYTES` is refused before reading; unreadable or corrupt content raises
+    `AudioInputError`. Any rate and channel count is converted (see `load_audio`).
+    """
+    limit_mb = MAX_UPLOAD_BYTES // (1024 * 1024)
+    if isinstance(source, bytes):
+        name, size = "the upload", len(source)
+    else:
+        path = Path(source)
+        name = path.name
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in READ_FORMATS:
+            kind = f"'.{ext}' files are" if ext else "files without an extension are"
+            raise AudioInputError(f"{name}: {kind} not accepted; upload a WAV, FLAC, OGG or MP3 file")
+        try:
+            if not path.is_file():
+                raise AudioInputError(f"{name} does not exist or is not a file")
+            size = path.stat().st_size
+        except OSError as e:
+            raise AudioInputError(f"could not open {name} ({e.strerror}); check the path and permissions") from e
+    if size == 0:
+        raise AudioInputError(f"{name} is empty (0 bytes): upload the recording again")
+    if size > MAX_UPLOAD_BYTES:
+        raise AudioInputError(
+            f"{name} is {size / 2**20:.0f} MB; the limit is {limit_mb} MB: upload a shorter or compressed clip"
+        )
+    try:
+        return load_audio(source)
+    except OSError as e:  # e.g. permission denied; soundfile's own errors are mapped by load_audio
+        raise AudioInputError(f"could not read {name} ({e}); check that the file is readable") from e
+
+
+def from_array(samples: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """In-memory samples (S,) or (S, C), float or integer PCM, any rate -> checked (S,) at 24 kHz.
+
+    Integer PCM (e.g. a browser recording as int16) is scaled to [-1, 1) by its type's range.
+    """
+    array = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if np.issubdtype(array.dtype, np.unsignedinteger):  # offset binary, e.g. 8-bit WAV: 128 is silence
+        half = float(np.iinfo(array.dtype).max // 2 + 1)
+        array = (array.astype(np.float64) - half) / half
+    elif np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float64) / float(-np.iinfo(array.dtype).min)
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise AudioInputError(f"expected numeric audio samples, got dtype {array.dtype}")
+    return prepare(array, int(sample_rate))
+
+
+def _frame_rms(audio: np.ndarray) -> np.ndarray:
+    """(S,) -> (ceil(S / 20 ms),) float64 RMS of each 20 ms frame (the last one zero-padded)."""
+    frames = np.pad(audio.astype(np.float64), (0, (-audio.size) % _FRAME)).reshape(-1, _FRAME)
+    return np.sqrt((frames**2).mean(axis=1))
+
+
+def _db(x: float) -> float:
+    return 20 * math.log10(max(x, 1e-12))
+
+
+def prepare_reference(audio: torch.Tensor) -> torch.Tensor:
+    """A voice reference (S,) float at 24 kHz -> trimmed, loudness-normalised (S',) float32.
+
+    Steps: reject non-finite or silent input; trim leading/trailing silence (20 ms frames more than
+    `TRIM_DB` below the loudest frame), keeping `TRIM_MARGIN_S` on each side; require
+    `MIN_REFERENCE_S` <= length <= `MAX_REFERENCE_S`; reject heavy clipping; scale so the active
+    frames' RMS is `REFERENCE_RMS_DBFS`, lowered where needed so no peak exceeds
+    `REFERENCE_PEAK_DBFS`. Every rejection is an `AudioInputError` saying what to do.
+    """
+    # numpy, not torch: clips are small, and torch's thread pool only adds overhead here
+    x = torch.as_tensor(audio).detach().to("cpu", torch.float32).flatten().numpy()
+    if x.size == 0:
+        raise AudioInputError("the audio is empty (0 samples): record or upload a clip with speech in it")
+    if not np.isfinite(x).all():
+        raise AudioInputError("the audio contains NaN or infinite samples: the file is damaged; export it again")
+    rms = _frame_rms(x)
+    loudest = float(rms.max())
+    if _db(loudest) < SILENCE_DBFS:
+        raise AudioInputError(
+            f"the audio is silent (loudest part {_db(loudest):.0f} dBFS): check the microphone and record again"
+        )
+    active = np.flatnonzero(rms >= loudest * 10 ** (-TRIM_DB / 20))
+    margin = round(TRIM_MARGIN_S * SAMPLE_RATE)
+    start = max(0, int(active[0]) * _FRAME - margin)
+    end = min(x.size, (int(active[-1]) + 1) * _FRAME + margin)
+    x = x[start:end]
+    seconds = x.size / SAMPLE_RATE
+    if seconds < MIN_REFERENCE_S:
+        raise AudioInputError(
+            f"the clip holds only {seconds:.1f} s of sound after trimming silence; "
+            f"record at least {MIN_REFERENCE_S:.0f} s of speech (5-15 s works best)"
+        )
+    if seconds > MAX_REFERENCE_S:
+        raise AudioInputError(
+            f"the clip is {seconds:.1f} s long after trimming silence; trim it to under {MAX_REFERENCE_S} s "
+            "(5-15 s of clear speech works best)"
+        )
+    magnitude = np.abs(x)
+    peak = float(magnitude.max())
+    # Flat tops at the loudest level are what clipping leaves; a pure sine spends ~3% of its time
+    # within 0.1% of its peak, so 5% separates ruined recordings from loud clean ones.
+    pinned = float((magnitude >= 0.999 * peak).mean())
+    if peak >= 0.9 and pinned > CLIPPED_FRACTION:
+        raise AudioInputError(
+            f"the recording is heavily clipped ({pinned:.0%} of samples at full scale); "
+            "record again with the microphone gain lowered"
+        )
+    active_rms = float(np.sqrt((rms[active] ** 2).mean()))
+    gain = min(10 ** (REFERENCE_RMS_DBFS / 20) / active_rms, 10 ** (REFERENCE_PEAK_DBFS / 20) / peak)
+    return torch.from_numpy((x * gain).astype(np.float32))
