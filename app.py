@@ -1,7 +1,9 @@
-"""Gradio UI over the csm_multi core: build_demo(engine) and main(). No model code here.
+"""Gradio UI over the csm_multi core: build_demo(studio) and main(). No model code here.
 
-    python app.py                 # csm-1b when the hub is reachable (HF_TOKEN), else the offline tiny preset
-    python app.py --model tiny    # random weights, offline
+    python app.py                       # csm-1b when the hub is reachable (HF_TOKEN), else the offline tiny preset
+    python app.py --model tiny --share  # random weights, offline, with a public link
+
+Every action has an api_name, so `gradio_client` can drive it (README has an example).
 """
 
 from __future__ import annotations
@@ -10,12 +12,47 @@ import argparse
 import html
 import logging
 import os
+import queue
+import threading
+from pathlib import Path
 
 import numpy as np
 
-from csm_multi import CsmError, Engine, SamplingConfig, build_engine
+from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine
+from csm_multi.render import RenderConfig, RenderResult
+from csm_multi.studio import EXAMPLE_SCRIPT, Studio, StudioLimits, new_library_key
 
 log = logging.getLogger("csm_multi.app")
+NONE = "(none)"
+MAX_UPLOAD = "20mb"
+
+
+def default_profiles_dir() -> Path:
+    """Outside the working directory and Gradio's temp dir, so no file route can reach it."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "csm-multi" / "profiles"
+
+
+def ensure_ffmpeg() -> str | None:
+    """Gradio's streaming audio output shells out to `ffmpeg`; use imageio-ffmpeg's binary if none is on PATH."""
+    import shutil
+    import tempfile
+
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        log.warning("no ffmpeg on PATH and imageio-ffmpeg is not installed: streaming playback will fail")
+        return None
+    bin_dir = Path(tempfile.gettempdir()) / "csm-multi-bin"
+    bin_dir.mkdir(exist_ok=True)
+    link = bin_dir / "ffmpeg"
+    if not link.exists():
+        link.symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    return str(link)
 
 
 def _int16(audio) -> np.ndarray:
@@ -23,64 +60,356 @@ def _int16(audio) -> np.ndarray:
     return (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
 
 
-def status_markdown(engine: Engine) -> str:
-    i = engine.info
-    lines = [f"**Model:** {html.escape(i.model)}", f"**Device:** {i.device} ({i.dtype})",
-             f"**Tokenizer:** {html.escape(i.tokenizer)}", f"**Codec:** {html.escape(i.codec)}",
-             f"**Watermark:** {html.escape(i.watermark)}"]
-    if i.untrained:
-        lines.insert(0, "### ⚠️ Offline demo: random untrained weights — the output is noise, not speech.")
+def _gpu(fn):
+    """On Hugging Face ZeroGPU, run GPU work under spaces.GPU; elsewhere, unchanged."""
+    try:
+        import spaces  # noqa: PLC0415
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=300)(fn)
+
+
+def status_markdown(info: dict) -> str:
+    lines = []
+    if info.get("untrained"):
+        lines.append("### ⚠️ Offline demo: random untrained weights — the output is noise, not speech.")
+    lines += [f"**Model:** {html.escape(str(info['model']))}", f"**Device:** {info['device']} ({info['dtype']})",
+              f"**Tokenizer:** {html.escape(str(info['tokenizer']))} · **Codec:** {html.escape(str(info['codec']))}",
+              f"**Watermark:** {html.escape(str(info['watermark']))} · **Voice library:** {info['library']}"]
+    cache = info.get("profile_cache")
+    if cache:
+        lines.append(f"**Profile cache:** {cache['hits']} hits, {cache['misses']} misses, {cache['encodes']} encodes, "
+                     f"{cache['size']}/{cache['maxsize']} entries, {cache['evictions']} evictions")
+    mem = info["memory"]
+    if "gpu_allocated_mb" in info:
+        lines.append(f"**GPU memory:** {info['gpu_allocated_mb']} MB allocated, {info['gpu_reserved_mb']} MB reserved · "
+                     f"cache clears: {mem['clears']} (check interval {mem['interval']} frames)")
     return "  \n".join(lines)
 
 
-def build_demo(engine: Engine):
+def build_demo(studio: Studio):
     import gradio as gr
 
-    def say(text: str, speaker: int, temperature: float, topk: int, seed: float | None, max_s: float):
-        if not text or not text.strip():
-            raise gr.Error("Write some text to speak first.")
-        try:
-            sampling = SamplingConfig(temperature=temperature, topk=int(topk),
-                                      seed=None if seed in (None, "") else int(seed), max_audio_length_ms=max_s * 1000)
-            utt = engine.generate(text.strip(), int(speaker), (), sampling)
-        except (CsmError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-        note = f"{utt.duration_s:.2f} s, seed {utt.seed}, {'watermarked' if utt.watermarked else 'NOT watermarked'}"
-        return (utt.sample_rate, _int16(utt.audio)), note
+    ensure_ffmpeg()
 
-    with gr.Blocks(title="csm-multi") as demo:
-        gr.Markdown("# csm-multi — multi-speaker speech with CSM-1B")
-        gr.Markdown(status_markdown(engine))
-        with gr.Tab("Quick"):
-            text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
+    def fail(e: Exception):
+        raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+
+    def mapping_dict(table) -> dict[str, str | None]:
+        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        if isinstance(table, dict):
+            rows = table.get("data", [])
+        return {str(r[0]).strip(): (None if not r[1] or r[1] == NONE else str(r[1])) for r in rows if r and str(r[0]).strip()}
+
+    # ---- voices ---------------------------------------------------------------------------
+    def library_view(key):
+        names = studio.profile_names(key)
+        return studio.profile_rows(key), gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    def add_profile(key, audio_path, transcript, name):
+        try:
+            if not audio_path:
+                raise CsmError("upload or record a reference clip first")
+            if not (transcript or "").strip():
+                raise CsmError("type what the clip says (its transcript): CSM needs it to learn the voice")
+            profile = studio.library(key).create(name or "", Path(audio_path), transcript)
+        except (CsmError, ValueError) as e:
+            fail(e)
+        rows, dropdown = library_view(key)
+        return rows, dropdown, f"Saved **{html.escape(profile.name)}** ({profile.duration_s:.1f} s)."
+
+    def list_profiles(key):
+        try:
+            return library_view(key)
+        except CsmError as e:
+            fail(e)
+
+    def preview_profile(key, name):
+        try:
+            audio = studio.library(key).audio(name)
+        except CsmError as e:
+            fail(e)
+        return 24_000, _int16(audio)
+
+    def rename_profile(key, name, new_name):
+        try:
+            studio.library(key).rename(name, new_name)
+            return (*library_view(key), f"Renamed to **{html.escape(new_name)}**.")
+        except CsmError as e:
+            fail(e)
+
+    def delete_profile(key, name, confirmed):
+        if not confirmed:
+            fail(CsmError("tick 'Yes, delete it' first: deleting cannot be undone"))
+        try:
+            studio.library(key).delete(name)
+            return (*library_view(key), f"Deleted **{html.escape(name)}**.", False)
+        except CsmError as e:
+            fail(e)
+
+    def export_profile(key, name):
+        try:  # a fresh copy in the outputs folder, never a stored file
+            return str(studio.library(key).export(name, studio.fresh_dir("export-")))
+        except CsmError as e:
+            fail(e)
+
+    def import_profile(key, file, name):
+        try:
+            if not file:
+                raise CsmError("choose a .csmvoice file to import")
+            profile = studio.library(key).import_file(file, name or None)
+            return (*library_view(key), f"Imported **{html.escape(profile.name)}**.")
+        except CsmError as e:
+            fail(e)
+
+    # ---- script ---------------------------------------------------------------------------
+    def fill_mapping(key, script):
+        try:
+            voices = studio.default_voices(key, script)
+        except CsmError:
+            return gr.skip()
+        return [[spk, prof or NONE] for spk, prof in voices.items()]
+
+    def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
+                      progress=gr.Progress()):
+        try:
+            config = RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk),
+                                  seed=None if seed in (None, "") else int(seed), max_line_ms=float(max_line_s) * 1000,
+                                  mode=mode)
+            studio.parse(script)  # script problems first, with line numbers
+            voices = mapping_dict(mapping) or studio.default_voices(key, script)
+            studio.check_voices(key, voices)
+        except (CsmError, ValueError) as e:
+            fail(e)
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work():
+            try:
+                result = studio.render(key, script, voices, config, progress=events.put, cancel=stop.is_set,
+                                       on_clip=lambda clip: events.put(("clip", clip)))
+                events.put(("done", result))
+            except Exception as e:  # reported to the browser below
+                events.put(("error", e))
+
+        threading.Thread(target=work, daemon=True).start()
+        pause = np.zeros(int(24_000 * config.pause_ms / 1000), dtype=np.int16)
+        first = True
+        try:
+            while True:
+                item = events.get()
+                if not isinstance(item, tuple):  # a Progress event
+                    progress(item.fraction, desc=f"line {item.line + 1}/{item.lines} · {item.speaker} · frame {item.frame}")
+                    continue
+                kind, payload = item
+                if kind == "clip":
+                    chunk = _int16(payload.audio) if first else np.concatenate([pause, _int16(payload.audio)])
+                    first = False
+                    note = f"Rendered line {payload.line.number} ({html.escape(payload.line.speaker)})…"
+                    yield (24_000, chunk), note, *[gr.skip()] * 5
+                elif kind == "error":
+                    fail(payload)
+                else:
+                    yield (*_finished(payload), voices)
+                    return
+        finally:
+            stop.set()  # cancelled or closed: the worker stops at its next frame
+
+    def _finished(result: RenderResult):
+        paths = studio.write_outputs(result)
+        files = [str(p) for p in paths.values()]
+        rows = [[m["line"], m["speaker"], m["profile"] or NONE, m["text"], m["start_s"], m["duration_s"], m["seed"]]
+                for m in result.manifest()]
+        note = (f"Done: {len(result.clips)} lines, {result.audio.numel() / 24_000:.1f} s"
+                f"{'' if all(c.watermarked for c in result.clips) else ' (NOT watermarked)'}.")
+        return gr.skip(), note, (24_000, _int16(result.audio)), files, rows, result
+
+    def regenerate_line(key, result, voices, line_number, seed):
+        if result is None:
+            fail(CsmError("render the script first, then regenerate one of its lines"))
+        try:
+            new = studio.rerender(key, result, int(line_number), voices or {},
+                                  None if seed in (None, "") else int(seed))
+        except (CsmError, ValueError) as e:
+            fail(e)
+        _, note, dialogue, files, rows, new = _finished(new)
+        return note, dialogue, files, rows, new
+
+    # ---- quick ----------------------------------------------------------------------------
+    def say(key, text, profile, temperature, topk, seed, max_s):
+        try:
+            if not (text or "").strip():
+                raise CsmError("write some text to speak first")
+            if len(text) > studio.limits.max_line_chars:
+                raise CsmError(f"keep it under {studio.limits.max_line_chars} characters (use the Script tab for more)")
+            context = []
+            if profile and profile != NONE:
+                store = studio.library(key)
+                context = [store.segment(profile, studio.engine.encode_reference, studio.engine.codec_id)]
+            sampling = SamplingConfig(temperature=float(temperature), topk=int(topk),
+                                      seed=None if seed in (None, "") else int(seed),
+                                      max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
+            speaker = context[0].speaker if context else 0
+            chunks = []
+            for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig()):
+                chunks.append(chunk.audio)
+                yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s…"
+        except (CsmError, ValueError) as e:
+            fail(e)
+        if not chunks:
+            yield gr.skip(), gr.skip(), "The model ended the utterance at once; try another seed."
+            return
+        import torch
+
+        path = studio.write_clip(torch.cat(chunks), "say")
+        mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
+        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, {mark}."
+
+    def status(key):
+        return status_markdown(studio.status(key))
+
+    def init_key(saved):
+        key = saved if isinstance(saved, str) and len(saved) >= 8 else new_library_key()
+        return key, key
+
+    with gr.Blocks(title="csm-multi", delete_cache=(1800, 3600)) as demo:
+        saved_key = gr.BrowserState(None, storage_key="csm-multi-library")
+        key = gr.Textbox(visible=False, label="library_key")
+        gr.Markdown("# csm-multi — multi-speaker dialogue with CSM-1B")
+        banner = gr.Markdown(status_markdown(studio.status(None)))
+
+        with gr.Tab("Voices"):
             with gr.Row():
-                speaker = gr.Number(label="Speaker id", value=0, precision=0, minimum=0, maximum=9)
-                temperature = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
-                topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
-                seed = gr.Number(label="Seed (empty = random)", value=None, precision=0)
-                max_s = gr.Slider(1, 30, value=10, step=1, label="Max seconds")
-            go = gr.Button("Speak", variant="primary")
-            audio = gr.Audio(label="Output", type="numpy")
-            info = gr.Markdown()
-            go.click(say, [text, speaker, temperature, topk, seed, max_s], [audio, info], api_name="say")
+                with gr.Column():
+                    ref_audio = gr.Audio(label="Reference clip (1-30 s of one voice)", sources=["upload", "microphone"],
+                                         type="filepath")
+                    ref_text = gr.Textbox(label="Transcript (exactly what the clip says)")
+                    ref_name = gr.Textbox(label="Profile name", placeholder="Alice")
+                    save_btn = gr.Button("Save voice profile", variant="primary")
+                    voice_msg = gr.Markdown()
+                with gr.Column():
+                    library = gr.Dataframe(headers=["name", "seconds", "transcript", "created"], label="Your voices",
+                                           interactive=False)
+                    chosen = gr.Dropdown(label="Profile", choices=[], allow_custom_value=True)  # re-validated server-side
+                    preview = gr.Audio(label="Preview", type="numpy", interactive=False)
+                    with gr.Row():
+                        new_name = gr.Textbox(label="New name", scale=2)
+                        rename_btn = gr.Button("Rename")
+                    with gr.Row():
+                        confirm = gr.Checkbox(label="Yes, delete it")
+                        delete_btn = gr.Button("Delete", variant="stop")
+                    with gr.Row():
+                        export_btn = gr.Button("Export .csmvoice")
+                        export_file = gr.File(label="Exported profile")
+                    with gr.Row():
+                        import_file = gr.File(label="Import .csmvoice", file_types=[".csmvoice", ".zip"], type="filepath")
+                        import_name = gr.Textbox(label="Import as (optional)")
+                        import_btn = gr.Button("Import")
+
+        with gr.Tab("Script"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    script = gr.Textbox(label="Script", value=EXAMPLE_SCRIPT, lines=12, max_lines=40)
+                    mapping = gr.Dataframe(headers=["speaker", "profile"], label=f"Speaker → voice profile ({NONE} = no reference)",
+                                           datatype=["str", "str"], interactive=True, column_count=(2, "fixed"))
+                with gr.Column(scale=2):
+                    temperature = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
+                    topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
+                    seed = gr.Number(label="Seed (empty = random; line i uses seed + i)", value=None, precision=0)
+                    max_line_s = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
+                    pause_ms = gr.Slider(0, 2000, value=300, step=50, label="Pause between lines (ms)")
+                    mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",
+                                    info="fast: lines conditioned on voices only, rendered in batches")
+                    with gr.Row():
+                        render_btn = gr.Button("Render", variant="primary")
+                        cancel_btn = gr.Button("Cancel", variant="stop")
+            render_msg = gr.Markdown()
+            live = gr.Audio(label="Playing while rendering", streaming=True, autoplay=True, interactive=False)
+            dialogue = gr.Audio(label="Dialogue", type="numpy", interactive=False)
+            files = gr.File(label="Clips and manifest", file_count="multiple")
+            manifest = gr.Dataframe(headers=["line", "speaker", "profile", "text", "start s", "seconds", "seed"],
+                                    label="Manifest", interactive=False)
+            with gr.Row():
+                regen_line = gr.Number(label="Script line to regenerate", precision=0)
+                regen_seed = gr.Number(label="New seed (empty = random)", precision=0)
+                regen_btn = gr.Button("Regenerate line")
+            last_result = gr.State(None)
+            last_voices = gr.State(None)
+
+        with gr.Tab("Quick"):
+            q_text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
+            with gr.Row():
+                q_profile = gr.Dropdown(label="Voice profile", choices=[NONE], value=NONE, allow_custom_value=True)
+                q_temp = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
+                q_topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
+                q_seed = gr.Number(label="Seed (empty = random)", value=None, precision=0)
+                q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
+            q_btn = gr.Button("Speak", variant="primary")
+            q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
+            q_file = gr.File(label="Download")
+            q_msg = gr.Markdown()
+
+        with gr.Tab("Status"):
+            status_md = gr.Markdown()
+            status_btn = gr.Button("Refresh")
+
+        def profile_choices(key):
+            names = studio.profile_names(key)
+            return gr.Dropdown(choices=[NONE, *names], value=NONE)
+
+        demo.load(init_key, [saved_key], [key, saved_key]).then(
+            list_profiles, [key], [library, chosen]).then(profile_choices, [key], [q_profile]).then(
+            fill_mapping, [key, script], [mapping]).then(status, [key], [status_md])
+
+        save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
+                       api_name="add_profile").then(profile_choices, [key], [q_profile])
+        chosen.change(preview_profile, [key, chosen], [preview], api_name="preview_profile")
+        rename_btn.click(rename_profile, [key, chosen, new_name], [library, chosen, voice_msg], api_name="rename_profile")
+        delete_btn.click(delete_profile, [key, chosen, confirm], [library, chosen, voice_msg, confirm],
+                         api_name="delete_profile").then(profile_choices, [key], [q_profile])
+        export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
+        import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
+                         api_name="import_profile")
+        gr.Button("Refresh library", size="sm").click(list_profiles, [key], [library, chosen], api_name="list_profiles")
+
+        script.change(fill_mapping, [key, script], [mapping], api_name=False)
+        render_event = render_btn.click(
+            _gpu(render_script), [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode],
+            [live, render_msg, dialogue, files, manifest, last_result, last_voices], api_name="render_script",
+            concurrency_id="gpu")
+        cancel_btn.click(lambda: "Cancelled.", None, [render_msg], cancels=[render_event], api_name=False)
+        regen_btn.click(_gpu(regenerate_line), [key, last_result, last_voices, regen_line, regen_seed],
+                        [render_msg, dialogue, files, manifest, last_result], api_name="regenerate_line",
+                        concurrency_id="gpu")
+        q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
+                    api_name="say", concurrency_id="gpu")
+        status_btn.click(status, [key], [status_md], api_name="status")
     return demo
 
 
 def main(argv: list[str] | None = None) -> None:
+    env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("CSM_MODEL", "auto"), help="csm-1b, tiny or auto")
-    p.add_argument("--checkpoint", default=os.environ.get("CSM_CHECKPOINT"))
-    p.add_argument("--device", default=os.environ.get("CSM_DEVICE"))
-    p.add_argument("--host", default=os.environ.get("CSM_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("CSM_PORT", "7860")))
-    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    p.add_argument("--model", default=env("CSM_MODEL", "auto"), help="csm-1b, tiny or auto (env CSM_MODEL)")
+    p.add_argument("--checkpoint", default=env("CSM_CHECKPOINT"), help="local checkpoint or hub repo (env CSM_CHECKPOINT)")
+    p.add_argument("--device", default=env("CSM_DEVICE"), help="cuda or cpu (env CSM_DEVICE)")
+    p.add_argument("--host", default=env("CSM_HOST", "127.0.0.1"), help="use 0.0.0.0 to serve your network (env CSM_HOST)")
+    p.add_argument("--port", type=int, default=int(env("CSM_PORT", "7860")))
+    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (ignored on Spaces)")
+    p.add_argument("--profiles-dir", default=env("CSM_PROFILES_DIR") or str(default_profiles_dir()),
+                   help="where voice libraries live (env CSM_PROFILES_DIR; mount persistent storage here on Spaces)")
+    p.add_argument("--shared-library", action="store_true", default=env("CSM_SHARED_LIBRARY") == "1",
+                   help="one voice library for every visitor (default: each browser gets its own)")
+    p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device)
-    for note in engine.info.notes:
-        log.warning(note)
-    build_demo(engine).queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                                 share=args.share)
+    engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark)
+    studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library, limits=StudioLimits())
+    demo = build_demo(studio)
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"),
+                max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
+                allowed_paths=[str(studio.outputs_root)])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -49,6 +50,109 @@ def cmd_say(args) -> int:
     return 0
 
 
+def _store(args):
+    from .profiles import ProfileStore
+
+    return ProfileStore(args.profiles_dir)
+
+
+def _print_profile(p) -> None:
+    print(f"{p.name:24} speaker {p.speaker_id}  {p.duration_s:5.1f} s  {p.transcript[:60]!r}")
+
+
+def cmd_profiles(args) -> int:
+    store = _store(args)
+    action = args.action
+    if action == "add":
+        _print_profile(store.create(args.name, args.audio, args.transcript, args.speaker_id))
+    elif action == "list":
+        profiles = store.list()
+        for p in profiles:
+            _print_profile(p)
+        if not profiles:
+            print(f"no profiles in {store.root}: add one with `python -m csm_multi profiles add NAME clip.wav --transcript ...`")
+    elif action == "rename":
+        _print_profile(store.rename(args.name, args.new_name))
+    elif action == "transcript":
+        _print_profile(store.update_transcript(args.name, args.text))
+    elif action == "delete":
+        store.delete(args.name)
+        print(f"deleted {args.name}")
+    elif action == "export":
+        print(store.export(args.name, args.dest))
+    elif action == "import":
+        _print_profile(store.import_file(args.file, args.name))
+    return 0
+
+
+def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | None]:
+    """Script speaker -> profile: `--voice NAME=PROFILE|none` first, else the profile of the same name."""
+    from .script import speakers
+
+    given = {}
+    for item in overrides or []:
+        name, sep, profile = item.partition("=")
+        if not sep or not name.strip():
+            raise CsmError(f"--voice {item!r}: write it as SPEAKER=PROFILE (or SPEAKER=none)")
+        given[name.strip().casefold()] = None if profile.strip().lower() in ("", "none") else profile.strip()
+    known = {p.name.casefold(): p.name for p in store.list()}
+    voices, missing = {}, []
+    for spk in speakers(lines):
+        key = spk.casefold()
+        if key in given:
+            voices[spk] = store.get(given[key]).name if given[key] else None
+        elif key in known:
+            voices[spk] = known[key]
+        else:
+            missing.append(spk)
+    if missing:
+        raise CsmError(
+            f"no voice profile for {', '.join(missing)}: add one with `profiles add NAME clip.wav --transcript ...`, "
+            f"or map it with --voice {missing[0]}=PROFILE (or --voice {missing[0]}=none for no reference voice)")
+    return voices
+
+
+def cmd_render(args) -> int:
+    from functools import partial
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .memory import CudaMemoryManager
+    from .render import RenderConfig, ScriptRenderer
+    from .script import parse_script
+
+    try:
+        text = Path(args.script).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CsmError(f"cannot read script {args.script}: {e}") from e
+    lines = parse_script(text)
+    store = _store(args)
+    voices = voices_for(lines, store, args.voice)  # before loading the model: fail fast
+    config = RenderConfig(pause_ms=args.pause_ms, temperature=args.temperature, topk=args.topk, seed=args.seed,
+                          max_line_ms=args.max_line_s * 1000, mode=args.mode, batch_size=args.batch_size)
+    engine = _build(args)
+    renderer = ScriptRenderer(engine, partial(store.segment, encoder=engine.encode_reference,
+                                              encoder_id=engine.codec_id),
+                              on_frame=CudaMemoryManager(engine.device))
+    bar = tqdm(total=len(lines), unit="line", disable=args.quiet)
+
+    def progress(p):
+        bar.n = round(p.fraction * len(lines), 2)
+        bar.set_postfix_str(f"{p.speaker}: frame {p.frame}")
+        bar.refresh()
+
+    result = renderer.render(lines, voices, config, progress=progress)
+    bar.close()
+    out = Path(args.output)
+    paths = result.save(out.parent if out.suffix else out, name=out.stem if out.suffix else "dialogue")
+    print(f"{paths['dialogue']}: {result.audio.numel() / 24000:.2f} s, {len(result.clips)} lines; "
+          f"clips in {paths['dialogue'].parent / 'clips'}, manifest {paths['manifest']}")
+    stats = store.stats()
+    print(f"profile cache: {stats['hits']} hits, {stats['misses']} misses, {stats['encodes']} encodes")
+    return 0
+
+
 def cmd_info(args) -> int:
     engine = _build(args)
     for key, value in vars(engine.info).items():
@@ -73,6 +177,48 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--max-ms", type=float, default=10_000)
     _engine_args(say)
     say.set_defaults(func=cmd_say)
+
+    prof = sub.add_parser("profiles", help="manage voice profiles (reference clip + transcript)")
+    prof.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    psub = prof.add_subparsers(dest="action", required=True)
+    add = psub.add_parser("add", help="create a profile from a WAV/FLAC/OGG/MP3 clip")
+    add.add_argument("name")
+    add.add_argument("audio")
+    add.add_argument("--transcript", required=True, help="what the clip says, word for word")
+    add.add_argument("--speaker-id", type=int)
+    psub.add_parser("list")
+    ren = psub.add_parser("rename")
+    ren.add_argument("name")
+    ren.add_argument("new_name")
+    tr = psub.add_parser("transcript", help="replace a profile's transcript")
+    tr.add_argument("name")
+    tr.add_argument("text")
+    rm = psub.add_parser("delete")
+    rm.add_argument("name")
+    ex = psub.add_parser("export", help="write one .csmvoice file")
+    ex.add_argument("name")
+    ex.add_argument("dest")
+    im = psub.add_parser("import", help="read a .csmvoice file")
+    im.add_argument("file")
+    im.add_argument("--name")
+    prof.set_defaults(func=cmd_profiles)
+
+    ren = sub.add_parser("render", help="render a multi-speaker script (`Name: line` per line)")
+    ren.add_argument("script")
+    ren.add_argument("-o", "--output", default="dialogue.wav", help="dialogue file (clips and manifest beside it)")
+    ren.add_argument("--voice", action="append", metavar="SPEAKER=PROFILE", help="map a speaker (repeatable)")
+    ren.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    ren.add_argument("--pause-ms", type=int, default=300)
+    ren.add_argument("--temperature", type=float, default=0.9)
+    ren.add_argument("--topk", type=int, default=50)
+    ren.add_argument("--seed", type=int, help="line i uses seed + i (default: random, recorded in the manifest)")
+    ren.add_argument("--max-line-s", type=float, default=10.0)
+    ren.add_argument("--mode", choices=["conversational", "fast"], default="conversational",
+                     help="fast: lines conditioned on profiles only, generated in batches")
+    ren.add_argument("--batch-size", type=int, default=4)
+    ren.add_argument("-q", "--quiet", action="store_true")
+    _engine_args(ren)
+    ren.set_defaults(func=cmd_render)
 
     info = sub.add_parser("info", help="load the model and print what was loaded")
     _engine_args(info)

@@ -114,10 +114,16 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Chunking of the streaming iterator: a small first chunk for latency, larger ones after."""
+    """Chunking of the streaming iterator.
 
-    first_chunk_frames: int = 2
-    chunk_frames: int = 10
+    Each chunk is watermarked on its own, and silentcipher can read a mark back only from about
+    0.84 s of audio, so the defaults are 11 frames (0.88 s) per chunk; only the last chunk of an
+    utterance may be shorter. Smaller first chunks cut time-to-first-audio but carry marks that
+    cannot be verified on their own.
+    """
+
+    first_chunk_frames: int = 11
+    chunk_frames: int = 11
 
     def __post_init__(self) -> None:
         if self.first_chunk_frames < 1 or self.chunk_frames < 1:

@@ -57,6 +57,7 @@ class EngineInfo:
     tokenizer: str
     codec: str
     watermark: str
+    codec_id: str = "mimi"  # names the codec weights: persisted profile codes are keyed by it
     untrained: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +86,15 @@ class Engine:
         self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
                                        tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
                                        watermark="on" if self.watermarker else "OFF")
+
+    @property
+    def codec_id(self) -> str:
+        return f"{self.info.codec_id}-k{self.config.audio_num_codebooks}"
+
+    def encode_reference(self, audio: torch.Tensor) -> torch.Tensor:
+        """(S,) 24 kHz reference audio -> (K, T) Mimi codes (for voice profiles)."""
+        with torch.inference_mode():
+            return self.codec.encode(audio.to(self.codec.device, torch.float32)).cpu()
 
     # ---- prompts --------------------------------------------------------------------------
     def text_frames(self, text: str, speaker: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +197,10 @@ class Engine:
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                sampling: SamplingConfig = SamplingConfig(), chunks: StreamConfig = StreamConfig()) -> Iterator[AudioChunk]:
-        """Yield decoded audio while frames are generated: a short first chunk, then larger ones.
+        """Yield decoded audio while frames are generated, `chunks` frames at a time.
 
-        Each chunk is watermarked on its own (the watermark is applied per chunk, so a listener
-        never receives unmarked audio). Concatenated chunks equal the whole-call decode of the same
+        Each chunk is watermarked on its own, so a listener never receives unmarked audio (see
+        StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the whole-call decode of the same
         codes up to Mimi's streaming tolerance (tests/test_engine.py).
         """
         with torch.inference_mode():

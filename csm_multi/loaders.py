@@ -177,7 +177,8 @@ def build_engine(model: str = "auto", *, checkpoint: str | None = None, device: 
     marker = Watermarker(build_random_silentcipher(device=dev, seed=seed), key) if watermark else None
     info = EngineInfo(model="tiny (random weights, offline demo)", device=str(dev), dtype=str(dt).replace("torch.", ""),
                       tokenizer=ByteTokenizer.name, codec="Mimi (random codebooks)",
-                      watermark="on (random watermarker)" if marker else "OFF", untrained=True,
+                      watermark="on (random watermarker)" if marker else "OFF", codec_id=f"mimi-random-{seed}",
+                      untrained=True,
                       notes=[UNTRAINED_WARNING])
     return Engine(csm, ByteTokenizer(), codec, marker, watermark=watermark, info=info)
 
@@ -192,9 +193,10 @@ def _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, loca
     codec = MimiCodec(build_mimi(mimi_weights_path(token, local_only), device=dev))
     marker = None
     if watermark:
-        marker = Watermarker(load_silentcipher(device=str(dev), token=token), key)
+        marker = Watermarker(load_silentcipher(device=str(dev), token=token, local_only=local_only), key)
     csm = load_csm(ckpt, config, dev, dt)
     info = EngineInfo(model=f"csm-1b ({checkpoint or CSM_REPO})", device=str(dev), dtype=str(dt).replace("torch.", ""),
-                      tokenizer=tokenizer.name, codec="Mimi (kyutai)", watermark="on" if marker else "OFF")
+                      tokenizer=tokenizer.name, codec="Mimi (kyutai)", watermark="on" if marker else "OFF",
+                      codec_id="mimi-kyutai")
     return Engine(csm, tokenizer, codec, marker, watermark=watermark, info=info)
 

@@ -167,17 +167,22 @@ class ScriptRenderer:
 
     def render(self, script: str | Sequence[ScriptLine], voices: Mapping[str, str | None],
                config: RenderConfig = RenderConfig(), progress: Callable[[Progress], None] | None = None,
-               cancel: Callable[[], bool] | None = None) -> RenderResult:
-        """voices: script speaker name -> profile name (None: no reference voice for that speaker)."""
+               cancel: Callable[[], bool] | None = None, on_clip: Callable[[Clip], None] | None = None) -> RenderResult:
+        """voices: script speaker name -> profile name (None: no reference voice for that speaker).
+
+        `on_clip` receives each finished clip in script order (for playback while rendering).
+        """
         lines = self.prepare(script, voices)
         ids = {name.casefold(): i for i, name in enumerate(speakers(lines))}
         profiles = self._profile_items(voices, ids)
         result = RenderResult([], config)
         if config.mode == FAST:
-            return self._render_fast(lines, voices, ids, profiles, config, progress, cancel, result)
+            return self._render_fast(lines, voices, ids, profiles, config, progress, cancel, result, on_clip)
         for index, line in enumerate(lines):
             clip = self._line(index, lines, result.clips, voices, ids, profiles, config, progress, cancel, result)
             result.clips.append(clip)
+            if on_clip:
+                on_clip(clip)
         return result
 
     def rerender_line(self, result: RenderResult, index: int, voices: Mapping[str, str | None],
@@ -249,7 +254,7 @@ class ScriptRenderer:
                     audio=utt.audio, codes=utt.codes, seed=utt.seed, watermarked=utt.watermarked,
                     context=kept, dropped=dropped, context_positions=used)
 
-    def _render_fast(self, lines, voices, ids, profiles, config, progress, cancel, result) -> RenderResult:
+    def _render_fast(self, lines, voices, ids, profiles, config, progress, cancel, result, on_clip=None) -> RenderResult:
         """Lines conditioned only on profile prompts, generated `batch_size` at a time."""
         sampling = config.sampling(0)
         for start in range(0, len(lines), config.batch_size):
@@ -274,6 +279,8 @@ class ScriptRenderer:
                                          profile=_lookup(voices, line.speaker), audio=utt.audio, codes=utt.codes,
                                          seed=utt.seed, watermarked=utt.watermarked, context=kept,
                                          dropped=dropped, context_positions=used))
+                if on_clip:
+                    on_clip(result.clips[-1])
         if progress and lines:
             last = lines[-1]
             progress(Progress(len(lines) - 1, len(lines), sampling.max_frames, sampling.max_frames, last.speaker, last.text))

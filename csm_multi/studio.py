@@ -1,0 +1,170 @@
+"""What the web app does, without the web: per-visitor profile libraries, script rendering to
+fresh output files, regeneration, status. `app.py` only wires these to Gradio components.
+
+Knows no UI toolkit. Every path it returns is a fresh file under `outputs_root` (never a stored
+profile file), so the app can hand it out without exposing the profile store.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from cachetools import LRUCache
+
+from .audio import save_audio
+from .engine import Engine
+from .errors import CsmError, ProfileError, ScriptError
+from .memory import CudaMemoryManager
+from .profiles import ProfileStore
+from .render import RenderConfig, RenderResult, ScriptRenderer
+from .script import ScriptLine, parse_script, speakers
+
+LIBRARY_KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+SHARED = "shared"
+
+EXAMPLE_SCRIPT = """# One line per utterance: `Name: text`. Names map to voice profiles below.
+Alice: Hey, did you get a chance to listen to the demo?
+Bob: I did! The voices sound surprisingly natural.
+Alice: Right? And it keeps track of who is speaking.
+Bob: Let's send the link to the rest of the team.
+"""
+
+
+def new_library_key() -> str:
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class StudioLimits:
+    max_script_lines: int = 200
+    max_script_chars: int = 20_000
+    max_line_chars: int = 1_000
+    max_line_s: float = 30.0
+    libraries_in_memory: int = 64
+
+
+class Studio:
+    def __init__(self, engine: Engine, profiles_root: str | Path, *, shared_library: bool = False,
+                 outputs_root: str | Path | None = None, limits: StudioLimits = StudioLimits(), cache_size: int = 32):
+        self.engine = engine
+        self.profiles_root = Path(profiles_root).resolve()
+        self.shared = shared_library
+        self.limits = limits
+        self.cache_size = cache_size
+        self.outputs_root = Path(outputs_root or tempfile.gettempdir()) / "csm-multi-outputs"
+        self.outputs_root.mkdir(parents=True, exist_ok=True)
+        self._stores: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)
+        self._lock = threading.Lock()
+        self.memory = CudaMemoryManager(engine.device)
+
+    # ---- libraries ------------------------------------------------------------------------
+    def library(self, key: str | None) -> ProfileStore:
+        """The visitor's own profile store (or the shared one when configured)."""
+        if self.shared:
+            folder = SHARED
+        else:
+            if not key or not LIBRARY_KEY.match(key):
+                raise ProfileError("this page has no valid library key: reload the page "
+                                   "(API callers: pass 8-64 letters, digits, '-' or '_' as library_key)")
+            folder = f"visitor-{key}"
+        with self._lock:
+            store = self._stores.get(folder)
+            if store is None:
+                store = self._stores[folder] = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size)
+            return store
+
+    def profile_rows(self, key: str | None) -> list[list]:
+        return [[p.name, round(p.duration_s, 1), p.transcript, time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created))]
+                for p in self.library(key).list()]
+
+    def profile_names(self, key: str | None) -> list[str]:
+        return [p.name for p in self.library(key).list()]
+
+    # ---- scripts --------------------------------------------------------------------------
+    def parse(self, script: str) -> list[ScriptLine]:
+        if script is None or len(script) > self.limits.max_script_chars:
+            raise ScriptError(f"the script is longer than {self.limits.max_script_chars} characters: split it up")
+        return parse_script(script, max_lines=self.limits.max_script_lines,
+                            max_chars_per_line=self.limits.max_line_chars)
+
+    def default_voices(self, key: str | None, script: str) -> dict[str, str | None]:
+        """Speaker -> profile of the same name (case-insensitive), else None (no reference voice)."""
+        names = {n.casefold(): n for n in self.profile_names(key)}
+        return {spk: names.get(spk.casefold()) for spk in speakers(self.parse(script))}
+
+    def check_voices(self, key: str | None, voices: Mapping[str, str | None]) -> dict[str, str | None]:
+        """Re-validate a speaker -> profile mapping that came from the browser."""
+        store = self.library(key)
+        clean = {}
+        for spk, profile in voices.items():
+            if profile in (None, "", "(none)"):
+                clean[str(spk)] = None
+            else:
+                clean[str(spk)] = store.get(str(profile)).name  # ProfileError for unknown names
+        return clean
+
+    def renderer(self, key: str | None) -> ScriptRenderer:
+        store = self.library(key)
+        source = partial(store.segment, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
+        return ScriptRenderer(self.engine, source, on_frame=self.memory.step)
+
+    def render(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
+               progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
+               on_clip: Callable | None = None) -> RenderResult:
+        if config.max_line_ms > self.limits.max_line_s * 1000:
+            raise CsmError(f"max length per line is {self.limits.max_line_s:g} s on this server")
+        lines = self.parse(script)
+        return self.renderer(key).render(lines, self.check_voices(key, voices), config, progress, cancel, on_clip)
+
+    def rerender(self, key, result: RenderResult, line_number: int, voices, seed: int | None = None,
+                 progress=None) -> RenderResult:
+        index = next((i for i, c in enumerate(result.clips) if c.line.number == line_number), None)
+        if index is None:
+            numbers = ", ".join(str(c.line.number) for c in result.clips)
+            raise ScriptError(f"no rendered line {line_number}; rendered script lines are: {numbers}")
+        return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
+
+    def fresh_dir(self, prefix: str) -> Path:
+        """A new private folder for one response's files (folders older than an hour are pruned)."""
+        self._prune_outputs()
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.outputs_root))
+
+    def write_outputs(self, result: RenderResult) -> dict[str, Path]:
+        """Dialogue WAV, clips and manifest in a fresh folder."""
+        return result.save(self.fresh_dir("render-"))
+
+    def write_clip(self, audio: torch.Tensor, stem: str = "clip") -> Path:
+        return save_audio(self.fresh_dir("say-") / f"{stem}.wav", audio)
+
+    def _prune_outputs(self, max_age_s: float = 3600) -> None:
+        now = time.time()
+        for entry in self.outputs_root.iterdir():
+            try:
+                if entry.is_dir() and now - entry.stat().st_mtime > max_age_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass
+
+    # ---- status ---------------------------------------------------------------------------
+    def status(self, key: str | None) -> dict:
+        info = vars(self.engine.info).copy()
+        try:
+            info["profile_cache"] = self.library(key).stats()
+        except ProfileError:
+            info["profile_cache"] = None
+        info["memory"] = self.memory.stats()
+        if self.engine.device.type == "cuda":
+            info["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(self.engine.device) / 2**20)
+            info["gpu_reserved_mb"] = round(torch.cuda.memory_reserved(self.engine.device) / 2**20)
+        info["library"] = "shared" if self.shared else "private to this browser"
+        return info

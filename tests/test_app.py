@@ -1,0 +1,105 @@
+"""The Gradio app on the tiny preset, on 127.0.0.1, driven through gradio_client like an API user."""
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_model):
+    import app as app_module
+    from csm_multi.codec import MimiCodec, build_mimi
+    from csm_multi.engine import Engine, EngineInfo
+    from csm_multi.studio import Studio
+    from csm_multi.text import ByteTokenizer
+
+    root = tmp_path_factory.mktemp("app")
+    info = EngineInfo(model="tiny (random weights, offline demo)", device="cpu", dtype="float32", tokenizer="bytes",
+                      codec="Mimi (random)", watermark="OFF", codec_id="mimi-random-0", untrained=True)
+    engine = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False, info=info)
+    studio = Studio(engine, root / "profiles", outputs_root=root / "out")
+    demo = app_module.build_demo(studio)
+    demo.queue(default_concurrency_limit=1, max_size=8)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
+    yield f"http://127.0.0.1:{port}/", studio
+    demo.close()
+
+
+def _wav(path, freq, seconds=2.0, sr=22_050):
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(str(path), 0.2 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)), sr)
+    return str(path)
+
+
+MAPPING = {"headers": ["speaker", "profile"], "data": [["Alice", "Alice"], ["Bob", "Bob"]]}
+
+
+def test_profile_script_regenerate_delete(app_url, tmp_path):
+    url, studio = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-one-1234"
+    table, _, msg = client.predict(key, handle_file(_wav(tmp_path / "a.wav", 200)), "hello there", "Alice",
+                                   api_name="/add_profile")
+    assert "Saved" in msg and table["data"][0][0] == "Alice"
+    client.predict(key, handle_file(_wav(tmp_path / "b.wav", 260)), "good day", "Bob", api_name="/add_profile")
+
+    live, note, dialogue, files, manifest, *_ = client.predict(
+        key, "Alice: Hi Bob.\nBob: Hello Alice!\n", MAPPING, 0.9, 50, 5, 1, 200, "conversational",
+        api_name="/render_script")
+    assert note.startswith("Done: 2 lines")
+    audio, sr = sf.read(dialogue)
+    rows = manifest["data"]
+    assert sr == 24_000 and [r[1] for r in rows] == ["Alice", "Bob"] and [r[6] for r in rows] == [5, 6]
+    assert len(audio) == round((rows[0][5] + rows[1][5] + 0.2) * 24_000)
+    assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["001-Alice.wav", "002-Bob.wav", "dialogue.json", "dialogue.wav"]
+    assert all(str(studio.profiles_root) not in p for p in files)
+
+    note, _, _, manifest2, *_ = client.predict(key, 2, 99, api_name="/regenerate_line")
+    assert manifest2["data"][0] == rows[0] and manifest2["data"][1][6] == 99
+
+    table, _, msg, _ = client.predict(key, "Bob", True, api_name="/delete_profile")
+    assert [r[0] for r in table["data"]] == ["Alice"]
+
+
+def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-two-5678"
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really audio")
+    with pytest.raises(Exception, match="could not read|audio"):
+        client.predict(key, handle_file(str(bad)), "words", "X", api_name="/add_profile")
+    with pytest.raises(Exception, match="not a valid profile name"):
+        client.predict(key, handle_file(_wav(tmp_path / "c.wav", 300)), "words", "../../etc/passwd", api_name="/add_profile")
+    with pytest.raises(Exception, match="line 1"):
+        client.predict(key, "no speaker here", MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
+    with pytest.raises(Exception, match="no profile named"):  # visitor two cannot use visitor one's voices
+        client.predict(key, "Alice: hi", MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
+    with pytest.raises(Exception, match="library key"):
+        client.predict("../x", api_name="/list_profiles")
+    with pytest.raises(Exception, match="longer than"):
+        client.predict(key, "A: x\n" * 5000, MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
+    # the server still answers afterwards
+    assert client.predict(key, api_name="/list_profiles")[0]["data"] == []
+
+
+def test_quick_say_streams_and_returns_a_file(app_url):
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    _, path, note = client.predict("visitor-three-9", "Hello there.", "(none)", 0.9, 50, 3, 1, api_name="/say")
+    info = sf.info(path)
+    assert info.samplerate == 24_000 and info.frames > 0 and "NOT watermarked" in note

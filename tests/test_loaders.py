@@ -1,0 +1,60 @@
+"""The composition root: presets, offline fallback, checkpoints, clear errors."""
+
+import pytest
+import torch
+
+from csm_multi import SamplingConfig, build_engine
+from csm_multi import loaders
+from csm_multi.checkpoints import save_original
+from csm_multi.errors import WeightsUnavailableError
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(loaders, "hub_reachable", lambda timeout=3.0: False)
+
+
+def test_tiny_engine_says_it_is_untrained_and_generates():
+    engine = build_engine("tiny", watermark=False)
+    assert engine.info.untrained and "RANDOM" in engine.info.notes[0]
+    assert engine.info.watermark == "OFF" and engine.watermarker is None
+    assert engine.codec_id == "mimi-random-0-k32"
+    utt = engine.generate("Hello.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=240))
+    assert utt.codes.shape[0] == 32 and not utt.watermarked
+
+
+def test_auto_falls_back_to_tiny_offline(caplog):
+    engine = build_engine("auto", watermark=False)
+    assert engine.info.untrained
+    assert "falling back" in caplog.text and "tiny" in caplog.text
+
+
+def test_real_model_offline_is_a_clear_error():
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_engine("csm-1b", watermark=False)
+    assert "--model tiny" in str(e.value)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        build_engine("csm-7b")
+
+
+def test_tiny_checkpoint_is_loaded_instead_of_random(tmp_path, tiny_model, tiny_config):
+    save_original(tiny_model.state_dict(), tiny_config, tmp_path)
+    engine = build_engine("tiny", checkpoint=str(tmp_path), watermark=False)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[k], v)
+
+
+def test_tiny_engine_with_random_watermarker_marks_output():
+    engine = build_engine("tiny")
+    assert engine.watermarker is not None and engine.info.watermark.startswith("on")
+    utt = engine.generate("Hello.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=2000))
+    assert utt.watermarked
+    plain = build_engine("tiny", watermark=False).generate("Hello.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=2000))
+    assert torch.equal(utt.codes, plain.codes)
+    assert utt.audio.shape == plain.audio.shape and not torch.equal(utt.audio, plain.audio)
