@@ -55,6 +55,20 @@ def ensure_ffmpeg() -> str | None:
     return str(link)
 
 
+def ensure_nodeps_packages() -> None:
+    """On Hugging Face Spaces only requirements.txt is installed; moshi and silentcipher need
+    `pip install --no-deps` (their pins are stale, see README), so do that once at start-up."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    missing = [m for m in ("moshi", "silentcipher") if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning("installing %s without their stale pins (requirements-nodeps.txt)", ", ".join(missing))
+        req = Path(__file__).with_name("requirements-nodeps.txt")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-r", str(req)], check=True)
+
+
 def _int16(audio) -> np.ndarray:
     """Gradio peak-normalises float audio; int16 keeps the real level."""
     return (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
@@ -403,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if env("SPACE_ID"):
+        ensure_nodeps_packages()
     engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark)
     studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library, limits=StudioLimits())
     demo = build_demo(studio)
