@@ -83,6 +83,14 @@ def _gpu(fn):
     return spaces.GPU(duration=300)(fn)
 
 
+def _seed(value) -> int | None:
+    """Seeds from the page: a number >= 0, or -1 / empty for a random one."""
+    if value in (None, ""):
+        return None
+    value = int(value)
+    return None if value < 0 else value
+
+
 def status_markdown(info: dict) -> str:
     lines = []
     if info.get("untrained"):
@@ -139,6 +147,8 @@ def build_demo(studio: Studio):
             fail(e)
 
     def preview_profile(key, name):
+        if not name:  # an empty library selects nothing: nothing to preview, not an error
+            return None
         try:
             audio = studio.library(key).audio(name)
         except CsmError as e:
@@ -188,7 +198,7 @@ def build_demo(studio: Studio):
                       progress=gr.Progress()):
         try:
             config = RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk),
-                                  seed=None if seed in (None, "") else int(seed), max_line_ms=float(max_line_s) * 1000,
+                                  seed=_seed(seed), max_line_ms=float(max_line_s) * 1000,
                                   mode=mode)
             studio.parse(script)  # script problems first, with line numbers
             voices = mapping_dict(mapping) or studio.default_voices(key, script)
@@ -242,8 +252,7 @@ def build_demo(studio: Studio):
         if result is None:
             fail(CsmError("render the script first, then regenerate one of its lines"))
         try:
-            new = studio.rerender(key, result, int(line_number), voices or {},
-                                  None if seed in (None, "") else int(seed))
+            new = studio.rerender(key, result, int(line_number), voices or {}, _seed(seed))
         except (CsmError, ValueError) as e:
             fail(e)
         _, note, dialogue, files, rows, new = _finished(new)
@@ -261,7 +270,7 @@ def build_demo(studio: Studio):
                 store = studio.library(key)
                 context = [store.segment(profile, studio.engine.encode_reference, studio.engine.codec_id)]
             sampling = SamplingConfig(temperature=float(temperature), topk=int(topk),
-                                      seed=None if seed in (None, "") else int(seed),
+                                      seed=_seed(seed),
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
             chunks = []
@@ -329,7 +338,7 @@ def build_demo(studio: Studio):
                 with gr.Column(scale=2):
                     temperature = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
                     topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
-                    seed = gr.Number(label="Seed (empty = random; line i uses seed + i)", value=None, precision=0)
+                    seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0)
                     max_line_s = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
                     pause_ms = gr.Slider(0, 2000, value=300, step=50, label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",
@@ -345,7 +354,7 @@ def build_demo(studio: Studio):
                                     label="Manifest", interactive=False)
             with gr.Row():
                 regen_line = gr.Number(label="Script line to regenerate", precision=0)
-                regen_seed = gr.Number(label="New seed (empty = random)", precision=0)
+                regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0)
                 regen_btn = gr.Button("Regenerate line")
             last_result = gr.State(None)
             last_voices = gr.State(None)
@@ -356,7 +365,7 @@ def build_demo(studio: Studio):
                 q_profile = gr.Dropdown(label="Voice profile", choices=[NONE], value=NONE, allow_custom_value=True)
                 q_temp = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
                 q_topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
-                q_seed = gr.Number(label="Seed (empty = random)", value=None, precision=0)
+                q_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0)
                 q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
             q_btn = gr.Button("Speak", variant="primary")
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)

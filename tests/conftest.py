@@ -22,3 +22,30 @@ def tiny_config():
 def tiny_model(tiny_config):
     torch.manual_seed(0)
     return CSM(tiny_config).init_random_(seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def running_app(tmp_path_factory, tiny_model):
+    """The Gradio app on the tiny preset (watermark off) on 127.0.0.1: yields (url, studio)."""
+    import socket
+
+    import app as app_module
+    from csm_multi.codec import MimiCodec, build_mimi
+    from csm_multi.engine import Engine, EngineInfo
+    from csm_multi.studio import Studio
+    from csm_multi.text import ByteTokenizer
+
+    root = tmp_path_factory.mktemp("app")
+    info = EngineInfo(model="tiny (random weights, offline demo)", device="cpu", dtype="float32", tokenizer="bytes",
+                      codec="Mimi (random)", watermark="OFF", codec_id="mimi-random-0", untrained=True)
+    engine = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False, info=info)
+    studio = Studio(engine, root / "profiles", outputs_root=root / "out")
+    demo = app_module.build_demo(studio)
+    demo.queue(default_concurrency_limit=1, max_size=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
+    yield f"http://127.0.0.1:{port}/", studio
+    demo.close()

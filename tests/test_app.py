@@ -1,8 +1,5 @@
 """The Gradio app on the tiny preset, on 127.0.0.1, driven through gradio_client like an API user."""
 
-import socket
-import threading
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -11,32 +8,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory, tiny_model):
-    import app as app_module
-    from csm_multi.codec import MimiCodec, build_mimi
-    from csm_multi.engine import Engine, EngineInfo
-    from csm_multi.studio import Studio
-    from csm_multi.text import ByteTokenizer
-
-    root = tmp_path_factory.mktemp("app")
-    info = EngineInfo(model="tiny (random weights, offline demo)", device="cpu", dtype="float32", tokenizer="bytes",
-                      codec="Mimi (random)", watermark="OFF", codec_id="mimi-random-0", untrained=True)
-    engine = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False, info=info)
-    studio = Studio(engine, root / "profiles", outputs_root=root / "out")
-    demo = app_module.build_demo(studio)
-    demo.queue(default_concurrency_limit=1, max_size=8)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
+def app_url(running_app):
+    return running_app
 
 
 def _wav(path, freq, seconds=2.0, sr=22_050):
@@ -103,3 +77,10 @@ def test_quick_say_streams_and_returns_a_file(app_url):
     _, path, note = client.predict("visitor-three-9", "Hello there.", "(none)", 0.9, 50, 3, 1, api_name="/say")
     info = sf.info(path)
     assert info.samplerate == 24_000 and info.frames > 0 and "NOT watermarked" in note
+
+
+def test_seed_minus_one_means_random():
+    import app as app_module
+
+    assert app_module._seed(-1) is None and app_module._seed(None) is None and app_module._seed("") is None
+    assert app_module._seed(0) == 0 and app_module._seed(7.0) == 7

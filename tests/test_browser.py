@@ -1,0 +1,101 @@
+"""End to end in a real browser: the Gradio app (tiny preset, random weights) in headless Debian Chromium,
+driven by Playwright for Python. Uses /usr/bin/chromium (apt package `chromium`); never downloads a browser.
+
+Saves a voice profile from an uploaded WAV, renders a two-line script with it, and leaves a full-page
+screenshot in tests/artifacts/browser-render.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+CHROMIUM = os.environ.get("CSM_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+expect = sync_api.expect
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def app_url(running_app):
+    return running_app[0]
+
+
+@pytest.fixture()
+def page(tmp_path):
+    with sync_api.sync_playwright() as p:
+        # a persistent context gives Chromium a fresh, empty --user-data-dir of its own
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900})
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def _wav(path: Path, seconds: float = 2.0, sr: int = 22_050) -> Path:
+    t = np.arange(int(sr * seconds)) / sr
+    rng = np.random.default_rng(0)
+    audio = 0.2 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(t.size)
+    sf.write(str(path), audio.astype(np.float32), sr)
+    return path
+
+
+def _block(page, label: str):
+    """The Gradio component block whose label is exactly `label`."""
+    return page.locator(".block").filter(has=page.get_by_text(label, exact=True)).last
+
+
+def test_save_voice_and_render_in_browser(app_url, page, tmp_path):
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    expect(page.get_by_text("Offline demo: random untrained weights")).to_be_visible()
+
+    # ---- Voices: upload a clip, type its transcript and a name, save ------------------------------
+    page.get_by_role("tab", name="Voices").click()
+    clip = _block(page, "Reference clip (1-30 s of one voice)")
+    clip.locator("input[type=file]").set_input_files(str(_wav(tmp_path / "alice.wav")))
+    expect(clip.locator("audio, .waveform-container, [data-testid='waveform-Reference clip (1-30 s of one voice)']")
+           .first).to_be_attached()
+    page.get_by_label("Transcript (exactly what the clip says)").fill("hello there")
+    page.get_by_label("Profile name").fill("Alice")
+    page.get_by_role("button", name="Save voice profile").click()
+    expect(page.get_by_text(re.compile(r"Saved Alice \(\d+\.\d s\)"))).to_be_visible()
+    library = page.get_by_role("grid", name="Your voices")
+    expect(library.get_by_role("gridcell", name="Alice", exact=True)).to_be_visible()
+
+    # ---- Script: two lines for Alice, mapped to her profile, render ----------------------------------
+    page.get_by_role("tab", name="Script").click()
+    script = page.get_by_label("Script", exact=True)
+    script.fill("Alice: Hello.\nAlice: Bye.")
+    mapping = page.get_by_role("grid", name="Speaker → voice profile ((none) = no reference)")
+    expect(mapping.get_by_role("row", name="Alice Alice", exact=True)).to_be_visible()  # speaker Alice -> profile Alice
+    max_s = page.get_by_label("number input for Max seconds per line")
+    max_s.fill("1")
+    max_s.press("Enter")
+    page.get_by_role("button", name="Render", exact=True).click()
+
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
+    dialogue = _block(page, "Dialogue")
+    expect(dialogue.locator("audio, a[download]").first).to_be_attached()
+    manifest = page.get_by_role("grid", name="Manifest")
+    expect(manifest.get_by_role("gridcell", name="Hello.", exact=True)).to_be_visible()
+    expect(manifest.get_by_role("gridcell", name="Bye.", exact=True)).to_be_visible()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-render.png"), full_page=True)
