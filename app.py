@@ -230,7 +230,7 @@ def build_demo(studio: Studio):
                     chunk = _int16(payload.audio) if first else np.concatenate([pause, _int16(payload.audio)])
                     first = False
                     note = f"Rendered line {payload.line.number} ({html.escape(payload.line.speaker)})…"
-                    yield (24_000, chunk), note, *[gr.skip()] * 5
+                    yield (24_000, chunk), note, *[gr.skip()] * 6
                 elif kind == "error":
                     fail(payload)
                 else:
@@ -246,7 +246,7 @@ def build_demo(studio: Studio):
                 for m in result.manifest()]
         note = (f"Done: {len(result.clips)} lines, {result.audio.numel() / 24_000:.1f} s"
                 f"{'' if all(c.watermarked for c in result.clips) else ' (NOT watermarked)'}.")
-        return gr.skip(), note, (24_000, _int16(result.audio)), files, rows, result
+        return gr.skip(), note, (24_000, _int16(result.audio)), files, rows, studio.context_rows(result), result
 
     def regenerate_line(key, result, voices, line_number, seed):
         if result is None:
@@ -255,8 +255,8 @@ def build_demo(studio: Studio):
             new = studio.rerender(key, result, int(line_number), voices or {}, _seed(seed))
         except (CsmError, ValueError) as e:
             fail(e)
-        _, note, dialogue, files, rows, new = _finished(new)
-        return note, dialogue, files, rows, new
+        _, note, dialogue, files, rows, context, new = _finished(new)
+        return note, dialogue, files, rows, context, new
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
@@ -287,6 +287,19 @@ def build_demo(studio: Studio):
         path = studio.write_clip(torch.cat(chunks), "say")
         mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
         yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, {mark}."
+
+    def check_watermark(path):
+        try:
+            if not path:
+                raise CsmError("upload an audio file to check")
+            found = studio.check_watermark(path)
+        except (CsmError, ValueError) as e:
+            fail(e)
+        if found["matches_key"]:
+            return "✅ This audio carries **this deployment's** watermark."
+        if found["watermarked"]:
+            return "⚠️ A watermark was found, but with **another key** (not from this deployment)."
+        return "❌ No watermark from this deployment was found (short or heavily edited audio can lose it)."
 
     def status(key):
         return status_markdown(studio.status(key))
@@ -352,6 +365,9 @@ def build_demo(studio: Studio):
             files = gr.File(label="Clips and manifest", file_count="multiple")
             manifest = gr.Dataframe(headers=["line", "speaker", "profile", "text", "start s", "seconds", "seed"],
                                     label="Manifest", interactive=False)
+            context_view = gr.Dataframe(headers=["line", "speaker", "context positions", "kept", "dropped"],
+                                        label="Context budget (what each line heard, of the 2048-position window)",
+                                        interactive=False)
             with gr.Row():
                 regen_line = gr.Number(label="Script line to regenerate", precision=0)
                 regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0)
@@ -371,6 +387,11 @@ def build_demo(studio: Studio):
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
             q_file = gr.File(label="Download")
             q_msg = gr.Markdown()
+
+        with gr.Tab("Watermark check"):
+            wm_file = gr.File(label="Audio to check (WAV, FLAC, OGG, MP3)", type="filepath")
+            wm_btn = gr.Button("Check")
+            wm_msg = gr.Markdown()
 
         with gr.Tab("Status"):
             status_md = gr.Markdown()
@@ -398,14 +419,16 @@ def build_demo(studio: Studio):
         script.change(fill_mapping, [key, script], [mapping], api_name=False)
         render_event = render_btn.click(
             _gpu(render_script), [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode],
-            [live, render_msg, dialogue, files, manifest, last_result, last_voices], api_name="render_script",
+            [live, render_msg, dialogue, files, manifest, context_view, last_result, last_voices],
+            api_name="render_script",
             concurrency_id="gpu")
         cancel_btn.click(lambda: "Cancelled.", None, [render_msg], cancels=[render_event], api_name=False)
         regen_btn.click(_gpu(regenerate_line), [key, last_result, last_voices, regen_line, regen_seed],
-                        [render_msg, dialogue, files, manifest, last_result], api_name="regenerate_line",
+                        [render_msg, dialogue, files, manifest, context_view, last_result], api_name="regenerate_line",
                         concurrency_id="gpu")
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
+        wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
         status_btn.click(status, [key], [status_md], api_name="status")
     return demo
 

@@ -66,13 +66,23 @@ def load_audio(source: str | Path | bytes) -> torch.Tensor:
     return prepare(data, sr)
 
 
+WRITE_FORMATS = ("wav", "flac", "mp3")
+
+
 def save_audio(path: str | Path, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write (S,) float audio as 16-bit PCM (WAV/FLAC by extension, WAV if none)."""
+    """Write (S,) or (S, C) float audio by extension: WAV/FLAC as 16-bit PCM, MP3 (libsndfile's
+    encoder); WAV if there is no extension."""
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".wav")
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in WRITE_FORMATS:
+        raise AudioInputError(f"cannot write .{kind} files: choose one of {', '.join(WRITE_FORMATS)}")
     data = audio.detach().float().cpu().clamp(-1, 1).numpy()
-    sf.write(str(path), data, sample_rate, subtype="PCM_16")
+    if kind == "mp3":
+        sf.write(str(path), data, sample_rate, format="MP3")
+    else:
+        sf.write(str(path), data, sample_rate, subtype="PCM_16")
     return path
 
 

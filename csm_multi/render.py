@@ -119,11 +119,62 @@ class RenderResult:
             t += clip.duration_s
         return rows
 
-    def save(self, directory: str | Path, name: str = "dialogue") -> dict[str, Path]:
-        """Write `<name>.wav`, `clips/NNN-speaker.wav` and `<name>.json` (the manifest)."""
+    def stems(self) -> dict[str, torch.Tensor]:
+        """Speaker -> a track as long as the dialogue with only that speaker's lines (silence elsewhere)."""
+        total = self.audio.numel()
+        pause = int(self.sample_rate * self.config.pause_ms / 1000)
+        tracks: dict[str, torch.Tensor] = {}
+        start = 0
+        for i, clip in enumerate(self.clips):
+            if i:
+                start += pause
+            track = tracks.setdefault(clip.line.speaker, torch.zeros(total))
+            track[start:start + clip.audio.numel()] = clip.audio
+            start += clip.audio.numel()
+        return tracks
+
+    def srt(self) -> str:
+        """Subtitles (SubRip) with the manifest's timestamps: `Speaker: text` per line."""
+
+        def stamp(t: float) -> str:
+            ms = round(t * 1000)
+            return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+        blocks = [f"{i}\n{stamp(m['start_s'])} --> {stamp(m['start_s'] + m['duration_s'])}\n{m['speaker']}: {m['text']}\n"
+                  for i, m in enumerate(self.manifest(), start=1)]
+        return "\n".join(blocks)
+
+    def csv(self) -> str:
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["index", "line", "speaker", "profile", "text", "start_s", "duration_s", "seed"])
+        for m in self.manifest():
+            writer.writerow([m["index"], m["line"], m["speaker"], m["profile"] or "", m["text"], m["start_s"],
+                             m["duration_s"], m["seed"]])
+        return out.getvalue()
+
+    def save(self, directory: str | Path, name: str = "dialogue", formats: Sequence[str] = ("wav",),
+             stems: bool = False) -> dict[str, Path]:
+        """Write the dialogue in each of `formats` (wav, flac, mp3), `clips/NNN-speaker.wav`, the
+        manifest as `<name>.json` and `<name>.csv`, subtitles `<name>.srt`, and with `stems` one
+        `stems/<speaker>.wav` per speaker."""
         directory = Path(directory)
         (directory / "clips").mkdir(parents=True, exist_ok=True)
-        paths = {"dialogue": save_audio(directory / f"{name}.wav", self.audio)}
+        dialogue = self.audio
+        paths = {"dialogue": save_audio(directory / f"{name}.{formats[0]}", dialogue)}
+        for fmt in formats[1:]:
+            paths[f"dialogue.{fmt}"] = save_audio(directory / f"{name}.{fmt}", dialogue)
+        if stems:
+            (directory / "stems").mkdir(exist_ok=True)
+            for speaker, track in self.stems().items():
+                slug = "".join(c if c.isalnum() else "_" for c in speaker)[:24]
+                paths[f"stem:{speaker}"] = save_audio(directory / "stems" / f"{slug}.wav", track)
+        (directory / f"{name}.srt").write_text(self.srt(), encoding="utf-8")
+        (directory / f"{name}.csv").write_text(self.csv(), encoding="utf-8")
+        paths["srt"], paths["csv"] = directory / f"{name}.srt", directory / f"{name}.csv"
         for clip in self.clips:
             slug = "".join(c if c.isalnum() else "_" for c in clip.line.speaker)[:24]
             paths[f"clip{clip.index}"] = save_audio(directory / "clips" / f"{clip.index + 1:03d}-{slug}.wav", clip.audio)

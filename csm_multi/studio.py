@@ -140,8 +140,9 @@ class Studio:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.outputs_root))
 
     def write_outputs(self, result: RenderResult) -> dict[str, Path]:
-        """Dialogue WAV, clips and manifest in a fresh folder."""
-        return result.save(self.fresh_dir("render-"))
+        """Dialogue (WAV, FLAC, MP3), per-speaker stems, clips, manifest (JSON, CSV) and SRT subtitles
+        in a fresh folder."""
+        return result.save(self.fresh_dir("render-"), formats=("wav", "flac", "mp3"), stems=True)
 
     def write_clip(self, audio: torch.Tensor, stem: str = "clip") -> Path:
         return save_audio(self.fresh_dir("say-") / f"{stem}.wav", audio)
@@ -154,6 +155,20 @@ class Studio:
                     shutil.rmtree(entry, ignore_errors=True)
             except OSError:
                 pass
+
+    def check_watermark(self, path: str | Path) -> dict:
+        """Does this audio file carry this deployment's watermark key? (silentcipher, cheap mode)"""
+        from .audio import load_upload
+
+        if self.engine.watermarker is None:
+            raise CsmError("this deployment runs without a watermark model, so it cannot check for one")
+        return self.engine.watermarker.detect(load_upload(path), 24_000)
+
+    def context_rows(self, result: RenderResult) -> list[list]:
+        """Per line: window positions taken by context, what was kept and what was dropped."""
+        window = self.engine.config.max_seq_len
+        return [[m["line"], m["speaker"], f"{m['context_positions']} / {window}", ", ".join(m["context"]) or "-",
+                 ", ".join(m["dropped"]) or "-"] for m in result.manifest()]
 
     # ---- status ---------------------------------------------------------------------------
     def status(self, key: str | None) -> dict:

@@ -39,10 +39,14 @@ def test_profile_script_regenerate_delete(app_url, tmp_path):
     rows = manifest["data"]
     assert sr == 24_000 and [r[1] for r in rows] == ["Alice", "Bob"] and [r[6] for r in rows] == [5, 6]
     assert len(audio) == round((rows[0][5] + rows[1][5] + 0.2) * 24_000)
-    assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["001-Alice.wav", "002-Bob.wav", "dialogue.json", "dialogue.wav"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in files) == [
+        "001-Alice.wav", "002-Bob.wav", "Alice.wav", "Bob.wav", "dialogue.csv", "dialogue.flac", "dialogue.json",
+        "dialogue.mp3", "dialogue.srt", "dialogue.wav"]
     assert all(str(studio.profiles_root) not in p for p in files)
 
-    note, _, _, manifest2, *_ = client.predict(key, 2, 99, api_name="/regenerate_line")
+    note, _, _, manifest2, context, *_ = client.predict(key, 2, 99, api_name="/regenerate_line")
+    assert context["data"][1][0] == 2 and "line 1" in context["data"][1][3] and "profile:Bob" in context["data"][1][3]
+    assert context["data"][1][2].endswith("/ 2048")
     assert manifest2["data"][0] == rows[0] and manifest2["data"][1][6] == 99
 
     table, _, msg, _ = client.predict(key, "Bob", True, api_name="/delete_profile")
@@ -69,6 +73,13 @@ def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
         client.predict(key, "A: x\n" * 5000, MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
     # the server still answers afterwards
     assert client.predict(key, api_name="/list_profiles")[0]["data"] == []
+
+
+def test_watermark_check_without_a_watermarker_says_so(app_url, tmp_path):
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match="without a watermark model"):
+        client.predict(handle_file(_wav(tmp_path / "w.wav", 300)), api_name="/check_watermark")
 
 
 def test_quick_say_streams_and_returns_a_file(app_url):

@@ -58,3 +58,18 @@ def test_tiny_engine_with_random_watermarker_marks_output():
     plain = build_engine("tiny", watermark=False).generate("Hello.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=2000))
     assert torch.equal(utt.codes, plain.codes)
     assert utt.audio.shape == plain.audio.shape and not torch.equal(utt.audio, plain.audio)
+
+
+def test_studio_watermark_check_runs_with_the_deployment_key(tmp_path):
+    import soundfile as sf
+
+    from csm_multi.studio import Studio
+
+    engine = build_engine("tiny")
+    utt = engine.generate("Hello.", 0, sampling=SamplingConfig(seed=2, max_audio_length_ms=1600))
+    path = tmp_path / "marked.wav"
+    sf.write(str(path), utt.audio.numpy(), 24_000)
+    found = Studio(engine, tmp_path / "profiles", outputs_root=tmp_path / "out").check_watermark(path)
+    assert set(found) >= {"watermarked", "matches_key", "message"}
+    assert isinstance(found["matches_key"], bool)
+    assert found["matches_key"] == (found["watermarked"] and found["message"] == list(engine.watermarker.key))

@@ -3,6 +3,8 @@ errors that keep finished clips, regenerating one line, and the batched fast mod
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -160,3 +162,40 @@ def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
     a = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, greedy)
     b = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, single)
     assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.clips, b.clips))
+
+
+def test_exports_formats_stems_subtitles(rendered, tmp_path):
+    import soundfile as sf
+
+    result, _ = rendered
+    paths = result.save(tmp_path, "scene", formats=("wav", "flac", "mp3"), stems=True)
+    n = result.audio.numel()
+    for fmt in ("wav", "flac"):
+        info = sf.info(str(tmp_path / f"scene.{fmt}"))
+        assert info.frames == n and info.channels == 1 and info.samplerate == 24_000
+    mp3 = sf.info(str(tmp_path / "scene.mp3"))
+    assert mp3.channels == 1 and abs(mp3.frames - n) <= 2 * 1152  # MP3 pads by up to a frame or two
+    stems = {p.stem: sf.read(str(p))[0] for p in (tmp_path / "stems").glob("*.wav")}
+    assert sorted(stems) == ["Alice", "Bob", "Carol"]
+    assert all(len(s) == n and s.ndim == 1 for s in stems.values())
+    mixed, _ = sf.read(str(tmp_path / "scene.wav"))
+    assert np.abs(sum(stems.values()) - mixed).max() < 2e-4  # lines never overlap: stems add up to the mix
+    bob_rows = [m for m in result.manifest() if m["speaker"] == "Bob"]
+    start = round(bob_rows[0]["start_s"] * 24_000)
+    assert np.abs(stems["Alice"][start:start + 1000]).max() == 0  # Alice is silent while Bob speaks
+    srt = (tmp_path / "scene.srt").read_text().strip().split("\n\n")
+    assert len(srt) == 4 and srt[1].splitlines()[0] == "2"
+    m = result.manifest()[1]
+    begin, end = srt[1].splitlines()[1].split(" --> ")
+
+    def seconds(stamp):
+        h, mi, rest = stamp.split(":")
+        s, ms = rest.split(",")
+        return int(h) * 3600 + int(mi) * 60 + int(s) + int(ms) / 1000
+
+    assert seconds(begin) == pytest.approx(m["start_s"], abs=1e-3)
+    assert seconds(end) == pytest.approx(m["start_s"] + m["duration_s"], abs=1e-3)
+    assert srt[1].splitlines()[2] == "Bob: Hello Alice, how are you?"
+    csv_rows = (tmp_path / "scene.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 5 and csv_rows[0].startswith("index,line,speaker")
+    assert paths["srt"].exists() and paths["stem:Bob"].exists()
