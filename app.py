@@ -326,6 +326,7 @@ def build_demo(studio: Studio):
                 with gr.Column():
                     library = gr.Dataframe(headers=["name", "seconds", "transcript", "created"], label="Your voices",
                                            interactive=False)
+                    refresh_btn = gr.Button("Refresh library", size="sm")
                     chosen = gr.Dropdown(label="Profile", choices=[], allow_custom_value=True)  # re-validated server-side
                     preview = gr.Audio(label="Preview", type="numpy", interactive=False)
                     with gr.Row():
@@ -414,7 +415,7 @@ def build_demo(studio: Studio):
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
         import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
                          api_name="import_profile")
-        gr.Button("Refresh library", size="sm").click(list_profiles, [key], [library, chosen], api_name="list_profiles")
+        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
         script.change(fill_mapping, [key, script], [mapping], api_name=False)
         render_event = render_btn.click(
