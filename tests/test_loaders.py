@@ -73,3 +73,26 @@ def test_studio_watermark_check_runs_with_the_deployment_key(tmp_path):
     assert set(found) >= {"watermarked", "matches_key", "message"}
     assert isinstance(found["matches_key"], bool)
     assert found["matches_key"] == (found["watermarked"] and found["message"] == list(engine.watermarker.key))
+
+
+@pytest.mark.parametrize("error, expect", [
+    ("GatedRepoError", "accept its licence"),
+    ("RepositoryNotFoundError", "check the repo id and HF_TOKEN"),
+    ("RemoteEntryNotFoundError", "has no file"),
+    ("LocalEntryNotFoundError", "--model tiny"),
+])
+def test_hub_failures_name_the_fix(monkeypatch, error, expect):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/sesame/csm-1b"))
+    cls = getattr(errors, error)
+    exc = cls("refused") if error == "LocalEntryNotFoundError" else cls("refused", response=response)
+
+    def fake_download(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(WeightsUnavailableError, match=expect):
+        loaders.hub_file("sesame/csm-1b", "model.safetensors", token="hf_x")
