@@ -106,7 +106,7 @@ class Engine:
             return segment.codes
         if segment.audio is None:
             raise ValueError(f"context segment {segment.text[:40]!r} has neither audio nor codes")
-        return self.codec.encode(segment.audio.to(self.codec.device, torch.float32))
+        return self.encode_reference(segment.audio)
 
     def segment_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         return concat_frames([self.text_frames(segment.text, segment.speaker),
