@@ -312,7 +312,7 @@ def build_demo(studio: Studio):
         saved_key = gr.BrowserState(None, storage_key="csm-multi-library")
         key = gr.Textbox(visible=False, label="library_key")
         gr.Markdown("# csm-multi — multi-speaker dialogue with CSM-1B")
-        banner = gr.Markdown(status_markdown(studio.status(None)))
+        gr.Markdown(status_markdown(studio.status(None)))
 
         with gr.Tab("Voices"):
             with gr.Row():

@@ -229,7 +229,7 @@ class ScriptRenderer:
         result = RenderResult([], config)
         if config.mode == FAST:
             return self._render_fast(lines, voices, ids, profiles, config, progress, cancel, result, on_clip)
-        for index, line in enumerate(lines):
+        for index in range(len(lines)):
             clip = self._line(index, lines, result.clips, voices, ids, profiles, config, progress, cancel, result)
             result.clips.append(clip)
             if on_clip:
