@@ -122,6 +122,7 @@ class FrameGraph:
         self.key_valid = (torch.ones(batch, model.config.max_seq_len, dtype=torch.bool, device=device)
                           if padded else None)
         rng = sample.generator.get_state() if sample.generator is not None else None
+        trim, model.trim_kv = model.trim_kv, False  # captured shapes must not depend on the fill level
         model.reset_caches()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -137,6 +138,7 @@ class FrameGraph:
         model.reset_caches()
         if rng is not None:
             sample.generator.set_state(rng)  # warm-up draws must not shift the seeded sequence
+        model.trim_kv = trim
         self.batch, self.k = batch, k
         self.cache_version = model.cache_version
 

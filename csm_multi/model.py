@@ -44,19 +44,31 @@ class StaticKVCache(KVCache):
     Departure from torchtune: its `update` asserts on a device tensor and its `reset` reads
     `cache_pos[0].item()`; each forces a device->host sync (~140 per frame). Same buffers and
     semantics here; bounds are the caller's job (the Engine checks the window before generating).
+
+    With `trim` on (CPU), attention sees only the slots filled so far, counted on the host
+    (`filled`), instead of all max_seq_len slots: torchtune expands K/V from the KV heads to all
+    heads before attention, so a full 2048-slot cache is copied at every step. Masked slots get
+    zero weight, so the values attended to are the same either way.
     """
+
+    trim = False
+    filled = 0
 
     def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.cache_pos[: k_val.shape[2]]
         self.k_cache.index_copy_(2, positions, k_val)
         self.v_cache.index_copy_(2, positions, v_val)
         self.cache_pos.add_(k_val.shape[2])
+        self.filled += k_val.shape[2]
+        if self.trim:
+            return self.k_cache[:, :, : self.filled], self.v_cache[:, :, : self.filled]
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
         torch.arange(self.cache_pos.numel(), out=self.cache_pos)
+        self.filled = 0
 
 
 class CSM(nn.Module):
@@ -74,6 +86,7 @@ class CSM(nn.Module):
         self.audio_head = nn.Parameter(torch.empty(k - 1, dd, v))  # heads for codebooks 1..K-1
         self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
         self._cache_batch_size: int | None = None
+        self._trim_kv = False  # see StaticKVCache: on for CPU caches (setup_caches)
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
 
     # ---- initialisation -------------------------------------------------------------------
@@ -124,6 +137,28 @@ class CSM(nn.Module):
                     layer.attn.kv_cache = StaticKVCache(b, n, h, d, old.k_cache.dtype)
         self._cache_batch_size = batch_size
         self.cache_version += 1
+        # Trim on CPU, where the copies cost ~10% of a frame. CUDA keeps fixed shapes: the graph
+        # replays full-length attention and eager frames must match it exactly.
+        self.trim_kv = p.device.type == "cpu"
+
+    @property
+    def trim_kv(self) -> bool:
+        return self._trim_kv
+
+    @trim_kv.setter
+    def trim_kv(self, on: bool) -> None:
+        self._trim_kv = on
+        for kv in self._kv_caches():
+            kv.trim = on
+
+    def _kv_caches(self) -> list[StaticKVCache]:
+        return [layer.attn.kv_cache for stack in (self.backbone, self.decoder) for layer in stack.layers
+                if isinstance(layer.attn.kv_cache, StaticKVCache)]
+
+    def _visible(self, stack: TransformerDecoder, new: int) -> int | None:
+        """Cache slots attention sees after adding `new` positions (None: all of them)."""
+        kv = stack.layers[0].attn.kv_cache
+        return kv.filled + new if kv.trim else None
 
     def reset_caches(self) -> None:
         self.backbone.reset_caches()
@@ -155,8 +190,9 @@ class CSM(nn.Module):
         padding of batched prompts of unequal length).
         """
         h = self.embed_frames(tokens, mask)
-        attn_mask = self.backbone_causal_mask[input_pos]  # (B, S, max_seq_len)
+        attn_mask = self.backbone_causal_mask[input_pos][..., : self._visible(self.backbone, tokens.size(1))]
         if key_valid is not None:
+            key_valid = key_valid[:, : attn_mask.size(-1)]
             # Padding positions attend to themselves only, so no row is fully masked (NaN).
             own = torch.nn.functional.one_hot(input_pos, attn_mask.size(-1)).bool()
             attn_mask = (attn_mask & key_valid.unsqueeze(1)) | own
@@ -165,7 +201,7 @@ class CSM(nn.Module):
 
     def decoder_step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Decoder inputs (B, S, Db) at positions (B, S) -> last hidden state (B, Dd)."""
-        attn_mask = self.decoder_causal_mask[input_pos]
+        attn_mask = self.decoder_causal_mask[input_pos][..., : self._visible(self.decoder, h.size(1))]
         out = self.decoder(self.projection(h), input_pos=input_pos, mask=attn_mask)
         return out[:, -1, :].to(self.audio_head.dtype)
 

@@ -146,3 +146,19 @@ def test_sampler_is_greedy_at_topk_1(topk):
     assert all(i in top[row] for row in range(4) for i in ids[row].tolist())
     if topk == 1:
         assert (ids == logits.argmax(-1, keepdim=True)).all()
+
+
+def test_trimmed_attention_gives_the_untrimmed_codes(tiny_config):
+    """CPU caches attend over the filled slots only; the codes equal full-window attention's."""
+    model = CSM(tiny_config).init_random_(seed=4).eval()
+    tokens, mask = text_frames([128000, 3, 1, 4, 1, 5, 128001], 32)
+    runs = []
+    for trim in (True, False):
+        model.setup_caches(1)
+        model.trim_kv = trim
+        with torch.inference_mode():
+            runs.append(torch.stack([c[0] for c, _ in iterate_frames(model, tokens[None], mask[None],
+                                                                     Sampler(0.9, 50, torch.Generator().manual_seed(3)), 8)]))
+        kv = model.backbone.layers[0].attn.kv_cache
+        assert kv.trim is trim and kv.filled == tokens.size(0) + 7
+    assert torch.equal(runs[0], runs[1])
