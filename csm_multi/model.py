@@ -164,10 +164,6 @@ class CSM(nn.Module):
         self.backbone.reset_caches()
         self.decoder.reset_caches()
 
-    @property
-    def cache_batch_size(self) -> int | None:
-        return self._cache_batch_size
-
     # ---- embeddings -----------------------------------------------------------------------
     def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Frames (B, S, K+1) + mask (B, S, K+1) -> summed embeddings (B, S, Db)."""
