@@ -295,11 +295,13 @@ def build_demo(studio: Studio):
             found = studio.check_watermark(path)
         except (CsmError, ValueError) as e:
             fail(e)
+        caveat = ("  \n_Offline demo: the watermarker has random weights, so this answer means nothing._"
+                  if studio.engine.info.untrained else "")
         if found["matches_key"]:
-            return "✅ This audio carries **this deployment's** watermark."
+            return "✅ This audio carries **this deployment's** watermark." + caveat
         if found["watermarked"]:
-            return "⚠️ A watermark was found, but with **another key** (not from this deployment)."
-        return "❌ No watermark from this deployment was found (short or heavily edited audio can lose it)."
+            return "⚠️ A watermark was found, but with **another key** (not from this deployment)." + caveat
+        return "❌ No watermark from this deployment was found (short or heavily edited audio can lose it)." + caveat
 
     def status(key):
         return status_markdown(studio.status(key))
