@@ -118,9 +118,8 @@ def build_demo(studio: Studio):
         raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
 
     def mapping_dict(table) -> dict[str, str | None]:
-        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-        if isinstance(table, dict):
-            rows = table.get("data", [])
+        """The speaker -> profile table (Gradio hands it over as a pandas DataFrame)."""
+        rows = [] if table is None else table.values.tolist()
         return {str(r[0]).strip(): (None if not r[1] or r[1] == NONE else str(r[1])) for r in rows if r and str(r[0]).strip()}
 
     # ---- voices ---------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def cmd_profiles(args) -> int:
 
 def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | None]:
     """Script speaker -> profile: `--voice NAME=PROFILE|none` first, else the profile of the same name."""
+    from .profiles import resolve_voices
     from .script import speakers
 
     given = {}
@@ -94,17 +95,8 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
         name, sep, profile = item.partition("=")
         if not sep or not name.strip():
             raise CsmError(f"--voice {item!r}: write it as SPEAKER=PROFILE (or SPEAKER=none)")
-        given[name.strip().casefold()] = None if profile.strip().lower() in ("", "none") else profile.strip()
-    known = {p.name.casefold(): p.name for p in store.list()}
-    voices, missing = {}, []
-    for spk in speakers(lines):
-        key = spk.casefold()
-        if key in given:
-            voices[spk] = store.get(given[key]).name if given[key] else None
-        elif key in known:
-            voices[spk] = known[key]
-        else:
-            missing.append(spk)
+        given[name.strip()] = None if profile.strip().lower() in ("", "none") else profile.strip()
+    voices, missing = resolve_voices(store, speakers(lines), given)
     if missing:
         raise CsmError(
             f"no voice profile for {', '.join(missing)}: add one with `profiles add NAME clip.wav --transcript ...`, "

@@ -41,7 +41,7 @@ import time
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,6 +222,26 @@ class _CountingLRU(LRUCache):
         item = super().popitem()
         self.evictions += 1
         return item
+
+
+def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[str, str | None] | None = None,
+                   ) -> tuple[dict[str, str | None], list[str]]:
+    """Script speakers -> profile names: an explicit `given` entry first (None = no reference voice;
+    a name is re-validated, ProfileError if unknown), else the profile of the same name
+    (case-insensitive). Returns the mapping and the speakers that matched nothing."""
+    given = {str(k).casefold(): v for k, v in (given or {}).items()}
+    known = {p.name.casefold(): p.name for p in store.list()}
+    voices: dict[str, str | None] = {}
+    missing: list[str] = []
+    for speaker in speakers:
+        key = str(speaker).casefold()
+        if key in given:
+            voices[speaker] = store.get(str(given[key])).name if given[key] else None
+        elif key in known:
+            voices[speaker] = known[key]
+        else:
+            missing.append(speaker)
+    return voices, missing
 
 
 class ProfileStore:

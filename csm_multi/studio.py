@@ -25,7 +25,7 @@ from .audio import save_audio
 from .engine import Engine
 from .errors import CsmError, ProfileError, ScriptError
 from .memory import CudaMemoryManager
-from .profiles import ProfileStore
+from .profiles import ProfileStore, resolve_voices
 from .render import RenderConfig, RenderResult, ScriptRenderer
 from .script import ScriptLine, parse_script, speakers
 
@@ -99,19 +99,15 @@ class Studio:
 
     def default_voices(self, key: str | None, script: str) -> dict[str, str | None]:
         """Speaker -> profile of the same name (case-insensitive), else None (no reference voice)."""
-        names = {n.casefold(): n for n in self.profile_names(key)}
-        return {spk: names.get(spk.casefold()) for spk in speakers(self.parse(script))}
+        names = speakers(self.parse(script))
+        voices, _ = resolve_voices(self.library(key), names)
+        return {name: voices.get(name) for name in names}
 
     def check_voices(self, key: str | None, voices: Mapping[str, str | None]) -> dict[str, str | None]:
-        """Re-validate a speaker -> profile mapping that came from the browser."""
-        store = self.library(key)
-        clean = {}
-        for spk, profile in voices.items():
-            if profile in (None, "", "(none)"):
-                clean[str(spk)] = None
-            else:
-                clean[str(spk)] = store.get(str(profile)).name  # ProfileError for unknown names
-        return clean
+        """Re-validate a speaker -> profile mapping that came from the browser (ProfileError for
+        unknown names)."""
+        given = {str(k): None if v in (None, "", "(none)") else v for k, v in voices.items()}
+        return resolve_voices(self.library(key), given, given)[0]
 
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
