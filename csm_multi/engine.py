@@ -200,8 +200,8 @@ class Engine:
         """Yield decoded audio while frames are generated, `chunks` frames at a time.
 
         Each chunk is watermarked on its own, so a listener never receives unmarked audio (see
-        StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the whole-call decode of the same
-        codes up to Mimi's streaming tolerance (tests/test_engine.py).
+        StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the
+        whole-call decode of the same codes up to Mimi's streaming tolerance (tests/test_engine.py).
         """
         with torch.inference_mode():
             frames, seed, _ = self._frames(text, speaker, context, sampling)

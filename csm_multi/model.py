@@ -86,7 +86,6 @@ class CSM(nn.Module):
         self.audio_head = nn.Parameter(torch.empty(k - 1, dd, v))  # heads for codebooks 1..K-1
         self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
         self._cache_batch_size: int | None = None
-        self._trim_kv = False  # see StaticKVCache: on for CPU caches (setup_caches)
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
 
     # ---- initialisation -------------------------------------------------------------------
@@ -143,11 +142,11 @@ class CSM(nn.Module):
 
     @property
     def trim_kv(self) -> bool:
-        return self._trim_kv
+        """Whether attention sees only the filled cache slots (see StaticKVCache); False before caches exist."""
+        return bool(self._kv_caches()) and self._kv_caches()[0].trim
 
     @trim_kv.setter
     def trim_kv(self, on: bool) -> None:
-        self._trim_kv = on
         for kv in self._kv_caches():
             kv.trim = on
 
