@@ -2,7 +2,7 @@
 
     python -m csm_multi.bench --quick                 # tiny preset, CPU, seconds (CI runs this)
     python -m csm_multi.bench --device cuda           # csm-1b-sized random weights on a GPU
-    python -m csm_multi.bench --checkpoint DIR        # real weights when you have them
+    python -m csm_multi.bench --quantize int8         # CPU: also int8 weights, ours and transformers'
 
 Prints a table (setting | ms/frame | RTF | frames/s | TTFA | peak mem | ratio) and writes JSON.
 Random weights give random codes, so EOS is never reached early and every run generates the same
@@ -90,8 +90,12 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed:
     if codec is not None:
         stream.__exit__(None, None, None)
     name = "ours (CUDA graph)" if graphed else "ours (eager)"
-    return _row(name, f"{model.config.name} {str(next(model.parameters()).dtype)[6:]}", batch, n,
+    return _row(name, _setting(model.config.name, model.audio_head.dtype, model.quantization), batch, n,
                 time.perf_counter() - t0, ttfa, device)
+
+
+def _setting(preset: str, dtype: torch.dtype, quantization: str = "none") -> str:
+    return f"{preset} {'int8 weights' if quantization == 'int8' else str(dtype)[6:]}"
 
 
 @torch.inference_mode()
@@ -106,11 +110,29 @@ def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
     out = hf.generate(input_ids=ids, max_new_tokens=frames, min_new_tokens=frames, **kwargs)
     _sync(device)
     n = out.shape[1]
-    return _row("transformers", f"{config.name} {str(hf.dtype)[6:]}", batch, n, time.perf_counter() - t0, None, device)
+    return _row("transformers", _setting(config.name, hf.dtype, getattr(hf, "quantization", "none")), batch, n,
+                time.perf_counter() - t0, None, device)
+
+
+def quantize_transformers(hf) -> None:
+    """The same int8 scheme as `quant.quantize` on transformers' CSM (its backbone, depth decoder and
+    heads' nn.Linear layers), so int8 rows compare like with like. CPU only."""
+    import warnings
+
+    from torch import nn
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in ("backbone_model", "depth_decoder", "lm_head"):
+            holder = nn.Sequential(getattr(hf, name))  # quantize_dynamic swaps children, not the root
+            quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+            setattr(hf, name, holder[0])
+    hf.quantization = "int8"
 
 
 def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
-        compiled: bool = False) -> dict:
+        compiled: bool = False, quantize: str = "none") -> dict:
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     config = get_preset(preset)
@@ -133,6 +155,11 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
                 row = bench_ours(model, dev, b, frames, codec, graphed=True)
                 row.engine = "ours (compile + CUDA graph)"
                 rows.append(row)
+    if quantize != "none":
+        from .quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
+        rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
     if with_hf:
         model.cpu()
         del model
@@ -143,25 +170,35 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
         hf = hf_model(state, config, small_codec=True).to(dev, dt)
         del state
         rows += [bench_transformers(hf, config, dev, b, frames) for b in batches]
+        if quantize != "none":
+            quantize_transformers(hf)
+            rows += [bench_transformers(hf, config, dev, b, frames) for b in batches]
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                     "torch": torch.__version__},
-        "preset": preset, "device": device, "dtype": dtype, "frames": frames,
+        "preset": preset, "device": device, "dtype": dtype, "quantize": quantize, "frames": frames,
         "rows": [asdict(r) for r in rows],
     }
 
 
 def table(result: dict) -> str:
-    hf = {r["batch"]: r for r in result["rows"] if r["engine"] == "transformers"}
-    lines = ["| engine | setting | batch | ms/frame | RTF | frames/s | audio s/s | TTFA ms | peak MB | speed-up vs transformers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table; ratios are transformers' ms/frame over ours at the same batch size, against
+    transformers at the run's base dtype and, for int8 rows, against transformers with int8 too."""
+    hf = {(r["batch"], r["setting"]): r for r in result["rows"] if r["engine"] == "transformers"}
+    base = f"{result['preset']} {result['dtype']}"
+    lines = ["| engine | setting | batch | ms/frame | RTF | frames/s | audio s/s | TTFA ms | peak MB "
+             "| speed-up vs transformers | vs transformers, same setting |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        ref = hf.get(r["batch"])
-        ratio = f"{ref['ms_per_frame'] / r['ms_per_frame']:.2f}x" if ref else "-"
+        ratios = []
+        for setting in (base, r["setting"]):
+            ref = hf.get((r["batch"], setting))
+            ratios.append(f"{ref['ms_per_frame'] / r['ms_per_frame']:.2f}x" if ref else "-")
         lines.append(f"| {r['engine']} | {r['setting']} | {r['batch']} | {r['ms_per_frame']} | {r['rtf']} | "
-                     f"{r['frames_per_s']} | {r['audio_s_per_s']} | {r['ttfa_ms'] or '-'} | {r['peak_mem_mb'] or '-'} | {ratio} |")
+                     f"{r['frames_per_s']} | {r['audio_s_per_s']} | {r['ttfa_ms'] or '-'} | {r['peak_mem_mb'] or '-'} "
+                     f"| {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -175,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="CPU: also time int8 weights (ours and transformers, same scheme)")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
     preset = "tiny" if a.quick else a.preset
     frames = a.frames or (4 if a.quick else 20)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers, compiled=a.compile)
+    result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers, compiled=a.compile,
+                 quantize=a.quantize)
     print(f"machine: {result['machine']}")
     print(table(result))
     with open(a.json, "w") as f:

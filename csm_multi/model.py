@@ -87,6 +87,7 @@ class CSM(nn.Module):
         self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
         self._cache_batch_size: int | None = None
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
+        self.quantization = "none"  # "int8" after quant.quantize
 
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -115,30 +116,36 @@ class CSM(nn.Module):
         """Allocate static KV caches for `batch_size` rows (idempotent for the same size)."""
         if self._cache_batch_size == batch_size:
             return
+        self.drop_caches()  # free the old set before allocating the new one
         p = next(self.parameters())
-        for layer in (*self.backbone.layers, *self.decoder.layers):
-            layer.attn.kv_cache = None  # torchtune refuses to resize caches; drop them first
-        with p.device:
-            self.backbone.setup_caches(batch_size, p.dtype)
-            self.decoder.setup_caches(batch_size, p.dtype, decoder_max_seq_len=self.config.audio_num_codebooks)
-        self.register_buffer("backbone_causal_mask", _causal(self.config.max_seq_len, p.device), persistent=False)
-        self.register_buffer(
-            "decoder_causal_mask", _causal(self.config.audio_num_codebooks, p.device), persistent=False
-        )
+        dtype = self.audio_head.dtype  # float even when the linear layers are quantized
         k = self.config.audio_num_codebooks
+        for stack, length in ((self.backbone, self.config.max_seq_len), (self.decoder, k)):
+            stack.decoder_max_cache_seq_len = length
+            for layer in stack.layers:
+                attn = layer.attn
+                with p.device:
+                    attn.kv_cache = StaticKVCache(batch_size, length, attn.num_kv_heads, attn.head_dim, dtype)
+                attn.cache_enabled = True
+        self.register_buffer("backbone_causal_mask", _causal(self.config.max_seq_len, p.device), persistent=False)
+        self.register_buffer("decoder_causal_mask", _causal(k, p.device), persistent=False)
         positions = torch.arange(k, device=p.device).unsqueeze(0).expand(batch_size, k).contiguous()
         self.register_buffer("decoder_positions", positions, persistent=False)
-        for stack in (self.backbone, self.decoder):
-            for layer in stack.layers:
-                old = layer.attn.kv_cache
-                b, h, n, d = old.k_cache.shape
-                with p.device:
-                    layer.attn.kv_cache = StaticKVCache(b, n, h, d, old.k_cache.dtype)
         self._cache_batch_size = batch_size
         self.cache_version += 1
         # Trim on CPU, where the copies cost ~10% of a frame. CUDA keeps fixed shapes: the graph
         # replays full-length attention and eager frames must match it exactly.
         self.trim_kv = p.device.type == "cpu"
+
+    def drop_caches(self) -> None:
+        """Free the KV caches (the next generation allocates them again)."""
+        for stack in (self.backbone, self.decoder):
+            for layer in stack.layers:
+                layer.attn.kv_cache = None
+                layer.attn.cache_enabled = False
+        if self._cache_batch_size is not None:
+            self.cache_version += 1
+        self._cache_batch_size = None
 
     @property
     def trim_kv(self) -> bool:
@@ -192,7 +199,7 @@ class CSM(nn.Module):
             own = torch.nn.functional.one_hot(input_pos, attn_mask.size(-1)).bool()
             attn_mask = (attn_mask & key_valid.unsqueeze(1)) | own
         h = self.backbone(h, input_pos=input_pos, mask=attn_mask)
-        return h[:, -1, :].to(self.codebook0_head.weight.dtype)
+        return h[:, -1, :].to(self.audio_head.dtype)
 
     def decoder_step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Decoder inputs (B, S, Db) at positions (B, S) -> last hidden state (B, Dd)."""

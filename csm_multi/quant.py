@@ -1,0 +1,56 @@
+"""Weight quantization for CPU inference: int8 weights, activations quantized per call.
+
+One job: turn a float CSM's `nn.Linear` layers into int8 ones. Knows no loop, no I/O.
+
+Why this scheme on CPU: at batch 1 a frame is ~32 matrix-vector products per layer stack, each
+bound by how many weight bytes come from memory (csm-1b reads ~4.4 GB of fp32 backbone weights
+plus 31 x 0.4 GB of decoder weights per frame). int8 weights read a quarter of the bytes, and
+PyTorch's fbgemm kernels (`quantized::linear_dynamic`, AVX2 and up) multiply them directly.
+torchao's int8 configs take a dequantize-then-matmul route in eager mode on CPU, measured slower
+than fp32 on this project's 2-core AVX2 machine, so they are not used here.
+
+Per-output-channel weight scales; activations are quantized per call with one scale (per token
+during generation, where a call sees one position). Embeddings, norms and the stacked
+`audio_head` stay float. Logits are float, and sampling runs in fp32 as always.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .model import CSM
+
+MODES = ("none", "int8")
+
+
+def quantize(model: CSM, mode: str = "int8") -> CSM:
+    """Quantize `model` in place for CPU inference (mode "int8"; "none" returns it unchanged).
+
+    The model must be float32 on the CPU. Its KV caches are dropped (re-made on next use).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "none":
+        return model
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise ValueError(
+            f"int8 quantization runs on CPU float32 models (got {p.device.type} {str(p.dtype)[6:]}); "
+            "on a GPU use bfloat16, which the CUDA-graph path is built for"
+        )
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "fbgemm"
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch 2.9 flags the torch.ao namespace as moving to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in ("backbone", "decoder", "projection", "codebook0_head"):
+            holder = nn.Sequential(getattr(model, name))  # quantize_dynamic swaps children, not the root
+            quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+            setattr(model, name, holder[0])
+    model.quantization = mode
+    model.drop_caches()
+    return model

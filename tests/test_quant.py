@@ -1,0 +1,96 @@
+"""int8 weights for CPU (quant.py): what is replaced, how close the logits stay, and that the
+whole engine still generates with them. Also the KV caches, which quantization drops."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchtune.modules.kv_cache import KVCache
+
+from csm_multi.codec import MimiCodec, build_mimi
+from csm_multi.config import SamplingConfig
+from csm_multi.engine import Engine
+from csm_multi.frames import text_frames
+from csm_multi.model import StaticKVCache
+from csm_multi.quant import quantize
+from csm_multi.text import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model):
+    """(float model, int8 copy) with identical float weights."""
+    return tiny_model, quantize(copy.deepcopy(tiny_model))
+
+
+def _linears(model):
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
+def test_every_linear_layer_is_int8_and_the_rest_stays_float(pair):
+    ref, q = pair
+    assert len(_linears(ref)) == 7 * (ref.config.backbone.num_layers + ref.config.decoder.num_layers) + 2
+    assert _linears(q) == []  # q/k/v/out projections, MLPs, projection, codebook0 head all replaced
+    assert q.quantization == "int8" and ref.quantization == "none"
+    assert q.audio_head.dtype == torch.float32 and torch.equal(q.audio_head, ref.audio_head)
+    assert torch.equal(q.text_embeddings.weight, ref.text_embeddings.weight)
+
+
+@torch.inference_mode()
+def test_int8_logits_stay_close_to_float(pair):
+    ref, q = pair
+    tokens, mask = text_frames([128000, *b"[0]Hello there.", 128001], ref.config.audio_num_codebooks)
+    tokens, mask = tokens[None], mask[None]
+    pos = torch.arange(tokens.size(1))[None]
+    out = []
+    for model in (ref, q):
+        model.setup_caches(1)
+        model.reset_caches()
+        h = model.backbone_step(tokens, mask, pos)
+        out.append((h, model.codebook0_head(h)))
+    (h_ref, l_ref), (h_q, l_q) = out
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(h_q, h_ref) < 0.05  # per-channel int8 weights: ~1% error expected; bf16 is ~0.5%
+    assert rel(l_q, l_ref) < 0.05
+    assert l_q.dtype == torch.float32
+
+
+def test_quantized_engine_generates_decodable_audio(pair):
+    _, q = pair
+    engine = Engine(q, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False)
+    sampling = SamplingConfig(topk=20, seed=3, max_audio_length_ms=400)
+    utt = engine.generate("Hi.", 0, sampling=sampling)
+    again = engine.generate("Hi.", 0, sampling=sampling)
+    assert utt.codes.shape[0] == q.config.audio_num_codebooks and utt.codes.max() < 2048
+    assert torch.equal(utt.codes, again.codes)  # still deterministic for a seed
+    assert utt.audio.ndim == 1 and torch.isfinite(utt.audio).all()
+
+
+def test_quantize_refuses_what_it_cannot_run(tiny_model):
+    with pytest.raises(ValueError, match="bfloat16"):
+        quantize(copy.deepcopy(tiny_model).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="int8"):
+        quantize(tiny_model, "int4")
+    assert quantize(tiny_model, "none") is tiny_model and tiny_model.quantization == "none"
+
+
+def test_caches_are_static_reallocated_once_and_dropped(tiny_config):
+    from csm_multi.model import CSM
+
+    model = CSM(tiny_config).init_random_(seed=2).eval()
+    model.setup_caches(2)
+    caches = model._kv_caches()
+    n_layers = tiny_config.backbone.num_layers + tiny_config.decoder.num_layers
+    assert len(caches) == n_layers and all(type(c) is StaticKVCache for c in caches)
+    assert not any(type(m) is KVCache for m in model.modules())  # torchtune's own never allocated
+    assert caches[0].k_cache.shape[:3] == (2, tiny_config.backbone.num_kv_heads, tiny_config.max_seq_len)
+    assert model._kv_caches()[-1].k_cache.shape[2] == tiny_config.audio_num_codebooks
+    version = model.cache_version
+    model.setup_caches(2)  # same size: nothing reallocated
+    assert model._kv_caches()[0] is caches[0] and model.cache_version == version
+    model.setup_caches(1)
+    assert model._kv_caches()[0].k_cache.shape[0] == 1 and model.cache_version > version
+    model.drop_caches()
+    assert model._kv_caches() == [] and not model.trim_kv
