@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine
+from csm_multi.loaders import ASR_MODEL, build_transcriber
 from csm_multi.render import RenderConfig, RenderResult
 from csm_multi.studio import EXAMPLE_SCRIPT, Studio, StudioLimits, new_library_key
 
@@ -91,6 +92,12 @@ def _seed(value) -> int | None:
     return None if value < 0 else value
 
 
+def _render_config(temperature, topk, seed, max_line_s, pause_ms, mode) -> RenderConfig:
+    """The Script tab's settings as a RenderConfig (ValueError for impossible values)."""
+    return RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk), seed=_seed(seed),
+                        max_line_ms=float(max_line_s) * 1000, mode=mode)
+
+
 def status_markdown(info: dict) -> str:
     lines = []
     if info.get("untrained"):
@@ -102,6 +109,8 @@ def status_markdown(info: dict) -> str:
     if cache:
         lines.append(f"**Profile cache:** {cache['hits']} hits, {cache['misses']} misses, {cache['encodes']} encodes, "
                      f"{cache['size']}/{cache['maxsize']} entries, {cache['evictions']} evictions")
+    if "libraries" in info:
+        lines.append(f"**Voice libraries in memory:** {info['libraries']['open']}/{info['libraries']['max']}")
     mem = info["memory"]
     if "gpu_allocated_mb" in info:
         lines.append(f"**GPU memory:** {info['gpu_allocated_mb']} MB allocated, {info['gpu_reserved_mb']} MB reserved · "
@@ -131,13 +140,15 @@ def build_demo(studio: Studio):
         try:
             if not audio_path:
                 raise CsmError("upload or record a reference clip first")
-            if not (transcript or "").strip():
-                raise CsmError("type what the clip says (its transcript): CSM needs it to learn the voice")
-            profile = studio.library(key).create(name or "", Path(audio_path), transcript)
+            profile, transcribed = studio.add_profile(key, name or "", Path(audio_path), transcript)
         except (CsmError, ValueError) as e:
             fail(e)
         rows, dropdown = library_view(key)
-        return rows, dropdown, f"Saved **{html.escape(profile.name)}** ({profile.duration_s:.1f} s)."
+        note = f"Saved **{html.escape(profile.name)}** ({profile.duration_s:.1f} s)."
+        if transcribed:
+            note += (f" Transcript written automatically: “{html.escape(profile.transcript)}”. If it is wrong, "
+                     "delete the profile and save it again with the transcript typed in.")
+        return rows, dropdown, note
 
     def list_profiles(key):
         try:
@@ -186,19 +197,24 @@ def build_demo(studio: Studio):
             fail(e)
 
     # ---- script ---------------------------------------------------------------------------
-    def fill_mapping(key, script):
+    def fill_mapping(key, script, table=None):
+        """One row per script speaker: the profile already chosen in the table if it still exists
+        (so edits to the script, or an opened project, keep the map), else the same-name profile."""
         try:
             voices = studio.default_voices(key, script)
+            names = set(studio.profile_names(key))
         except CsmError:
             return gr.skip()
+        chosen = mapping_dict(table)
+        for spk in voices:
+            if chosen.get(spk) in names:
+                voices[spk] = chosen[spk]
         return [[spk, prof or NONE] for spk, prof in voices.items()]
 
     def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
                       progress=gr.Progress()):
         try:
-            config = RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk),
-                                  seed=_seed(seed), max_line_ms=float(max_line_s) * 1000,
-                                  mode=mode)
+            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
             studio.parse(script)  # script problems first, with line numbers
             voices = mapping_dict(mapping) or studio.default_voices(key, script)
             studio.check_voices(key, voices)
@@ -233,7 +249,11 @@ def build_demo(studio: Studio):
                 elif kind == "error":
                     fail(payload)
                 else:
-                    yield (*_finished(payload), voices)
+                    try:
+                        finished = _finished(payload)
+                    except CsmError as e:  # e.g. the disk is full
+                        fail(e)
+                    yield (*finished, voices)
                     return
         finally:
             stop.set()  # cancelled or closed: the worker stops at its next frame
@@ -252,10 +272,34 @@ def build_demo(studio: Studio):
             fail(CsmError("render the script first, then regenerate one of its lines"))
         try:
             new = studio.rerender(key, result, int(line_number), voices or {}, _seed(seed))
+            _, note, dialogue, files, rows, context, new = _finished(new)
         except (CsmError, ValueError) as e:
             fail(e)
-        _, note, dialogue, files, rows, context, new = _finished(new)
         return note, dialogue, files, rows, context, new
+
+    # ---- projects -------------------------------------------------------------------------
+    def save_project(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, result):
+        try:
+            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
+            voices = mapping_dict(mapping) or studio.default_voices(key, script)
+            return str(studio.save_project(key, script, voices, config, result))
+        except (CsmError, ValueError) as e:
+            fail(e)
+
+    def open_project(key, path):
+        """Fill the Script tab from a .csmproj: script, mapping, settings, and its rendering if any."""
+        try:
+            if not path:
+                raise CsmError("choose a .csmproj file to open")
+            project = studio.open_project(key, path)
+            rendered = _finished(project.result)[1:] if project.result else ("No rendering saved.", None, None, [], [], None)
+        except CsmError as e:
+            fail(e)
+        c = project.config
+        note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n)}" for n in project.notes)])
+        mapping_rows = [[spk, prof or NONE] for spk, prof in project.voices.items()]
+        return (project.script, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
+                c.max_line_ms / 1000, c.pause_ms, c.mode, note, *rendered[1:], project.voices, *library_view(key))
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
@@ -283,7 +327,10 @@ def build_demo(studio: Studio):
             return
         import torch
 
-        path = studio.write_clip(torch.cat(chunks), "say")
+        try:
+            path = studio.write_clip(torch.cat(chunks), "say")
+        except CsmError as e:
+            fail(e)
         mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
         yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, {mark}."
 
@@ -320,7 +367,9 @@ def build_demo(studio: Studio):
                 with gr.Column():
                     ref_audio = gr.Audio(label="Reference clip (1-30 s of one voice)", sources=["upload", "microphone"],
                                          type="filepath")
-                    ref_text = gr.Textbox(label="Transcript (exactly what the clip says)")
+                    ref_text = gr.Textbox(label="Transcript (exactly what the clip says)",
+                                          placeholder="leave empty to transcribe automatically" if studio.transcriber
+                                          else "type what the clip says, word for word")
                     ref_name = gr.Textbox(label="Profile name", placeholder="Alice")
                     save_btn = gr.Button("Save voice profile", variant="primary")
                     voice_msg = gr.Markdown()
@@ -374,6 +423,10 @@ def build_demo(studio: Studio):
                 regen_line = gr.Number(label="Script line to regenerate", precision=0)
                 regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0)
                 regen_btn = gr.Button("Regenerate line")
+            with gr.Row():
+                project_btn = gr.Button("Save project")
+                project_file = gr.File(label="Project (.csmproj): script, voices, settings, rendering")
+                open_file = gr.File(label="Open project (.csmproj)", file_types=[".csmproj"], type="filepath")
             last_result = gr.State(None)
             last_voices = gr.State(None)
 
@@ -418,7 +471,7 @@ def build_demo(studio: Studio):
                          api_name="import_profile")
         refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
-        script.change(fill_mapping, [key, script], [mapping], api_name=False)
+        script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
         render_event = render_btn.click(
             _gpu(render_script), [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode],
             [live, render_msg, dialogue, files, manifest, context_view, last_result, last_voices],
@@ -428,6 +481,12 @@ def build_demo(studio: Studio):
         regen_btn.click(_gpu(regenerate_line), [key, last_result, last_voices, regen_line, regen_seed],
                         [render_msg, dialogue, files, manifest, context_view, last_result], api_name="regenerate_line",
                         concurrency_id="gpu")
+        project_btn.click(save_project, [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
+                                         last_result], [project_file], api_name="save_project")
+        open_file.upload(open_project, [key, open_file],
+                         [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
+                          files, manifest, context_view, last_result, last_voices, library, chosen],
+                         api_name="open_project").then(profile_choices, [key], [q_profile])
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
@@ -441,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=env("CSM_MODEL", "auto"), help="csm-1b, tiny or auto (env CSM_MODEL)")
     p.add_argument("--checkpoint", default=env("CSM_CHECKPOINT"), help="local checkpoint or hub repo (env CSM_CHECKPOINT)")
     p.add_argument("--device", default=env("CSM_DEVICE"), help="cuda or cpu (env CSM_DEVICE)")
+    p.add_argument("--quantize", default=env("CSM_QUANTIZE", "none"), choices=["none", "int8"],
+                   help="int8: int8 weights on CPU, ~3x faster per frame at csm-1b size (env CSM_QUANTIZE)")
     p.add_argument("--host", default=env("CSM_HOST", "127.0.0.1"), help="use 0.0.0.0 to serve your network (env CSM_HOST)")
     p.add_argument("--port", type=int, default=int(env("CSM_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (ignored on Spaces)")
@@ -449,12 +510,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared-library", action="store_true", default=env("CSM_SHARED_LIBRARY") == "1",
                    help="one voice library for every visitor (default: each browser gets its own)")
     p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
+    p.add_argument("--asr-model", default=env("CSM_ASR_MODEL", ASR_MODEL),
+                   help="Whisper model (hub id or local folder) that transcribes a clip saved with an empty "
+                        "transcript; 'none' turns it off (env CSM_ASR_MODEL)")
+    p.add_argument("--tokenizer-repo", default=env("CSM_TOKENIZER_REPO"),
+                   help="a copy of the Llama 3.2 tokenizer used when meta-llama/Llama-3.2-1B is unavailable, "
+                        "e.g. unsloth/Llama-3.2-1B; checked against published ids first (env CSM_TOKENIZER_REPO)")
+    p.add_argument("--trust-tokenizer", action="store_true", default=env("CSM_TRUST_TOKENIZER") == "1",
+                   help="use --tokenizer-repo without that check (env CSM_TRUST_TOKENIZER=1)")
+    p.add_argument("--libraries-in-memory", type=int, default=int(env("CSM_LIBRARIES_IN_MEMORY", "64")),
+                   help="visitor libraries kept open (LRU; env CSM_LIBRARIES_IN_MEMORY)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if env("SPACE_ID"):
         ensure_nodeps_packages()
-    engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark)
-    studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library, limits=StudioLimits())
+    engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
+                          tokenizer_repo=args.tokenizer_repo, trust_tokenizer=args.trust_tokenizer,
+                          quantize=args.quantize)
+    transcriber = build_transcriber(args.asr_model, device=engine.device, dtype=engine.dtype)  # loads on first use
+    studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library,
+                    limits=StudioLimits(libraries_in_memory=args.libraries_in_memory), transcriber=transcriber)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"),

@@ -14,6 +14,7 @@ from .errors import (
     CsmError,
     ProfileError,
     ScriptError,
+    TranscriptionError,
     WatermarkUnavailableError,
     WeightsUnavailableError,
 )
@@ -23,5 +24,5 @@ from .loaders import build_engine
 __all__ = [
     "PRESETS", "SamplingConfig", "StreamConfig", "get_preset", "AudioChunk", "Engine", "EngineInfo", "Utterance",
     "AudioInputError", "CheckpointFormatError", "ContextTooLongError", "CsmError", "ProfileError", "ScriptError",
-    "WatermarkUnavailableError", "WeightsUnavailableError", "Segment", "build_engine",
+    "TranscriptionError", "WatermarkUnavailableError", "WeightsUnavailableError", "Segment", "build_engine",
 ]

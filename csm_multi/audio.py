@@ -19,6 +19,10 @@ from .config import SAMPLE_RATE
 from .errors import AudioInputError
 
 READ_FORMATS = ("wav", "flac", "ogg", "mp3")
+MAX_UPLOAD_S = 600  # longer files are refused from their header, before decoding
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000  # beyond these a header is broken, not unusual
+MAX_DECODED_SAMPLES = MAX_UPLOAD_S * 48_000 * 2  # frames x channels: 10 min of 48 kHz stereo (230 MB as float32)
+_MAX_SINC_KERNEL = 1 << 20  # torchaudio's resampling table size (elements) we accept, see `resample`
 
 
 def to_mono(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -36,9 +40,17 @@ def to_mono(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
 def resample(audio: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
     if orig_sr == new_sr:
         return audio
-    if orig_sr <= 0:
-        raise AudioInputError(f"invalid sample rate {orig_sr}")
-    return AF.resample(audio, orig_freq=int(orig_sr), new_freq=int(new_sr))
+    if not MIN_SAMPLE_RATE <= orig_sr <= MAX_SAMPLE_RATE:
+        raise AudioInputError(f"the audio's sample rate is {orig_sr} Hz; export it at 8-192 kHz (e.g. 48 kHz)")
+    g = math.gcd(int(orig_sr), int(new_sr))
+    if (orig_sr // g) * (new_sr // g) <= _MAX_SINC_KERNEL:
+        return AF.resample(audio, orig_freq=int(orig_sr), new_freq=int(new_sr))
+    # torchaudio builds a (new/g, orig/g) sinc table: for a rate like 44101 Hz that is ~10^9
+    # numbers (GBs). scipy's polyphase filter is exact too and its memory grows with the rates' sum.
+    from scipy.signal import resample_poly
+
+    out = resample_poly(audio.detach().cpu().numpy(), int(new_sr) // g, int(orig_sr) // g)
+    return torch.from_numpy(out.astype(np.float32, copy=False))
 
 
 def prepare(audio: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -52,18 +64,34 @@ def prepare(audio: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
 
 
 def load_audio(source: str | Path | bytes) -> torch.Tensor:
-    """A file path or its bytes -> (S,) float32 mono at 24 kHz."""
-    name = "upload" if isinstance(source, bytes) else Path(source).name
+    """A file path or its bytes -> (S,) float32 mono at 24 kHz.
+
+    The header is checked before anything is decoded: more than `MAX_UPLOAD_S` seconds or
+    `MAX_DECODED_SAMPLES` samples (all channels) raises `AudioInputError`, so a small compressed
+    file cannot make us decode an hour of audio. Rates outside `MIN_SAMPLE_RATE`..`MAX_SAMPLE_RATE`
+    are refused by `resample`.
+    """
+    name = "the upload" if isinstance(source, bytes) else Path(source).name
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
-        data, sr = sf.read(handle, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise AudioInputError(
-            f"could not read {name} as audio ({e}); use a WAV, FLAC, OGG or MP3 file"
-        ) from e
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as f:
+            _check_header(name, f.samplerate, f.channels, f.frames)
+            data, sr = f.read(dtype="float32", always_2d=True), f.samplerate
     except FileNotFoundError as e:
         raise AudioInputError(f"{name} does not exist") from e
+    except (RuntimeError, TypeError, ValueError) as e:
+        detail = getattr(e, "error_string", None) or str(e)  # libsndfile's words, without the handle's repr
+        raise AudioInputError(f"could not read {name} as audio ({detail}); use a WAV, FLAC, OGG or MP3 file") from e
     return prepare(data, sr)
+
+
+def _check_header(name: str, sample_rate: int, channels: int, frames: int) -> None:
+    seconds = frames / max(sample_rate, 1)
+    if seconds > MAX_UPLOAD_S:
+        raise AudioInputError(f"{name} is {seconds:,.0f} s long; the limit is {MAX_UPLOAD_S} s ({MAX_UPLOAD_S // 60} "
+                              "min): trim it to the part you need (a voice reference needs 5-15 s)")
+    if frames * max(channels, 1) > MAX_DECODED_SAMPLES:
+        raise AudioInputError(f"{name} holds too much audio to decode ({channels} channels at {sample_rate} Hz for "
+                              f"{seconds:.0f} s): trim it, or export it as mono at 48 kHz")
 
 
 WRITE_FORMATS = ("wav", "flac", "mp3")
@@ -71,7 +99,11 @@ WRITE_FORMATS = ("wav", "flac", "mp3")
 
 def save_audio(path: str | Path, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write (S,) or (S, C) float audio by extension: WAV/FLAC as 16-bit PCM, MP3 (libsndfile's
-    encoder); WAV if there is no extension."""
+    encoder); WAV if there is no extension.
+
+    Encoded in memory and written by Python, so a full disk surfaces as OSError(ENOSPC) (libsndfile
+    reports write failures only as "System error.").
+    """
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".wav")
@@ -79,10 +111,12 @@ def save_audio(path: str | Path, audio: torch.Tensor, sample_rate: int = SAMPLE_
     if kind not in WRITE_FORMATS:
         raise AudioInputError(f"cannot write .{kind} files: choose one of {', '.join(WRITE_FORMATS)}")
     data = audio.detach().float().cpu().clamp(-1, 1).numpy()
+    buf = io.BytesIO()
     if kind == "mp3":
-        sf.write(str(path), data, sample_rate, format="MP3")
+        sf.write(buf, data, sample_rate, format="MP3")
     else:
-        sf.write(str(path), data, sample_rate, subtype="PCM_16")
+        sf.write(buf, data, sample_rate, format=kind.upper(), subtype="PCM_16")
+    path.write_bytes(buf.getvalue())
     return path
 
 

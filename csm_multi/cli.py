@@ -19,13 +19,21 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto", help="csm-1b, tiny (offline, random) or auto (default)")
     p.add_argument("--checkpoint", help="local checkpoint file/dir or hub repo instead of sesame/csm-1b")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quantize", default=os.environ.get("CSM_QUANTIZE", "none"), choices=["none", "int8"],
+                   help="int8: int8 weights on CPU, ~3x faster per frame at csm-1b size (env CSM_QUANTIZE)")
     p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
+    p.add_argument("--tokenizer-repo", default=os.environ.get("CSM_TOKENIZER_REPO"),
+                   help="a copy of the Llama 3.2 tokenizer (hub id or folder) used when meta-llama/Llama-3.2-1B "
+                        "is unavailable; checked against published ids first (env CSM_TOKENIZER_REPO)")
+    p.add_argument("--trust-tokenizer", action="store_true", help="use --tokenizer-repo without that check")
 
 
 def _build(args):
     from .loaders import build_engine
 
-    return build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark)
+    return build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
+                        tokenizer_repo=args.tokenizer_repo, trust_tokenizer=args.trust_tokenizer,
+                        quantize=args.quantize)
 
 
 def cmd_say(args) -> int:
@@ -64,7 +72,19 @@ def cmd_profiles(args) -> int:
     store = _store(args)
     action = args.action
     if action == "add":
-        _print_profile(store.create(args.name, args.audio, args.transcript, args.speaker_id))
+        import shlex
+
+        from .loaders import ASR_MODEL, build_transcriber
+        from .studio import create_profile
+
+        source = ASR_MODEL if args.asr_model is None else args.asr_model
+        transcriber = None if args.transcript else build_transcriber(source)
+        profile, transcribed = create_profile(store, args.name, args.audio, args.transcript, transcriber,
+                                              args.speaker_id)
+        _print_profile(profile)
+        if transcribed:
+            print(f"transcribed automatically with {transcriber.name}: {profile.transcript!r}\n"
+                  f"check it; fix it with: python -m csm_multi profiles transcript {shlex.quote(profile.name)} \"...\"")
     elif action == "list":
         profiles = store.list()
         for p in profiles:
@@ -122,7 +142,8 @@ def cmd_render(args) -> int:
     store = _store(args)
     voices = voices_for(lines, store, args.voice)  # before loading the model: fail fast
     config = RenderConfig(pause_ms=args.pause_ms, temperature=args.temperature, topk=args.topk, seed=args.seed,
-                          max_line_ms=args.max_line_s * 1000, mode=args.mode, batch_size=args.batch_size)
+                          max_line_ms=args.max_line_s * 1000, mode=args.mode, batch_size=args.batch_size,
+                          end_padding=not args.no_end_padding, trim_silence=not args.no_trim)
     engine = _build(args)
     renderer = ScriptRenderer(engine, partial(store.segment, encoder=engine.encode_reference,
                                               encoder_id=engine.codec_id),
@@ -142,6 +163,38 @@ def cmd_render(args) -> int:
           f"clips in {paths['dialogue'].parent / 'clips'}, manifest {paths['manifest']}")
     stats = store.stats()
     print(f"profile cache: {stats['hits']} hits, {stats['misses']} misses, {stats['encodes']} encodes")
+    if args.project:
+        from .project import save_project
+
+        print(f"project: {save_project(args.project, text, voices, config, result, store=store)}")
+    return 0
+
+
+def cmd_project(args) -> int:
+    """`project open FILE`: import a .csmproj's voices; print its mapping and settings; write its
+    script (`--script-out`) and its rendering (`--output`)."""
+    import shlex
+    from pathlib import Path
+
+    from .project import load_project
+
+    project = load_project(args.file, store=_store(args))
+    for name in project.imported:
+        print(f"imported voice {name}")
+    for note in project.notes:
+        print(f"note: {note}")
+    c = project.config
+    print(f"settings: seed {c.seed}, temperature {c.temperature}, top-k {c.topk}, max {c.max_line_ms / 1000:g} s/line, "
+          f"pause {c.pause_ms} ms, mode {c.mode}")
+    flags = " ".join("--voice " + shlex.quote(f"{k}={v or 'none'}") for k, v in project.voices.items())
+    if args.script_out:
+        Path(args.script_out).write_text(project.script, encoding="utf-8")
+        print(f"script: {args.script_out}; render it again with: render {args.script_out} {flags}")
+    if args.output and project.result:
+        paths = project.result.save(args.output)
+        print(f"rendering: {paths['dialogue']} ({len(project.result.clips)} lines)")
+    elif args.output:
+        print("the project holds no rendering")
     return 0
 
 
@@ -176,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = psub.add_parser("add", help="create a profile from a WAV/FLAC/OGG/MP3 clip")
     add.add_argument("name")
     add.add_argument("audio")
-    add.add_argument("--transcript", required=True, help="what the clip says, word for word")
+    add.add_argument("--transcript", help="what the clip says, word for word (default: transcribed by --asr-model)")
+    add.add_argument("--asr-model", default=os.environ.get("CSM_ASR_MODEL"),
+                     help="Whisper model (hub id or local folder) for a missing --transcript; 'none' turns it off "
+                          "(default: env CSM_ASR_MODEL, else Whisper base.en)")
     add.add_argument("--speaker-id", type=int)
     psub.add_parser("list")
     ren = psub.add_parser("rename")
@@ -208,9 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--mode", choices=["conversational", "fast"], default="conversational",
                      help="fast: lines conditioned on profiles only, generated in batches")
     ren.add_argument("--batch-size", type=int, default=4)
+    ren.add_argument("--no-end-padding", action="store_true",
+                     help="send lines as written (default: a full stop and a short pause are added, then trimmed)")
+    ren.add_argument("--no-trim", action="store_true", help="keep the silence after each line")
+    ren.add_argument("--project", metavar="FILE.csmproj",
+                     help="also write a project: script, voices (with their audio), settings, rendering")
     ren.add_argument("-q", "--quiet", action="store_true")
     _engine_args(ren)
     ren.set_defaults(func=cmd_render)
+
+    proj = sub.add_parser("project", help="open a .csmproj project file")
+    proj.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    projsub = proj.add_subparsers(dest="action", required=True)
+    popen = projsub.add_parser("open", help="import its voices into --profiles-dir (reused or renamed on clashes)")
+    popen.add_argument("file")
+    popen.add_argument("--script-out", help="write the project's script here")
+    popen.add_argument("-o", "--output", help="write its rendering (dialogue, clips, manifest) into this folder")
+    proj.set_defaults(func=cmd_project)
 
     info = sub.add_parser("info", help="load the model and print what was loaded")
     _engine_args(info)

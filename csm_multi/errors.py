@@ -34,3 +34,7 @@ class ScriptError(CsmError):
 
 class ProfileError(CsmError):
     """A voice profile is missing, badly named, or could not be saved/loaded."""
+
+
+class TranscriptionError(CsmError):
+    """Automatic transcription is unavailable (model not loadable) or heard no words: type the transcript."""

@@ -3,6 +3,9 @@
 Everything else takes built objects. Hub access happens only when a function here is called.
 Presets: `csm-1b` loads the published weights (gated: HF_TOKEN); `tiny` builds random weights,
 a random Mimi and a random watermarker offline; `auto` tries `csm-1b` and falls back to `tiny`.
+The text tokenizer comes from the gated Llama 3.2 repo, else from a configured copy that must first
+encode a table of probe strings to Meta's published ids. `build_transcriber` makes the optional
+Whisper model that writes missing reference transcripts.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,14 +22,18 @@ import torch
 from .checkpoints import check_shapes, read_state_dict, to_ours
 from .config import ModelConfig, get_preset
 from .engine import Engine, EngineInfo
-from .errors import WeightsUnavailableError
+from .errors import TranscriptionError, WeightsUnavailableError
 from .model import CSM
-from .text import ByteTokenizer, HFTextTokenizer, add_bos_eos
+from .text import LLAMA3_PROBES, ByteTokenizer, HFTextTokenizer, add_bos_eos, verify_tokenizer
+from .transcribe import Transcriber
 
 log = logging.getLogger("csm_multi")
 
 CSM_REPO = "sesame/csm-1b"
 TOKENIZER_REPO = "meta-llama/Llama-3.2-1B"
+# English-only like CSM-1B; 74M parameters, so it runs beside CSM on a GPU and in seconds on a CPU
+ASR_MODEL = "openai/whisper-base.en"
+ASR_OFF = ("", "none", "off")
 CHECKPOINT_FILES = ("model.safetensors", "ckpt.pt")  # hub layout first, then the first release's file
 HUB_HOST = "huggingface.co"
 UNTRAINED_WARNING = (
@@ -118,14 +127,87 @@ def load_csm(checkpoint: str | Path, config: ModelConfig, device: str | torch.de
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_text_tokenizer(repo: str = TOKENIZER_REPO, token: str | None = None, local_only: bool = False) -> HFTextTokenizer:
-    """The Llama 3.2 tokenizer with the reference's BOS ... EOS post-processor."""
+def load_text_tokenizer(repo: str = TOKENIZER_REPO, token: str | None = None, local_only: bool = False, *,
+                        fallback: str | None = None, trust: bool = False,
+                        expected: Mapping[str, Sequence[int]] = LLAMA3_PROBES) -> HFTextTokenizer:
+    """The Llama 3.2 tokenizer with the reference's BOS ... EOS post-processor.
+
+    From `repo` (a hub id or a local folder); if that cannot be loaded, from `fallback`, which must
+    encode every probe string of `expected` (default: Meta's published Llama 3 ids) to the same ids,
+    unless `trust`. WeightsUnavailableError says which repo failed and why.
+    """
+    try:
+        return HFTextTokenizer(_hf_tokenizer(repo, token, local_only), repo)
+    except WeightsUnavailableError as e:
+        if not fallback:
+            raise WeightsUnavailableError(
+                f"{e} To use a public copy of the Llama 3.2 tokenizer instead, set --tokenizer-repo "
+                "(CSM_TOKENIZER_REPO), e.g. unsloth/Llama-3.2-1B: it is checked against the published ids first.") from e
+        log.warning("tokenizer %s is unavailable (%s); trying the configured copy %s", repo, e, fallback)
+        primary_error = e
+    try:
+        tok = HFTextTokenizer(_hf_tokenizer(fallback, token, local_only), fallback)
+    except WeightsUnavailableError as e:
+        raise WeightsUnavailableError(f"no text tokenizer could be loaded. {repo}: {primary_error} "
+                                      f"Fallback {fallback}: {e}") from e
+    if trust:
+        log.warning("using tokenizer %s UNCHECKED (--trust-tokenizer): if its ids differ from %s, csm-1b "
+                    "speaks nonsense", fallback, repo)
+        tok.name = f"{fallback} (unchecked copy of {repo})"
+        return tok
+    verify_tokenizer(tok, fallback, expected, reference=f"the tokenizer of {repo}")
+    log.info("using tokenizer %s: it encodes all %d probe strings exactly like %s", fallback, len(expected), repo)
+    tok.name = f"{fallback} (checked copy of {repo})"
+    return tok
+
+
+def _hf_tokenizer(source: str, token: str | None, local_only: bool):
+    """A fast tokenizer from a local folder or a hub repo, with the BOS ... EOS post-processor."""
     from transformers import AutoTokenizer
 
-    hub_file(repo, "tokenizer.json", token, local_only=local_only)  # clear errors for gating/network
-    tok = AutoTokenizer.from_pretrained(repo, token=token, local_files_only=local_only)
-    add_bos_eos(tok)
-    return HFTextTokenizer(tok, repo)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "tokenizer.json").is_file():
+            raise WeightsUnavailableError(f"{folder} holds no tokenizer.json: point it at a saved fast tokenizer")
+        source = str(folder)
+    else:
+        hub_file(source, "tokenizer.json", token, local_only=local_only)  # clear errors for gating/network
+    try:
+        tok = AutoTokenizer.from_pretrained(source, token=token, local_files_only=local_only)
+        add_bos_eos(tok)
+    except Exception as e:  # a broken or non-Llama tokenizer folder
+        raise WeightsUnavailableError(f"the tokenizer in {source} could not be loaded ({type(e).__name__}: {e})") from e
+    return tok
+
+
+def load_whisper(source: str, device: str | torch.device, dtype: torch.dtype, token: str | None = None):
+    """A Whisper model and its processor from a local folder or a hub repo (cache only when the hub is
+    unreachable); TranscriptionError, telling the user to type the transcript, when they cannot be loaded."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    offline = not Path(source).expanduser().is_dir() and not hub_reachable()
+    try:
+        processor = AutoProcessor.from_pretrained(source, token=token, local_files_only=offline)
+        model = WhisperForConditionalGeneration.from_pretrained(source, token=token, local_files_only=offline,
+                                                                dtype=dtype)
+    except Exception as e:  # network, gating, missing files, not a Whisper model
+        why = ("the Hugging Face hub is unreachable and it is not in the local cache" if offline
+               else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise TranscriptionError(
+            f"could not load the speech recognition model {source} ({why}). Type what the clip says as its "
+            "transcript; or set --asr-model (CSM_ASR_MODEL) to a Whisper model you can load (hub id or local "
+            "folder), or to 'none' to turn automatic transcription off.") from e
+    return model.to(device).eval(), processor
+
+
+def build_transcriber(source: str | None = ASR_MODEL, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None, token: str | None = None) -> Transcriber | None:
+    """A lazily loaded Whisper transcriber, or None when `source` is 'none'/'off'/empty. Loads nothing now."""
+    if source is None or source.strip().lower() in ASR_OFF:
+        return None
+    dev = torch.device(device) if device else default_device()
+    load = partial(load_whisper, source.strip(), dev, dtype or default_dtype(dev), token or hf_token())
+    return Transcriber(source.strip(), load)
 
 
 def default_device() -> torch.device:
@@ -136,14 +218,32 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build_engine(model: str = "auto", *, checkpoint: str | None = None, device: str | None = None,
-                 dtype: torch.dtype | None = None, watermark: bool = True, watermark_key=None,
-                 token: str | None = None, tokenizer_repo: str = TOKENIZER_REPO, seed: int = 0) -> Engine:
+def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> Engine:
+    """Build a ready Engine (arguments: see `_build_engine`); quantize="int8" gives the CPU model
+    int8 weights (see `quant.py`; about 3x faster per frame at csm-1b size on a 2-core AVX2 CPU)."""
+    from .quant import MODES, quantize as quantize_model
+
+    if quantize not in MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)}")
+    engine = _build_engine(model, **kwargs)
+    if quantize != "none":
+        quantize_model(engine.model, quantize)
+        engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"
+    return engine
+
+
+def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device: str | None = None,
+                  dtype: torch.dtype | None = None, watermark: bool = True, watermark_key=None,
+                  token: str | None = None, tokenizer_repo: str | None = None, trust_tokenizer: bool = False,
+                  seed: int = 0) -> Engine:
     """Build a ready Engine.
 
     model: "csm-1b" (published weights), "tiny" (random, offline) or "auto" (csm-1b, else tiny).
     checkpoint: a local file/directory or hub repo to read instead of sesame/csm-1b.
     watermark: False disables the watermark explicitly; True with no loadable watermarker raises.
+    tokenizer_repo: a copy of the Llama 3.2 tokenizer (hub id or folder) used when meta-llama's gated
+    repo cannot be loaded, after it encodes the probe strings to the published ids (or unchecked
+    with trust_tokenizer).
     """
     from .codec import MimiCodec, build_mimi
     from .watermark import Watermarker, build_random_silentcipher, key_from_env
@@ -152,17 +252,18 @@ def build_engine(model: str = "auto", *, checkpoint: str | None = None, device: 
     dev = torch.device(device) if device else default_device()
     dt = dtype or default_dtype(dev)
     key = tuple(watermark_key) if watermark_key else key_from_env()
+    tokenizer = partial(load_text_tokenizer, fallback=tokenizer_repo, trust=trust_tokenizer)
 
     if model == "auto":
         local_only = not hub_reachable()
         try:
-            return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, local_only)
+            return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer, local_only)
         except WeightsUnavailableError as e:
             log.warning("csm-1b is unavailable (%s); falling back to the offline 'tiny' preset.", e)
             model = "tiny"
 
     if model == "csm-1b":
-        return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, False)
+        return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer, False)
     if model != "tiny":
         get_preset(model)  # raises a clear ValueError for unknown names
         raise ValueError(f"preset {model!r} has no loader; use csm-1b, tiny or auto")
@@ -183,13 +284,13 @@ def build_engine(model: str = "auto", *, checkpoint: str | None = None, device: 
     return Engine(csm, ByteTokenizer(), codec, marker, watermark=watermark, info=info)
 
 
-def _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer_repo, local_only) -> Engine:
+def _build_real(checkpoint, dev, dt, watermark, key, token, load_tokenizer, local_only) -> Engine:
     from .codec import MimiCodec, build_mimi
     from .watermark import Watermarker, load_silentcipher
 
     config = get_preset("csm-1b")
     ckpt = resolve_checkpoint(checkpoint or CSM_REPO, token, local_only=local_only)
-    tokenizer = load_text_tokenizer(tokenizer_repo, token, local_only=local_only)
+    tokenizer = load_tokenizer(token=token, local_only=local_only)
     codec = MimiCodec(build_mimi(mimi_weights_path(token, local_only), device=dev))
     marker = None
     if watermark:

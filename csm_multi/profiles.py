@@ -14,10 +14,13 @@ Layout, one folder per profile under `root`:
 Durability: every file is written to a temp file in its folder, fsynced and `os.replace`d; a new
 profile is built in `<root>/.tmp-<random>/` and renamed into place only when complete, so readers
 (which take no lock) never see half a profile and a writer killed mid-save leaves only a `.tmp-*`
-leftover, removed by the next `ProfileStore` opened a minute or more later. Two processes
-mutating one store serialize on the lock and lose nothing. On storage without working `flock`
+leftover. Every `.tmp-*` entry is made while holding the lock, so the next `ProfileStore` opened
+on the folder (holding the lock) removes all of them at once. Two processes mutating one store
+serialize on the lock and lose nothing. A full disk (ENOSPC, EDQUOT) raises ProfileError saying
+so, and leaves the store as it was. On storage without working `flock`
 (Hugging Face storage buckets and other FUSE/network mounts, Windows) the store logs a warning
-and runs unlocked: concurrent writers are then last-writer-wins.
+and runs unlocked: concurrent writers are then last-writer-wins, and only `.tmp-*` leftovers
+older than STALE_TMP_S are removed.
 
 Schema (`profile.json`): 1 = {"schema": 1, name, slug, transcript, speaker_id, created, updated,
 duration_s, audio_sha256}. 0 = the pre-release format {"name", "transcript", "speaker"} with no
@@ -27,6 +30,7 @@ and is rewritten as schema 1 by the next change to that profile.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -74,9 +78,11 @@ MAX_TRANSCRIPT_CHARS = 5000
 MAX_JSON_BYTES = 64 * 1024
 MAX_IMPORT_BYTES = 20 * 1024 * 1024  # a whole .csmvoice file
 MAX_IMPORT_WAV_BYTES = 16 * 1024 * 1024  # its reference.wav, uncompressed
-STALE_TMP_S = 60.0
+STALE_TMP_S = 60.0  # without a working lock, a younger `.tmp-*` may belong to a live writer
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # can disguise a name
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ENCODER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULES = (f"use 1-{MAX_NAME_CHARS} characters with at least one letter or digit, and no '/', '\\', "
@@ -109,7 +115,7 @@ def clean_name(name: str) -> str:
     """Validate a display name; returns it stripped, inner whitespace collapsed. ProfileError if bad."""
     if not isinstance(name, str):
         raise ProfileError(f"a profile name must be text, got {type(name).__name__}")
-    if any(c in name for c in "/\\") or any(unicodedata.category(c) == "Cc" for c in name):
+    if any(c in "/\\" or c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc" for c in name):
         raise ProfileError(f"{name!r} is not a valid profile name: {_NAME_RULES}")
     name = " ".join(name.split())
     if not name or name in (".", "..") or len(name) > MAX_NAME_CHARS or not any(c.isalnum() for c in name):
@@ -145,6 +151,18 @@ def _encoder_file(encoder_id: str) -> str:
 
 
 # ---- files -------------------------------------------------------------------------------------
+@contextmanager
+def disk_full_errors(error: type[Exception] = ProfileError) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT raised inside into `error` with a message that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        raise error("the server's disk is full (no space left on the device), so nothing was saved: "
+                    "free some space and try again") from e
+
+
 def _fsync_dir(folder: Path) -> None:
     with suppress(OSError):  # not every filesystem lets a directory be opened or fsynced
         fd = os.open(folder, os.O_RDONLY)
@@ -348,12 +366,17 @@ class ProfileStore:
         with self._locked():
             profile = self.get(old)
             self._check_free(new_name, new_slug, ignore=profile.slug)
+            updated = _replace(profile, name=new_name, slug=new_slug, updated=time.time())
             if new_slug != profile.slug:
                 os.rename(self._dir(profile.slug), self._dir(new_slug))
-                _fsync_dir(self.root)
                 self._forget(profile.slug)
-            updated = _replace(profile, name=new_name, slug=new_slug, updated=time.time())
-            self._write_json(updated)
+            try:
+                self._write_json(updated)
+            except BaseException:  # e.g. disk full: move the folder back, so nothing changed
+                if new_slug != profile.slug:
+                    os.rename(self._dir(new_slug), self._dir(profile.slug))
+                raise
+            _fsync_dir(self.root)
         return updated
 
     def update_transcript(self, name: str, text: str) -> VoiceProfile:
@@ -404,7 +427,8 @@ class ProfileStore:
         with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(PROFILE_FILE, json.dumps(profile.to_json(), indent=2, ensure_ascii=False))
             zf.writestr(REFERENCE_FILE, (self._dir(profile.slug) / REFERENCE_FILE).read_bytes())
-        _atomic_write(dest, buf.getvalue())
+        with disk_full_errors():
+            _atomic_write(dest, buf.getvalue())
         return dest
 
     def import_file(self, path: str | Path, name: str | None = None) -> VoiceProfile:
@@ -412,8 +436,10 @@ class ProfileStore:
 
         The file is checked as untrusted: a zip of exactly profile.json and reference.wav, sizes
         bounded, no path-like member names; members are read into memory (nothing is extracted by
-        name) and the audio goes through `prepare_reference` again. A taken name raises
-        ProfileError; pass `name` to import under another one.
+        name) and the audio goes through `prepare_reference` again; an unmodified export (its PCM
+        matches the `audio_sha256` it carries) keeps its audio bit for bit, so renders with the
+        imported voice repeat exactly. A taken name raises ProfileError; pass `name` to import
+        under another one.
         """
         path = Path(path)
         label = path.name
@@ -433,7 +459,9 @@ class ProfileStore:
             samples = load_audio(members[REFERENCE_FILE])
         except AudioInputError as e:
             raise ProfileError(f"{label}: the reference audio is unusable: {e}") from e
-        pcm = _quantize(prepare_reference(samples))
+        pcm = _quantize(prepare_reference(samples))  # checks the clip whichever PCM is kept
+        if _pcm_sha256(exact := _quantize(samples)) == meta.get("audio_sha256"):
+            pcm = exact
         final = clean_name(name if name is not None else carried)
         advice = f"pass a new name to import {label} under it" if name is None else None
         return self._create(final, slugify(final), transcript, None, pcm, prefer_speaker=wanted, advice=advice)
@@ -541,8 +569,9 @@ class ProfileStore:
         buf = io.BytesIO()
         torch.save({"codes": codes, "audio_sha256": sha, "encoder_id": encoder_id}, buf)
         try:
-            _atomic_write(path, buf.getvalue())
-        except OSError as e:  # e.g. the profile was deleted meanwhile: the codes are still right
+            with self._locked():  # temp files only under the lock (see _clean_stale)
+                _atomic_write(path, buf.getvalue())
+        except (OSError, ProfileError) as e:  # deleted meanwhile, disk full: the codes are still right
             log.warning("could not persist codes for %s: %s", profile.slug, e)
         return codes
 
@@ -574,11 +603,16 @@ class ProfileStore:
 
     @staticmethod
     def _clean_transcript(text: str) -> str:
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ProfileError(f"the transcript must be text, got {type(text).__name__}")
+        if len(text) > MAX_TRANSCRIPT_CHARS:
+            raise ProfileError(f"the transcript is {len(text)} characters; the limit is {MAX_TRANSCRIPT_CHARS}: "
+                               "use a shorter clip (5-15 s) and type just what it says")
+        # control characters (NUL, ESC, ...) are invisible and unspeakable: dropped, like in scripts
+        text = " ".join("".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc").split())
+        if not text:
             raise ProfileError("the transcript is empty: type exactly what is said in the reference clip")
-        if "\x00" in text or len(text) > MAX_TRANSCRIPT_CHARS:
-            raise ProfileError(f"the transcript must be plain text of at most {MAX_TRANSCRIPT_CHARS} characters")
-        return " ".join(text.split())
+        return text
 
     @staticmethod
     def _check_speaker_id(speaker_id: object) -> None:
@@ -588,8 +622,9 @@ class ProfileStore:
     # ---- locking and cleanup -----------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold `<root>/.lock` (re-entrant within this store; threads of it serialize on a mutex)."""
-        with self._mutex:
+        """Hold `<root>/.lock` (re-entrant within this store; threads of it serialize on a mutex).
+        A full disk inside becomes a ProfileError that says so."""
+        with self._mutex, disk_full_errors():
             if self._lock_depth == 0:
                 self._lock_fd = self._acquire_file_lock()
             self._lock_depth += 1
@@ -621,8 +656,10 @@ class ProfileStore:
                         self.root, why)
 
     def _clean_stale(self) -> None:
-        """Remove `.tmp-*` leftovers of killed writers (in root and in profile folders) older than a minute."""
-        cutoff = time.time() - STALE_TMP_S
+        """Remove `.tmp-*` leftovers of killed writers (in root and in profile folders). Called with
+        the lock held: writers make temp entries only while holding it, so every one left is dead.
+        Without a working lock, only those older than STALE_TMP_S are."""
+        cutoff = float("inf") if self._lock_fd is not None else time.time() - STALE_TMP_S
         folders = [self.root] + [Path(e.path) for e in os.scandir(self.root)
                                  if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         for folder in folders:

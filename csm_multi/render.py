@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from .audio import save_audio
-from .config import SAMPLE_RATE, SamplingConfig
+from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig
 from .context import ContextBudget, ContextItem
-from .engine import Engine
+from .endings import end_sentence, pad_line, trim_clip
+from .engine import Engine, Utterance
 from .errors import CsmError
 from .frames import Segment, format_text
 from .script import ScriptLine, check_speakers, parse_script, speakers
@@ -28,7 +29,13 @@ FAST = "fast"
 
 @dataclass(frozen=True)
 class RenderConfig:
-    """How a script is rendered. `seed` fixes line i's seed to seed + i (None: random per line)."""
+    """How a script is rendered. `seed` fixes line i's seed to seed + i (None: random per line).
+
+    Line endings (see `endings.py`): `end_padding` sends each line as `pad_line(text)` (a full stop
+    and a short pause, so the last word is finished); every line may run `extra_ms` beyond
+    `max_line_ms` so the cap does not cut that tail; `trim_silence` then cuts each clip
+    `margin_ms` after its last speech (and, with `trim_leading`, before its first), codes included.
+    """
 
     pause_ms: int = 300
     temperature: float = 0.9
@@ -37,6 +44,11 @@ class RenderConfig:
     max_line_ms: float = 10_000
     mode: str = CONVERSATIONAL  # "fast": context = profiles only, lines generated in batches
     batch_size: int = 4
+    end_padding: bool = True
+    extra_ms: float = 800
+    trim_silence: bool = True
+    trim_leading: bool = False
+    margin_ms: int = 120
 
     def __post_init__(self) -> None:
         if not 0 <= self.pause_ms <= 10_000:
@@ -45,12 +57,24 @@ class RenderConfig:
             raise ValueError(f"mode must be {CONVERSATIONAL!r} or {FAST!r}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 0 <= self.extra_ms <= 5_000:
+            raise ValueError("extra_ms must be between 0 and 5000")
+        if not 0 <= self.margin_ms <= 2_000:
+            raise ValueError("margin_ms must be between 0 and 2000")
 
     def sampling(self, index: int, seed: int | None = None) -> SamplingConfig:
         if seed is None and self.seed is not None:
             seed = self.seed + index
         return SamplingConfig(temperature=self.temperature, topk=self.topk, seed=seed,
-                              max_audio_length_ms=self.max_line_ms)
+                              max_audio_length_ms=self.max_line_ms + self.extra_ms)
+
+    def model_text(self, text: str) -> str:
+        """What the model is asked to say for a line of the script."""
+        return pad_line(text) if self.end_padding else text
+
+    def context_text(self, text: str) -> str:
+        """The transcript paired with a finished clip when later lines hear it (the filler is trimmed)."""
+        return end_sentence(text) if self.end_padding else text
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,9 @@ class Progress:
 
 @dataclass
 class Clip:
+    """One rendered line: `audio` (S,) as trimmed, `codes` (K, T) with T = ceil(S / 1920), the text
+    sent to the model, and the frames generated before trimming."""
+
     index: int
     line: ScriptLine
     speaker_id: int
@@ -82,6 +109,8 @@ class Clip:
     context: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     context_positions: int = 0
+    model_text: str = ""
+    generated_frames: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -115,7 +144,9 @@ class RenderResult:
                          "profile": clip.profile, "text": clip.line.text, "start_s": round(t, 3),
                          "duration_s": round(clip.duration_s, 3), "seed": clip.seed,
                          "watermarked": clip.watermarked, "context": clip.context, "dropped": clip.dropped,
-                         "context_positions": clip.context_positions})
+                         "context_positions": clip.context_positions, "speaker_id": clip.speaker_id,
+                         "model_text": clip.model_text,
+                         "generated_s": round(clip.generated_frames * FRAME_MS / 1000, 3)})
             t += clip.duration_s
         return rows
 
@@ -262,14 +293,15 @@ class ScriptRenderer:
                                      positions=self.engine.segment_positions(seg), order=-1, payload=seg)
         return items
 
-    def _context(self, line, index, history, ids, profiles, sampling) -> tuple[list[Segment], list[str], list[str], int]:
+    def _context(self, line, history, ids, profiles, config) -> tuple[list[Segment], list[str], list[str], int]:
         key = line.speaker.casefold()
         hist = [ContextItem(kind="line", label=f"line {c.line.number}", speaker=c.line.speaker.casefold(),
                             positions=self.engine.segment_positions(seg), order=c.index, payload=seg)
                 for c in history
-                for seg in [Segment(speaker=ids[c.line.speaker.casefold()], text=c.line.text, codes=c.codes)]]
-        text_positions = len(self.engine.tokenizer.encode(format_text(ids[key], line.text)))
-        plan = self.budget.plan(key, list(profiles.values()), hist, text_positions + sampling.max_frames)
+                for seg in [Segment(speaker=ids[c.line.speaker.casefold()], text=config.context_text(c.line.text),
+                                    codes=c.codes)]]
+        text_positions = len(self.engine.tokenizer.encode(format_text(ids[key], config.model_text(line.text))))
+        plan = self.budget.plan(key, list(profiles.values()), hist, text_positions + config.sampling(0).max_frames)
         kept = [item.payload for item in plan.kept]
         return kept, [i.label for i in plan.kept], [d.label if isinstance(d, ContextItem) else str(d) for d in plan.dropped], plan.used
 
@@ -279,7 +311,8 @@ class ScriptRenderer:
         sampling = config.sampling(index, seed)
         if fresh_seed:
             sampling = sampling.with_(seed=None)
-        context, kept, dropped, used = self._context(line, index, history, ids, profiles, sampling)
+        context, kept, dropped, used = self._context(line, history, ids, profiles, config)
+        text = config.model_text(line.text)
         frames_done = 0
 
         def on_frame() -> None:
@@ -295,15 +328,12 @@ class ScriptRenderer:
         if progress:
             progress(Progress(index, len(lines), 0, sampling.max_frames, line.speaker, line.text))
         try:
-            utt = self.engine.generate(line.text, ids[line.speaker.casefold()], context, sampling, on_frame=on_frame)
+            utt = self.engine.generate(text, ids[line.speaker.casefold()], context, sampling, on_frame=on_frame)
         except RenderError:
             raise
         except Exception as e:  # report which line failed; keep what was made
             raise RenderError(f"line {line.number} ({line.speaker}) failed: {e}", result, line) from e
-        return Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()],
-                    profile=_lookup(voices, line.speaker),
-                    audio=utt.audio, codes=utt.codes, seed=utt.seed, watermarked=utt.watermarked,
-                    context=kept, dropped=dropped, context_positions=used)
+        return _clip(index, line, ids, voices, config, utt, kept, dropped, used)
 
     def _render_fast(self, lines, voices, ids, profiles, config, progress, cancel, result, on_clip=None) -> RenderResult:
         """Lines conditioned only on profile prompts, generated `batch_size` at a time."""
@@ -314,8 +344,8 @@ class ScriptRenderer:
             chunk = list(enumerate(lines))[start:start + config.batch_size]
             requests, meta = [], []
             for index, line in chunk:
-                context, kept, dropped, used = self._context(line, index, [], ids, profiles, sampling)
-                requests.append((line.text, ids[line.speaker.casefold()], context))
+                context, kept, dropped, used = self._context(line, [], ids, profiles, config)
+                requests.append((config.model_text(line.text), ids[line.speaker.casefold()], context))
                 meta.append((index, line, kept, dropped, used))
             if progress:
                 progress(Progress(start, len(lines), 0, sampling.max_frames, chunk[0][1].speaker, chunk[0][1].text))
@@ -326,16 +356,26 @@ class ScriptRenderer:
                 raise RenderError(f"lines {chunk[0][1].number}-{chunk[-1][1].number} failed: {e}", result,
                                   chunk[0][1]) from e
             for (index, line, kept, dropped, used), utt in zip(meta, utts):
-                result.clips.append(Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()],
-                                         profile=_lookup(voices, line.speaker), audio=utt.audio, codes=utt.codes,
-                                         seed=utt.seed, watermarked=utt.watermarked, context=kept,
-                                         dropped=dropped, context_positions=used))
+                result.clips.append(_clip(index, line, ids, voices, config, utt, kept, dropped, used))
                 if on_clip:
                     on_clip(result.clips[-1])
         if progress and lines:
             last = lines[-1]
             progress(Progress(len(lines) - 1, len(lines), sampling.max_frames, sampling.max_frames, last.speaker, last.text))
         return result
+
+
+def _clip(index: int, line: ScriptLine, ids: Mapping[str, int], voices: Mapping[str, str | None],
+          config: RenderConfig, utt: Utterance, kept: list[str], dropped: list[str], used: int) -> Clip:
+    """A finished line as a Clip, trimmed when `config.trim_silence`. The codes are cut with the
+    audio (whole 80 ms frames) so later lines hear what the listener hears, not the trimmed pause."""
+    audio, codes = utt.audio, utt.codes
+    if config.trim_silence:
+        trimmed = trim_clip(audio, codes, margin_ms=config.margin_ms, leading=config.trim_leading)
+        audio, codes = trimmed.audio, trimmed.codes
+    return Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()], profile=_lookup(voices, line.speaker),
+                audio=audio, codes=codes, seed=utt.seed, watermarked=utt.watermarked, context=kept, dropped=dropped,
+                context_positions=used, model_text=config.model_text(line.text), generated_frames=utt.codes.shape[-1])
 
 
 def _lookup(voices: Mapping[str, str | None], speaker: str) -> str | None:

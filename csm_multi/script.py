@@ -3,6 +3,8 @@
 One utterance per line, `Name: text`, `[Name] text` or `[Name]: text`; blank lines and lines
 starting with `#` are ignored. Every problem is collected and reported at once with its source line
 number and a hint. Speakers compare case-insensitively and display with their first spelling.
+Control characters are dropped from the text and refused in names, as are bidi overrides (which can
+disguise a name); right-to-left scripts are ordinary text.
 This module knows nothing about torch, models, audio or voice profiles: it only reads text.
 """
 
@@ -21,6 +23,8 @@ _MAX_LISTED_LINES = 10  # line numbers shown per unknown speaker
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what editors count as lines (not str.splitlines' \f, \x1c, ...)
 _COLONS = ":\uff1a"  # ASCII and full-width (CJK) colon
+# Bidi embeddings, overrides and isolates: in a name they make "Alice" and "\u202eecilA" look alike
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def _parse_line(line: str, previous: int) -> tuple[str, str] | str:
         hint = f", or if this line continues line {previous}, join the two lines" if previous else ""
         return (f"the speaker name is {len(name)} characters, the limit is {MAX_NAME_CHARS} — use a shorter"
                 f" name{hint}")
-    if any(unicodedata.category(c) == "Cc" for c in name):
+    if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name):
         return f"the speaker name {name!r} contains control characters — retype the name"
     said = _clean_text(rest)
     if not said:

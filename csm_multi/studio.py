@@ -14,18 +14,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import soundfile as sf
 import torch
 from cachetools import LRUCache
 
-from .audio import save_audio
+from .audio import load_upload, prepare_reference, save_audio
+from .config import SAMPLE_RATE
 from .engine import Engine
 from .errors import CsmError, ProfileError, ScriptError
 from .memory import CudaMemoryManager
-from .profiles import ProfileStore, resolve_voices
+from .profiles import ProfileStore, VoiceProfile, clean_name, disk_full_errors, resolve_voices
+from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
 from .render import RenderConfig, RenderResult, ScriptRenderer
 from .script import ScriptLine, parse_script, speakers
 
@@ -44,6 +47,21 @@ def new_library_key() -> str:
     return secrets.token_hex(16)
 
 
+def create_profile(store: ProfileStore, name: str, audio: str | Path | bytes, transcript: str | None,
+                   transcriber: Callable[[torch.Tensor], str] | None = None,
+                   speaker_id: int | None = None) -> tuple[VoiceProfile, bool]:
+    """Save a profile from a clip file; an empty transcript is written by `transcriber` from the
+    trimmed clip. Returns the profile and whether its transcript was generated."""
+    if (transcript or "").strip():
+        return store.create(name, audio, transcript, speaker_id), False
+    if transcriber is None:
+        raise ProfileError("type what the clip says (its transcript): CSM needs it to learn the voice")
+    clean_name(name)  # a bad name fails before the slow part
+    clip = load_upload(audio)
+    text = transcriber(prepare_reference(clip))  # the audio the profile keeps: silence trimmed, level set
+    return store.create(name, (clip, SAMPLE_RATE), text, speaker_id), True
+
+
 @dataclass(frozen=True)
 class StudioLimits:
     max_script_lines: int = 200
@@ -55,8 +73,10 @@ class StudioLimits:
 
 class Studio:
     def __init__(self, engine: Engine, profiles_root: str | Path, *, shared_library: bool = False,
-                 outputs_root: str | Path | None = None, limits: StudioLimits = StudioLimits(), cache_size: int = 32):
+                 outputs_root: str | Path | None = None, limits: StudioLimits = StudioLimits(), cache_size: int = 32,
+                 transcriber: Callable[[torch.Tensor], str] | None = None):
         self.engine = engine
+        self.transcriber = transcriber  # writes empty transcripts (a lazily loaded Whisper); None: type them
         self.profiles_root = Path(profiles_root).resolve()
         self.shared = shared_library
         self.limits = limits
@@ -86,6 +106,11 @@ class Studio:
     def profile_rows(self, key: str | None) -> list[list]:
         return [[p.name, round(p.duration_s, 1), p.transcript, time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created))]
                 for p in self.library(key).list()]
+
+    def add_profile(self, key: str | None, name: str, audio: str | Path | bytes,
+                    transcript: str | None) -> tuple[VoiceProfile, bool]:
+        """See `create_profile`: (profile, whether the transcript was generated)."""
+        return create_profile(self.library(key), name, audio, transcript, self.transcriber)
 
     def profile_names(self, key: str | None) -> list[str]:
         return [p.name for p in self.library(key).list()]
@@ -130,18 +155,53 @@ class Studio:
             raise ScriptError(f"no rendered line {line_number}; rendered script lines are: {numbers}")
         return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
 
+    # ---- projects -------------------------------------------------------------------------
+    def save_project(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
+                     result: RenderResult | None = None) -> Path:
+        """The script, its voices (with their audio), settings and `result` as a fresh `.csmproj` file."""
+        path = self.fresh_dir("project-") / f"project{PROJECT_SUFFIX}"
+        return save_project(path, script or "", self.check_voices(key, voices), config, result,
+                            store=self.library(key))
+
+    def open_project(self, key, path: str | Path) -> Project:
+        """A `.csmproj` checked (file, then this server's script limit), then its voices imported into
+        the visitor's library (reused or renamed on collisions: see project.py). A max length per
+        line above this server's limit is lowered to it, with a note."""
+        checked = read_project(path)
+        if len(checked.script) > self.limits.max_script_chars:
+            raise ScriptError(f"the project's script is longer than {self.limits.max_script_chars} characters, "
+                              "this server's limit: open it with the command line instead")
+        project = import_project(checked, self.library(key))
+        if project.config.max_line_ms > self.limits.max_line_s * 1000:
+            project.config = replace(project.config, max_line_ms=self.limits.max_line_s * 1000)
+            project.notes.append(f"max length per line lowered to {self.limits.max_line_s:g} s (this server's limit)")
+        return project
+
     def fresh_dir(self, prefix: str) -> Path:
         """A new private folder for one response's files (folders older than an hour are pruned)."""
         self._prune_outputs()
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.outputs_root))
+        with disk_full_errors(CsmError):
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=self.outputs_root))
 
     def write_outputs(self, result: RenderResult) -> dict[str, Path]:
         """Dialogue (WAV, FLAC, MP3), per-speaker stems, clips, manifest (JSON, CSV) and SRT subtitles
-        in a fresh folder."""
-        return result.save(self.fresh_dir("render-"), formats=("wav", "flac", "mp3"), stems=True)
+        in a fresh folder. On a full disk: CsmError, and no partial folder is left."""
+        return self._write_fresh("render-", partial(result.save, formats=("wav", "flac", "mp3"), stems=True))
 
     def write_clip(self, audio: torch.Tensor, stem: str = "clip") -> Path:
-        return save_audio(self.fresh_dir("say-") / f"{stem}.wav", audio)
+        return self._write_fresh("say-", lambda folder: save_audio(folder / f"{stem}.wav", audio))
+
+    def _write_fresh(self, prefix: str, write: Callable[[Path], object]):
+        folder = self.fresh_dir(prefix)
+        try:
+            with disk_full_errors(CsmError):
+                return write(folder)
+        except sf.SoundFileError as e:  # encoding failed (save_audio writes the bytes itself)
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CsmError(f"could not encode the audio files ({e}); try again, or report this") from e
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _prune_outputs(self, max_age_s: float = 3600) -> None:
         now = time.time()
@@ -174,6 +234,8 @@ class Studio:
         except ProfileError:
             info["profile_cache"] = None
         info["memory"] = self.memory.stats()
+        with self._lock:
+            info["libraries"] = {"open": len(self._stores), "max": self._stores.maxsize}
         if self.engine.device.type == "cuda":
             info["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(self.engine.device) / 2**20)
             info["gpu_reserved_mb"] = round(torch.cuda.memory_reserved(self.engine.device) / 2**20)

@@ -94,3 +94,16 @@ def test_caches_are_static_reallocated_once_and_dropped(tiny_config):
     assert model._kv_caches()[0].k_cache.shape[0] == 1 and model.cache_version > version
     model.drop_caches()
     assert model._kv_caches() == [] and not model.trim_kv
+
+
+def test_build_engine_quantizes_on_request_and_says_so(capsys):
+    from csm_multi import cli
+    from csm_multi.loaders import build_engine
+
+    engine = build_engine("tiny", device="cpu", watermark=False, quantize="int8")
+    assert engine.model.quantization == "int8" and "int8 weights" in engine.info.dtype
+    assert engine.generate("Hi.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=240)).audio.numel() > 0
+    with pytest.raises(ValueError, match="none, int8"):
+        build_engine("tiny", device="cpu", watermark=False, quantize="int4")
+    assert cli.main(["info", "--model", "tiny", "--no-watermark", "--quantize", "int8"]) == 0
+    assert "int8 weights" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """render_script on the tiny preset: dialogue = clips + pauses, context per line, progress, cancel,
-errors that keep finished clips, regenerating one line, and the batched fast mode."""
+errors that keep finished clips, regenerating one line, the batched fast mode, and line endings
+(padded text, extra length, trimmed silence) with an engine that returns a known waveform."""
 
 import json
 
@@ -10,7 +11,8 @@ import torch
 
 from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import SAMPLES_PER_FRAME
-from csm_multi.engine import Engine
+from csm_multi.endings import FILLER, pad_line
+from csm_multi.engine import Engine, Utterance
 from csm_multi.errors import ScriptError
 from csm_multi.frames import Segment
 from csm_multi.render import FAST, RenderCancelled, RenderConfig, RenderError, ScriptRenderer
@@ -23,7 +25,7 @@ Bob: Hello Alice, how are you?
 Alice: Good to see you both.
 """
 VOICES = {"alice": "alice-profile", "Bob": "bob-profile", "carol": None}
-CONFIG = RenderConfig(pause_ms=250, seed=100, max_line_ms=400)
+CONFIG = RenderConfig(pause_ms=250, seed=100, max_line_ms=400, extra_ms=0)  # extra_ms=0: fewer frames
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,10 @@ def test_dialogue_length_is_clips_plus_pauses(rendered, tmp_path):
     assert [c.line.speaker for c in result.clips] == ["Alice", "Bob", "Carol", "Alice"]
     pause = int(24_000 * 0.25)
     assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + 3 * pause
-    assert all(c.audio.numel() % SAMPLES_PER_FRAME == 0 and c.audio.numel() > 0 for c in result.clips)
+    for clip, row in zip(result.clips, result.manifest()):  # trimmed or not, codes match the audio
+        assert clip.audio.numel() > 0 and clip.codes.shape[1] == -(-clip.audio.numel() // SAMPLES_PER_FRAME)
+        assert clip.codes.shape[1] <= clip.generated_frames and row["duration_s"] == round(clip.duration_s, 3)
+        assert row["model_text"] == pad_line(row["text"]) and row["generated_s"] == clip.generated_frames * 0.08
     paths = result.save(tmp_path)
     import soundfile as sf
 
@@ -86,7 +91,7 @@ def test_progress_per_line_and_per_frame(rendered):
     result, events = rendered
     assert {e.line for e in events} == {0, 1, 2, 3}
     frames_line0 = [e.frame for e in events if e.line == 0]
-    assert frames_line0[0] == 0 and frames_line0[-1] == result.clips[0].codes.shape[1]
+    assert frames_line0[0] == 0 and frames_line0[-1] == result.clips[0].generated_frames
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
 
@@ -151,14 +156,14 @@ def test_rerender_one_line_keeps_the_others(rendered, engine, profiles):
 
 
 def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
-    config = RenderConfig(pause_ms=100, seed=5, max_line_ms=320, mode=FAST, batch_size=3)
+    config = RenderConfig(pause_ms=100, seed=5, max_line_ms=320, mode=FAST, batch_size=3, extra_ms=0)
     result = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, config)
     assert [c.line.number for c in result.clips] == [2, 3, 4, 5]
     assert not any(ctx.startswith("line") for c in result.clips for ctx in c.context)
     assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + 3 * 2400
     # the batch agrees with rendering each line alone under greedy sampling
-    greedy = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=4, topk=1)
-    single = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=1, topk=1)
+    greedy = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=4, topk=1, extra_ms=0)
+    single = RenderConfig(pause_ms=0, seed=1, max_line_ms=240, mode=FAST, batch_size=1, topk=1, extra_ms=0)
     a = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, greedy)
     b = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, single)
     assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.clips, b.clips))
@@ -199,3 +204,82 @@ def test_exports_formats_stems_subtitles(rendered, tmp_path):
     csv_rows = (tmp_path / "scene.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 5 and csv_rows[0].startswith("index,line,speaker")
     assert paths["srt"].exists() and paths["stem:Bob"].exists()
+
+
+# ---- line endings ------------------------------------------------------------------------------
+SPOKEN = 14_400  # 0.6 s of tone, then silence up to 15 frames (1.2 s)
+
+
+class KnownWaveform:
+    """The tiny engine, except that every line 'says' a 0.6 s tone followed by 0.6 s of silence
+    (15 frames of codes 1..15); records what each call was given."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _utterance(self, sampling) -> Utterance:
+        t = torch.arange(15 * SAMPLES_PER_FRAME) / 24_000
+        audio = torch.where(t < SPOKEN / 24_000, 0.5 * torch.sin(2 * torch.pi * 220 * t), torch.zeros(()))
+        return Utterance(audio=audio, codes=torch.arange(1, 16).repeat(32, 1), seed=sampling.seed or 0,
+                         watermarked=False, prompt_positions=0)
+
+    def generate(self, text, speaker, context, sampling, on_frame=None):
+        self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
+        return self._utterance(sampling)
+
+    def generate_batch(self, requests, sampling):
+        for text, _, context in requests:
+            self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
+        return [self._utterance(sampling) for _ in requests]
+
+
+ENDINGS = RenderConfig(pause_ms=0, seed=1, max_line_ms=400)  # defaults: padding, +800 ms, trimming
+
+
+def test_lines_are_padded_given_extra_length_and_trimmed(engine, profiles):
+    fake = KnownWaveform(engine)
+    result = ScriptRenderer(fake, profiles).render(SCRIPT, VOICES, ENDINGS)
+    kept = SPOKEN + 24_000 * 120 // 1000  # speech + the 120 ms margin: 17280 samples = 9 frames
+    assert [c.audio.numel() for c in result.clips] == [kept] * 4
+    assert all(c.codes.shape == (32, 9) and torch.equal(c.codes[0], torch.arange(1, 10)) for c in result.clips)
+    assert all(c.audio[-1] == 0 and torch.equal(c.audio[:SPOKEN], fake._utterance(CONFIG.sampling(0)).audio[:SPOKEN])
+               for c in result.clips)
+    texts = [call[0] for call in fake.calls]
+    assert texts == ["Hi Bob." + FILLER, "Hello Alice, how are you?" + FILLER, "I am here too." + FILLER,
+                     "Good to see you both." + FILLER]
+    assert {call[2] for call in fake.calls} == {(400 + 800) // 80}
+    # later lines hear the trimmed codes, with the punctuated text and no filler
+    assert ("Hi Bob.", 9) in fake.calls[1][1]
+    row = result.manifest()[0]
+    assert (row["text"], row["model_text"]) == ("Hi Bob.", "Hi Bob." + FILLER)
+    assert (row["duration_s"], row["generated_s"]) == (0.72, 1.2)
+
+
+def test_endings_can_be_switched_off(engine, profiles):
+    fake = KnownWaveform(engine)
+    plain = RenderConfig(pause_ms=0, seed=1, max_line_ms=400, end_padding=False, extra_ms=0, trim_silence=False)
+    result = ScriptRenderer(fake, profiles).render("A: Hi Bob\nB: Yes", {"a": None, "b": None}, plain)
+    assert [call[0] for call in fake.calls] == ["Hi Bob", "Yes"] and fake.calls[0][2] == 400 // 80
+    assert [c.audio.numel() for c in result.clips] == [15 * SAMPLES_PER_FRAME] * 2
+    assert ("Hi Bob", 15) in fake.calls[1][1]
+
+
+def test_fast_mode_and_rerender_trim_too(engine, profiles):
+    fake = KnownWaveform(engine)
+    fast = ScriptRenderer(fake, profiles).render(SCRIPT, VOICES, RenderConfig(pause_ms=0, seed=1, max_line_ms=400,
+                                                                             mode=FAST, batch_size=3))
+    assert all(c.codes.shape[1] == 9 and c.generated_frames == 15 for c in fast.clips)
+    assert fake.calls[0][0] == "Hi Bob." + FILLER
+    again = ScriptRenderer(fake, profiles).rerender_line(fast, 1, VOICES, seed=7)
+    assert again.clips[1].audio.numel() == SPOKEN + 2880 and again.clips[1].seed == 7
+
+
+def test_render_config_checks_its_ending_settings():
+    assert RenderConfig(max_line_ms=1000, extra_ms=600).sampling(0).max_audio_length_ms == 1600
+    with pytest.raises(ValueError, match="extra_ms"):
+        RenderConfig(extra_ms=-1)
+    with pytest.raises(ValueError, match="margin_ms"):
+        RenderConfig(margin_ms=5000)

@@ -1,0 +1,297 @@
+"""Load test: N gradio_client visitors against the web app on the offline tiny preset.
+
+    python -m csm_multi.stress --clients 20 --requests 1 [--json stress.json]
+
+Starts `app.py` in a subprocess (its real main(), queue and limits) with a throwaway profiles
+folder and TMPDIR. Each visitor uses its own library key: it adds one profile, renders
+`--requests` one-line scripts with it, lists its library (which must hold exactly its own
+profile) and reads the status. Prints requests/s, p50/p95/max latency per endpoint, errors by kind
+(busy = the queue was full, failed, timeout, mixed = a visitor saw another visitor's voices), the
+server's peak RSS and its LRU sizes. Talks to the app only over HTTP; imports no model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+ENDPOINTS = ("connect", "add_profile", "render_script", "list_profiles", "status")
+BUSY = "queue is full"
+
+
+class AppServer:
+    """`app.py --model tiny --no-watermark` on 127.0.0.1 in a subprocess, with its own TMPDIR (so
+    its outputs and Gradio's uploads land under `tmp_dir`). Use as a context manager."""
+
+    def __init__(self, profiles_dir: str | Path, tmp_dir: str | Path, *extra_args: str):
+        self.profiles_dir, self.tmp_dir = Path(profiles_dir), Path(tmp_dir)
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    @property
+    def outputs_root(self) -> Path:
+        return self.tmp_dir / "csm-multi-outputs"
+
+    def start(self, timeout_s: float = 180) -> AppServer:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/"
+        env = {**os.environ, "TMPDIR": str(self.tmp_dir), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.log_path = self.tmp_dir / f"app-{port}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP), "--model", "tiny", "--no-watermark", "--host", "127.0.0.1",
+                 "--port", str(port), "--profiles-dir", str(self.profiles_dir), *self.extra_args],
+                env=env, cwd=APP.parent, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"the app did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def memory_mb(self) -> dict[str, float]:
+        """Current (VmRSS) and peak (VmHWM) resident memory of the server, from /proc (Linux only)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return {}
+        found = re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE)
+        return {key: int(value) / 1024 for key, value in found}
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind runs in the server."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> AppServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Recorder:
+    """Latencies of successful calls and error counts, per endpoint (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.samples: dict[str, str] = {}
+
+    def ok(self, endpoint: str, seconds: float) -> None:
+        with self.lock:
+            self.latency[endpoint].append(seconds)
+
+    def error(self, endpoint: str, kind: str, message: str = "") -> None:
+        with self.lock:
+            self.errors[endpoint][kind] += 1
+            self.samples.setdefault(kind, f"{endpoint}: {message[:300]}")
+
+
+def classify(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    return "busy" if BUSY in str(error).lower() else "failed"
+
+
+def _call(rec: Recorder, endpoint: str, fn, timeout_s: float, retries: int):
+    """fn() with a timeout; a busy answer (queue full) is counted and retried after a pause, and
+    counted as `gave_up` after `retries` retries. Returns the result, or None."""
+    for attempt in range(retries + 1):
+        start = time.perf_counter()
+        try:
+            result = fn(timeout_s)
+        except Exception as e:  # counted by kind; the visitor goes on
+            kind = classify(e)
+            rec.error(endpoint, kind, str(e))
+            if kind != "busy":
+                return None
+            time.sleep(1.0 + attempt)
+            continue
+        rec.ok(endpoint, time.perf_counter() - start)
+        return result
+    rec.error(endpoint, "gave_up")
+    return None
+
+
+def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeout_s: float, retries: int,
+            rec: Recorder, report: dict) -> None:
+    from gradio_client import Client, handle_file
+
+    key, name = f"stress-visitor-{index:03d}", f"Voice {index}"
+    client = _call(rec, "connect", lambda t: Client(url, verbose=False, httpx_kwargs={"timeout": t}), timeout_s, 0)
+    if client is None:
+        return
+
+    def api(endpoint, *args):
+        return _call(rec, endpoint, lambda t: client.submit(*args, api_name=f"/{endpoint}").result(timeout=t),
+                     timeout_s, retries)
+
+    added = api("add_profile", key, handle_file(clip), "a short test clip", name) is not None
+    if added:
+        mapping = {"headers": ["speaker", "profile"], "data": [[name, name]]}
+        for r in range(requests):
+            out = api("render_script", key, f"{name}: Line {r}.", mapping, 0.9, 50, index * 100 + r, line_s, 0,
+                      "conversational")
+            if out is not None and not str(out[1]).startswith("Done: 1 lines"):
+                rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
+    listed = api("list_profiles", key)
+    if listed is not None:
+        names = [row[0] for row in listed[0]["data"]]
+        if names != ([name] if added else []):
+            rec.error("list_profiles", "mixed", f"{key} lists {names}")
+    status = api("status", key)
+    if status is not None:
+        report[index] = status
+
+
+def _lru(status: str) -> dict:
+    """The LRU figures in the status page's markdown."""
+    out = {}
+    if m := re.search(r"Profile cache:\*\* .*? (\d+)/(\d+) entries, (\d+) evictions", status):
+        out["profile_cache"] = {"size": int(m[1]), "max": int(m[2]), "evictions": int(m[3])}
+    if m := re.search(r"Voice libraries in memory:\*\* (\d+)/(\d+)", status):
+        out["libraries"] = {"open": int(m[1]), "max": int(m[2])}
+    return out
+
+
+def _reference_clip(path: Path, seconds: float) -> str:
+    sr = 24_000
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(str(path), 0.2 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)), sr)
+    return str(path)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, timeout_s: float = 300,
+        deadline_s: float = 900, retries: int = 5, libraries_in_memory: int | None = None,
+        workdir: str | Path | None = None) -> dict:
+    """Start the app, run `clients` visitors at once, stop the app; returns the figures as a dict.
+    Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for."""
+    with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
+        root = Path(workdir or scratch)
+        extra = () if libraries_in_memory is None else ("--libraries-in-memory", str(libraries_in_memory))
+        clip = _reference_clip(root / "reference.wav", clip_s)
+        rec, statuses = Recorder(), {}
+        with AppServer(root / "profiles", root / "tmp", *extra) as server:
+            at_start = server.memory_mb()
+            threads = [threading.Thread(target=visitor, daemon=True, name=f"visitor-{i}",
+                                        args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses))
+                       for i in range(clients)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(max(0.0, deadline_s - (time.perf_counter() - start)))
+            wall = time.perf_counter() - start
+            hung = sum(t.is_alive() for t in threads)
+            memory = server.memory_mb()
+    lrus = [_lru(s) for s in statuses.values()]
+    caches = [x["profile_cache"] for x in lrus if "profile_cache" in x]
+    libraries = [x["libraries"] for x in lrus if "libraries" in x]
+    totals = defaultdict(int)
+    for per_kind in rec.errors.values():
+        for kind, n in per_kind.items():
+            totals[kind] += n
+    done = sum(len(v) for k, v in rec.latency.items() if k != "connect")
+    return {
+        "clients": clients, "requests_per_client": requests, "line_s": line_s, "wall_s": round(wall, 2),
+        "completed_requests": done, "requests_per_s": round(done / wall, 3) if wall else 0.0, "hung_clients": hung,
+        "endpoints": {e: {"ok": len(rec.latency[e]), **dict(rec.errors[e]),
+                          "p50_s": round(_percentile(rec.latency[e], 50), 3),
+                          "p95_s": round(_percentile(rec.latency[e], 95), 3),
+                          "max_s": round(max(rec.latency[e], default=float("nan")), 3)} for e in ENDPOINTS},
+        "errors": {k: totals.get(k, 0) for k in ("busy", "gave_up", "failed", "timeout", "mixed")},
+        "error_samples": rec.samples,
+        "server_rss_mb": {"after_start": round(at_start.get("VmRSS", float("nan"))),
+                          "peak": round(memory.get("VmHWM", float("nan")))},
+        "libraries": {"max_open": max((x["open"] for x in libraries), default=None),
+                      "limit": libraries[0]["max"] if libraries else None},
+        "profile_cache": {"max_size": max((x["size"] for x in caches), default=None),
+                          "limit": caches[0]["max"] if caches else None},
+        "statuses": len(statuses),
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of <= "
+             f"{r['line_s']:g} s, tiny preset, {os.cpu_count()} CPU cores: {r['wall_s']:.1f} s",
+             f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed)",
+             f"{'endpoint':<14} {'ok':>4} {'busy':>5} {'failed':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7}"]
+    for name, e in r["endpoints"].items():
+        lines.append(f"{name:<14} {e['ok']:>4} {e.get('busy', 0):>5} {e.get('failed', 0):>6} "
+                     f"{e['p50_s']:>7.2f} {e['p95_s']:>7.2f} {e['max_s']:>7.2f}")
+    errs = r["errors"]
+    lines.append(f"errors: busy (queue full) {errs['busy']} (gave up after retries {errs['gave_up']}), "
+                 f"failed {errs['failed']}, timeout {errs['timeout']}, mixed libraries {errs['mixed']}, "
+                 f"hung clients {r['hung_clients']}")
+    for kind, sample in r["error_samples"].items():
+        lines.append(f"  e.g. {kind}: {sample}")
+    rss = r["server_rss_mb"]
+    lines.append(f"server RSS: {rss['after_start']} MB after start, {rss['peak']} MB peak")
+    lines.append(f"LRU: voice libraries in memory {r['libraries']['max_open']}/{r['libraries']['limit']}, "
+                 f"profile codes per library {r['profile_cache']['max_size']}/{r['profile_cache']['limit']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=20, help="visitors at once (default 20)")
+    p.add_argument("--requests", type=int, default=1, help="renders per visitor (default 1)")
+    p.add_argument("--line-seconds", type=float, default=1.0, help="max seconds per rendered line (app minimum: 1)")
+    p.add_argument("--clip-seconds", type=float, default=1.5, help="length of each visitor's reference clip")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per call before it counts as a timeout")
+    p.add_argument("--deadline", type=float, default=900, help="seconds for the whole run")
+    p.add_argument("--libraries-in-memory", type=int, help="the app's LRU of open libraries (default: the app's)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    report = run(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.timeout, args.deadline,
+                 libraries_in_memory=args.libraries_in_memory)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
