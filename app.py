@@ -147,7 +147,7 @@ def build_demo(studio: Studio):
         note = f"Saved **{html.escape(profile.name)}** ({profile.duration_s:.1f} s)."
         if transcribed:
             note += (f" Transcript written automatically: “{html.escape(profile.transcript)}”. If it is wrong, "
-                     "delete the profile and save it again with the transcript typed in.")
+                     "correct it under *Transcript of this profile* and press **Save transcript**.")
         return rows, dropdown, note
 
     def list_profiles(key):
@@ -164,6 +164,23 @@ def build_demo(studio: Studio):
         except CsmError as e:
             fail(e)
         return 24_000, _int16(audio)
+
+    def profile_transcript(key, name):
+        if not name:
+            return ""
+        try:
+            return studio.library(key).get(name).transcript
+        except CsmError:
+            return ""  # e.g. deleted meanwhile: the other handlers report it
+
+    def update_transcript(key, name, text):
+        try:
+            if not name:
+                raise CsmError("choose a profile first")
+            profile = studio.library(key).update_transcript(name, text or "")
+            return studio.profile_rows(key), f"Transcript of **{html.escape(profile.name)}** saved."
+        except CsmError as e:
+            fail(e)
 
     def rename_profile(key, name, new_name):
         try:
@@ -380,6 +397,9 @@ def build_demo(studio: Studio):
                     chosen = gr.Dropdown(label="Profile", choices=[], allow_custom_value=True)  # re-validated server-side
                     preview = gr.Audio(label="Preview", type="numpy", interactive=False)
                     with gr.Row():
+                        edit_text = gr.Textbox(label="Transcript of this profile", scale=3)
+                        edit_btn = gr.Button("Save transcript")
+                    with gr.Row():
                         new_name = gr.Textbox(label="New name", scale=2)
                         rename_btn = gr.Button("Rename")
                     with gr.Row():
@@ -464,12 +484,14 @@ def build_demo(studio: Studio):
                        api_name="add_profile").then(profile_choices, [key], [q_profile])
         chosen.change(preview_profile, [key, chosen], [preview], api_name="preview_profile")
         rename_btn.click(rename_profile, [key, chosen, new_name], [library, chosen, voice_msg], api_name="rename_profile")
+        chosen.change(profile_transcript, [key, chosen], [edit_text], api_name=False)
+        edit_btn.click(update_transcript, [key, chosen, edit_text], [library, voice_msg], api_name="update_transcript")
         delete_btn.click(delete_profile, [key, chosen, confirm], [library, chosen, voice_msg, confirm],
                          api_name="delete_profile").then(profile_choices, [key], [q_profile])
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
         import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
                          api_name="import_profile")
-        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
+        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles", queue=False)  # cheap reads never wait behind renders
 
         script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
         render_event = render_btn.click(
@@ -490,7 +512,7 @@ def build_demo(studio: Studio):
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
-        status_btn.click(status, [key], [status_md], api_name="status")
+        status_btn.click(status, [key], [status_md], api_name="status", queue=False)
     return demo
 
 

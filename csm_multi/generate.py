@@ -133,7 +133,9 @@ class FrameGraph:
         self.graph = torch.cuda.CUDAGraph()
         if sample.generator is not None:
             self.graph.register_generator_state(sample.generator)
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads (the app encoding or transcribing a clip) may use the GPU
+        # while this one captures; the default mode would fail their calls and the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.codes = self._step()
         model.reset_caches()
         if rng is not None:

@@ -273,7 +273,8 @@ class ProfileStore:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         try:
-            Path(root).mkdir(parents=True, exist_ok=True)
+            with disk_full_errors():
+                Path(root).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ProfileError(f"cannot create the profile folder {root} ({e.strerror})") from e
         self.root = Path(root).resolve()

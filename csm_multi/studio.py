@@ -7,6 +7,7 @@ profile file), so the app can hand it out without exposing the profile store.
 
 from __future__ import annotations
 
+import errno
 import re
 import secrets
 import shutil
@@ -100,7 +101,15 @@ class Studio:
         with self._lock:
             store = self._stores.get(folder)
             if store is None:
-                store = self._stores[folder] = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size)
+                try:
+                    store = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size)
+                except ProfileError as e:  # visitors get the reason, not the server's path
+                    cause = e.__cause__
+                    if isinstance(cause, OSError) and cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise ProfileError(f"the server cannot open your voice library ({cause.strerror}): "
+                                           "try again later, or tell whoever runs this demo") from cause
+                    raise
+                self._stores[folder] = store
             return store
 
     def profile_rows(self, key: str | None) -> list[list]:

@@ -52,6 +52,16 @@ def test_profile_script_regenerate_delete(app_url, tmp_path):
     table, _, msg, _ = client.predict(key, "Bob", True, api_name="/delete_profile")
     assert [r[0] for r in table["data"]] == ["Alice"]
 
+    # a wrong transcript (typed, or written by speech recognition) is corrected in place
+    table, msg = client.predict(key, "Alice", "  hello there,\x1b Bob  ", api_name="/update_transcript")
+    assert "saved" in msg and table["data"][0][2] == "hello there, Bob"
+    assert studio.library(key).get("Alice").transcript == "hello there, Bob"
+    with pytest.raises(Exception, match="transcript"):
+        client.predict(key, "Alice", "   ", api_name="/update_transcript")
+    with pytest.raises(Exception, match="choose a profile"):
+        client.predict(key, None, "words", api_name="/update_transcript")
+    assert studio.library(key).get("Alice").transcript == "hello there, Bob"  # a refused edit changes nothing
+
 
 def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
     url, _ = app_url

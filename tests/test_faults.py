@@ -361,3 +361,22 @@ def test_without_a_working_lock_only_old_leftovers_are_removed(tmp_path, monkeyp
     ProfileStore(root)
     assert young.exists() and not old.exists()  # a young one may belong to a live writer elsewhere
     assert "runs without a lock" in caplog.text
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_new_library_that_cannot_be_created_says_why_without_the_server_path(tmp_path, monkeypatch, code):
+    studio = _studio(tmp_path)
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name.startswith("visitor-"):
+            raise OSError(code, os.strerror(code))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(ProfileError) as e:
+        studio.library("new-visitor-key-1")
+    assert str(tmp_path) not in str(e.value)
+    assert (DISK_FULL if code == errno.ENOSPC else "cannot open your voice library") in str(e.value)
+    monkeypatch.undo()
+    assert studio.library("new-visitor-key-1").list() == []  # not cached broken: works once it can

@@ -224,7 +224,7 @@ def test_app_transcript_placeholder_follows_the_configuration(tmp_path):
         studio.status = lambda key: {"model": "m", "device": "cpu", "dtype": "f32", "tokenizer": "t", "codec": "c",
                                      "watermark": "OFF", "library": "x", "memory": {}}
         demo = app_module.build_demo(studio)
-        (box,) = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label.startswith("Transcript")]
+        (box,) = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label.startswith("Transcript (")]
         return box.placeholder
 
     assert placeholder(FakeTranscriber()) == "leave empty to transcribe automatically"
