@@ -491,7 +491,7 @@ def build_demo(studio: Studio):
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
         import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
                          api_name="import_profile")
-        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles", queue=False)  # cheap reads never wait behind renders
+        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
         script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
         render_event = render_btn.click(
@@ -512,7 +512,7 @@ def build_demo(studio: Studio):
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
-        status_btn.click(status, [key], [status_md], api_name="status", queue=False)
+        status_btn.click(status, [key], [status_md], api_name="status")
     return demo
 
 
