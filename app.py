@@ -75,6 +75,13 @@ def _int16(audio) -> np.ndarray:
     return (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
 
 
+def zero_gpu() -> bool:
+    """Running on a Hugging Face Space with the `spaces` package (ZeroGPU's GPU decorator)."""
+    import importlib.util
+
+    return bool(os.environ.get("SPACE_ID")) and importlib.util.find_spec("spaces") is not None
+
+
 def _gpu(fn):
     """On Hugging Face ZeroGPU, run GPU work under spaces.GPU; elsewhere, unchanged."""
     try:
@@ -549,7 +556,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
                           tokenizer_repo=args.tokenizer_repo, trust_tokenizer=args.trust_tokenizer,
                           quantize=args.quantize)
-    transcriber = build_transcriber(args.asr_model, device=engine.device, dtype=engine.dtype)  # loads on first use
+    # On ZeroGPU the GPU exists only inside spaces.GPU calls, and saving a voice is not one: ASR on CPU.
+    asr_device = "cpu" if zero_gpu() else engine.device
+    transcriber = build_transcriber(args.asr_model, device=asr_device)  # loads on first use
     studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library,
                     limits=StudioLimits(libraries_in_memory=args.libraries_in_memory), transcriber=transcriber)
     demo = build_demo(studio)

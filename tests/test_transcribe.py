@@ -2,6 +2,8 @@
 code, the clear errors when no model can be loaded, and the profile paths (core, CLI, app) with a
 fake transcriber."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -157,8 +159,6 @@ def test_no_transcriber_or_a_failing_one_saves_nothing(tmp_path):
 
 
 def test_studio_uses_its_transcriber(tmp_path):
-    from types import SimpleNamespace
-
     engine = SimpleNamespace(device=torch.device("cpu"))  # profiles need no model
     studio = Studio(engine, tmp_path / "p", outputs_root=tmp_path / "o", transcriber=FakeTranscriber())
     key = "visitor-asr-0001"
@@ -212,8 +212,6 @@ def test_app_saves_the_transcribed_text_and_says_so(running_app, tmp_path):
 
 
 def test_app_transcript_placeholder_follows_the_configuration(tmp_path):
-    from types import SimpleNamespace
-
     import gradio as gr
 
     import app as app_module
@@ -229,3 +227,34 @@ def test_app_transcript_placeholder_follows_the_configuration(tmp_path):
 
     assert placeholder(FakeTranscriber()) == "leave empty to transcribe automatically"
     assert "type what the clip says" in placeholder(None)
+
+
+@pytest.mark.parametrize("space", [False, True])
+def test_app_runs_speech_recognition_on_cpu_on_zerogpu(space, tmp_path, monkeypatch, running_app):
+    """On a Space with `spaces` (ZeroGPU) the GPU is only there inside spaces.GPU calls, and saving a
+    voice is not one; elsewhere the transcriber follows the engine's device."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import gradio as gr
+
+    import app as app_module
+
+    _, studio = running_app
+    engine = SimpleNamespace(**{**vars(studio.engine), "device": torch.device("meta")})  # stands for "cuda"
+    monkeypatch.setattr(app_module, "build_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(app_module, "Studio", lambda *a, **k: studio)
+    asked = {}
+    monkeypatch.setattr(app_module, "build_transcriber", lambda source, device=None, **k: asked.update(device=device))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: None)
+    if space:
+        fake = types.ModuleType("spaces")
+        fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+        fake.GPU = lambda duration=None: (lambda fn: fn)
+        monkeypatch.setitem(sys.modules, "spaces", fake)
+        monkeypatch.setenv("SPACE_ID", "someone/csm-multi")
+    else:
+        monkeypatch.delenv("SPACE_ID", raising=False)
+    app_module.main(["--model", "tiny", "--profiles-dir", str(tmp_path / "voices")])
+    assert str(asked["device"]) == ("cpu" if space else "meta")
