@@ -59,6 +59,7 @@ from .audio import from_array, load_audio, load_upload, prepare_reference
 from .config import SAMPLE_RATE
 from .errors import AudioInputError, ProfileError
 from .frames import Segment
+from .script import drop_controls
 
 try:
     import fcntl
@@ -83,6 +84,7 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # can disguise a name
+_SPACE_CONTROLS = "".join(c for c in map(chr, range(0x86)) if c.isspace() and unicodedata.category(c) == "Cc")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ENCODER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULES = (f"use 1-{MAX_NAME_CHARS} characters with at least one letter or digit, and no '/', '\\', "
@@ -610,7 +612,7 @@ class ProfileStore:
             raise ProfileError(f"the transcript is {len(text)} characters; the limit is {MAX_TRANSCRIPT_CHARS}: "
                                "use a shorter clip (5-15 s) and type just what it says")
         # control characters (NUL, ESC, ...) are invisible and unspeakable: dropped, like in scripts
-        text = " ".join("".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc").split())
+        text = " ".join(drop_controls(text, keep=_SPACE_CONTROLS).split())
         if not text:
             raise ProfileError("the transcript is empty: type exactly what is said in the reference clip")
         return text

@@ -24,6 +24,7 @@ _MAX_LISTED_LINES = 10  # line numbers shown per unknown speaker
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what editors count as lines (not str.splitlines' \f, \x1c, ...)
 _COLONS = ":\uff1a"  # ASCII and full-width (CJK) colon
 # Bidi embeddings, overrides and isolates: in a name they make "Alice" and "\u202eecilA" look alike
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # terminal colour/cursor codes pasted from a console
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
@@ -151,4 +152,9 @@ def _parse_line(line: str, previous: int) -> tuple[str, str] | str:
 
 def _clean_text(text: str) -> str:
     """Drop control characters except tab; keep everything else (RTL marks, emoji joiners) as written."""
-    return "".join(c for c in text if c == "\t" or unicodedata.category(c) != "Cc").strip()
+    return drop_controls(text, keep="\t").strip()
+
+
+def drop_controls(text: str, keep: str = "") -> str:
+    """`text` without terminal escape sequences (ESC [ ... m) and control characters (but `keep`)."""
+    return "".join(c for c in _ANSI_ESCAPE.sub("", text) if c in keep or unicodedata.category(c) != "Cc")

@@ -218,6 +218,8 @@ def test_transcripts_long_empty_control_and_right_to_left(tmp_path, store):
             store.create("Alice", clip, empty)
     made = store.create("Alice", clip, "Hello\x00 the\x1bre,\n  friend.")
     assert made.transcript == "Hello there, friend."  # control characters dropped, whitespace collapsed
+    store.update_transcript("Alice", "\x1b[32mHello\x1b[0m\x0bthere")
+    assert store.get("Alice").transcript == "Hello there"  # colour codes gone whole; a vertical tab is a space
     for name, text in (("Hebrew", "שלום, מה שלומך?"), ("Arabic", "مرحبا، كيف حالك؟")):
         assert store.create(name, clip, text).transcript == text
 

@@ -117,6 +117,11 @@ def test_control_characters_stripped_unicode_kept():
     assert lines[2] == ScriptLine(3, "ملك", emoji)
 
 
+def test_terminal_colour_codes_pasted_from_a_console_are_dropped_whole():
+    [line] = parse_script("Alice: \x1b[1;31mRed\x1b[0m alert, \x1b[2Kreally")
+    assert line.text == "Red alert, really"  # not "[1;31mRed[0m ..." spoken aloud
+
+
 def test_check_speakers_accepts_known_any_case():
     lines = parse_script("Alice: a\nbob: b")
     check_speakers(lines, ["ALICE", "Bob"])
