@@ -174,14 +174,25 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+def _stage(path: Path, data: bytes) -> str:
+    """Write `data` to a fsynced temp file beside `path` and return its name (`path` is untouched)."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    tmp = _stage(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
@@ -397,10 +408,19 @@ class ProfileStore:
             folder = self._dir(profile.slug)
             for stale in folder.glob("codes-*.pt"):  # first, so no crash can pair old codes with new audio
                 stale.unlink(missing_ok=True)
-            _atomic_write(folder / REFERENCE_FILE, _wav_bytes(pcm))
+            # The clip is staged first and swapped in by a rename (needs no space) after profile.json
+            # is written, so a full disk at either write leaves the old clip with its own metadata.
+            staged = _stage(folder / REFERENCE_FILE, _wav_bytes(pcm))
             updated = _replace(profile, audio_sha256=_pcm_sha256(pcm), duration_s=round(len(pcm) / SAMPLE_RATE, 3),
                                updated=time.time())
-            self._write_json(updated)
+            try:
+                self._write_json(updated)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(staged)
+                raise
+            os.replace(staged, folder / REFERENCE_FILE)
+            _fsync_dir(folder)
             self._forget(profile.slug)
         return updated
 

@@ -197,6 +197,23 @@ def test_full_disk_leaves_the_store_as_it_was(store, tmp_path, monkeypatch, op, 
     assert reopened.codes("Alice", fake_encoder, "fake").shape == (32, 4)
 
 
+@pytest.mark.parametrize("files_that_fit", [0, 1])  # 1: the new clip fits, profile.json does not
+def test_replacing_a_clip_on_a_full_disk_keeps_the_old_clip(store, tmp_path, monkeypatch, files_that_fit):
+    """Only the codes cache is dropped first (so no crash can pair old codes with a new clip)."""
+    before = {k: v for k, v in snapshot(store.root).items() if "codes-" not in str(k)}
+    listed = store.list()
+    FullDisk(monkeypatch, files_that_fit)
+    with pytest.raises(ProfileError, match=DISK_FULL):
+        store.set_audio("Alice", clip(tmp_path / "new.wav", 330))
+    after = snapshot(store.root)
+    assert {k: v for k, v in after.items() if "codes-" not in str(k)} == before and temp_litter(store.root) == []
+    monkeypatch.undo()
+    reopened = ProfileStore(store.root)
+    assert reopened.list() == listed
+    assert torch.equal(reopened.audio("Alice"), store.audio("Alice"))
+    assert reopened.codes("Alice", fake_encoder, "fake").shape == (32, 4)  # re-encoded from the kept clip
+
+
 def test_quota_exceeded_is_a_full_disk_too(store, tmp_path, monkeypatch):
     FullDisk(monkeypatch, error=errno.EDQUOT)
     with pytest.raises(ProfileError, match=DISK_FULL):
