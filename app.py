@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default=env("CSM_CHECKPOINT"), help="local checkpoint or hub repo (env CSM_CHECKPOINT)")
     p.add_argument("--device", default=env("CSM_DEVICE"), help="cuda or cpu (env CSM_DEVICE)")
     p.add_argument("--quantize", default=env("CSM_QUANTIZE", "none"), choices=["none", "int8"],
-                   help="int8: int8 weights on CPU, ~3x faster per frame at csm-1b size (env CSM_QUANTIZE)")
+                   help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size (env CSM_QUANTIZE)")
     p.add_argument("--host", default=env("CSM_HOST", "127.0.0.1"), help="use 0.0.0.0 to serve your network (env CSM_HOST)")
     p.add_argument("--port", type=int, default=int(env("CSM_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (ignored on Spaces)")

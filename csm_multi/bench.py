@@ -146,6 +146,10 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
     from .codec import MimiCodec, build_mimi
 
     codec = MimiCodec(build_mimi(None, device=dev))
+    if dev.type == "cpu":  # what build_engine runs on CPU
+        from .fused import fuse_layers
+
+        fuse_layers(model)
     rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
     if dev.type == "cuda":
         rows += [bench_ours(model, dev, b, frames, codec, graphed=True) for b in batches]

@@ -219,13 +219,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> Engine:
-    """Build a ready Engine (arguments: see `_build_engine`); quantize="int8" gives the CPU model
-    int8 weights (see `quant.py`; about 3x faster per frame at csm-1b size on a 2-core AVX2 CPU)."""
+    """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused
+    (`fused.py`); quantize="int8" also gives the CPU model int8 weights (`quant.py`)."""
+    from .fused import fuse_layers
     from .quant import MODES, quantize as quantize_model
 
     if quantize not in MODES:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)}")
     engine = _build_engine(model, **kwargs)
+    if engine.device.type == "cpu":  # same results, fewer ops (fused.py); CUDA runs one graph per frame
+        fuse_layers(engine.model)
     if quantize != "none":
         quantize_model(engine.model, quantize)
         engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"

@@ -88,6 +88,7 @@ class CSM(nn.Module):
         self._cache_batch_size: int | None = None
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
         self.quantization = "none"  # "int8" after quant.quantize
+        self.fused = False  # True after fused.fuse_layers (CPU)
 
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
