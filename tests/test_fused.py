@@ -82,3 +82,15 @@ def test_fused_then_int8(tiny_model):
         fuse_layers(quantize(copy.deepcopy(tiny_model)))
     with pytest.raises(ValueError, match="CPU float"):
         fuse_layers(copy.deepcopy(tiny_model).to("meta"))
+
+
+def test_fused_batches_with_left_padding_give_the_same_codes(pair):
+    """Prompts of unequal length: padding slots are masked out of attention in both layer kinds."""
+    requests = [("Hi.", 0, ()), ("A much longer line than the first one.", 1, ())]
+    codes = []
+    for model in pair:
+        engine = Engine(model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False)
+        out = engine.generate_batch(requests, SamplingConfig(seed=9, topk=30, max_audio_length_ms=400))
+        codes.append([u.codes for u in out])
+    assert all(c.shape[1] > 0 for c in codes[0])
+    assert all(torch.equal(a, b) for a, b in zip(codes[0], codes[1], strict=True))
