@@ -722,6 +722,18 @@ def _pick_speaker(taken: list[int], preferred: object = None) -> int:
     return counts.index(min(counts))
 
 
+def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, label: str,
+                    error: type[Exception] = ProfileError) -> bytes:
+    """One member's bytes, refused (`error`) when its header or its actual content exceeds `limit`."""
+    if info.file_size > limit:
+        raise error(f"{label}: {info.filename} is too large ({info.file_size} bytes)")
+    with zf.open(info) as f:
+        data = f.read(limit + 1)  # the header's size may lie
+    if len(data) > limit:
+        raise error(f"{label}: {info.filename} is too large")
+    return data
+
+
 def _read_voice_zip(path: Path, label: str) -> dict[str, bytes]:
     """The two members of a `.csmvoice` file, read into memory after checking names and sizes."""
     limits = {PROFILE_FILE: MAX_JSON_BYTES, REFERENCE_FILE: MAX_IMPORT_WAV_BYTES}
@@ -739,14 +751,7 @@ def _read_voice_zip(path: Path, label: str) -> dict[str, bytes]:
                     raise ProfileError(f"{label}: {member} is too large ({info.file_size} bytes)")
             if sorted(i.filename for i in infos) != sorted(limits):
                 raise ProfileError(f"{label} must hold exactly {PROFILE_FILE} and {REFERENCE_FILE} once each")
-            members = {}
-            for info in infos:
-                with zf.open(info) as f:
-                    data = f.read(limits[info.filename] + 1)  # the header's size may lie
-                if len(data) > limits[info.filename]:
-                    raise ProfileError(f"{label}: {info.filename} is too large")
-                members[info.filename] = data
-            return members
+            return {info.filename: read_zip_member(zf, info, limits[info.filename], label) for info in infos}
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
         raise ProfileError(f"{label} is not a readable {EXPORT_SUFFIX} file ({e}); export the voice again") from e
     except OSError as e:

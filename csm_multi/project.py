@@ -37,7 +37,7 @@ import torch
 
 from .config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from .errors import AudioInputError, CsmError, ProfileError
-from .profiles import EXPORT_SUFFIX, MAX_IMPORT_BYTES, ProfileStore, clean_name, slugify
+from .profiles import EXPORT_SUFFIX, MAX_IMPORT_BYTES, ProfileStore, clean_name, read_zip_member, slugify
 from .render import Clip, RenderConfig, RenderResult
 from .script import ScriptLine
 
@@ -263,17 +263,8 @@ def _read_zip(path: Path, label: str) -> dict[str, bytes]:
                 raise ProjectError(f"{label} holds a member twice; refusing to open it")
             if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
                 raise ProjectError(f"{label} unpacks to more than {MAX_UNPACKED_BYTES >> 20} MB")
-            members = {}
-            for info in infos:
-                limit = _LIMITS[Path(info.filename).suffix]
-                if info.file_size > limit:
-                    raise ProjectError(f"{label}: {info.filename} is too large ({info.file_size} bytes)")
-                with zf.open(info) as f:
-                    data = f.read(limit + 1)  # the header's size may lie
-                if len(data) > limit:
-                    raise ProjectError(f"{label}: {info.filename} is too large")
-                members[info.filename] = data
-            return members
+            return {info.filename: read_zip_member(zf, info, _LIMITS[Path(info.filename).suffix], label, ProjectError)
+                    for info in infos}
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
         raise ProjectError(f"{label} is not a readable {PROJECT_SUFFIX} file ({e}); save the project again") from e
     except OSError as e:
