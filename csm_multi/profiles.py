@@ -80,7 +80,7 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_IMPORT_BYTES = 20 * 1024 * 1024  # a whole .csmvoice file
 MAX_IMPORT_WAV_BYTES = 16 * 1024 * 1024  # its reference.wav, uncompressed
 STALE_TMP_S = 60.0  # without a working lock, a younger `.tmp-*` may belong to a live writer
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # errnos of a full disk or quota
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # can disguise a name
@@ -159,7 +159,7 @@ def disk_full_errors(error: type[Exception] = ProfileError) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _NO_SPACE:
+        if e.errno not in NO_SPACE:
             raise
         raise error("the server's disk is full (no space left on the device), so nothing was saved: "
                     "free some space and try again") from e

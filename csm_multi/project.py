@@ -37,7 +37,8 @@ import torch
 
 from .config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from .errors import AudioInputError, CsmError, ProfileError
-from .profiles import EXPORT_SUFFIX, MAX_IMPORT_BYTES, ProfileStore, clean_name, read_zip_member, slugify
+from .profiles import (EXPORT_SUFFIX, MAX_IMPORT_BYTES, MAX_NAME_CHARS, ProfileStore, clean_name, read_zip_member,
+                       slugify)
 from .render import Clip, RenderConfig, RenderResult
 from .script import ScriptLine
 
@@ -238,7 +239,7 @@ def _free_name(name: str, known) -> str:
     while candidate.casefold() in taken or slugify(candidate) in taken:
         n += 1
         suffix = f" ({n})"
-        candidate = base[:100 - len(suffix)].rstrip() + suffix
+        candidate = base[:MAX_NAME_CHARS - len(suffix)].rstrip() + suffix
     return candidate
 
 

@@ -7,7 +7,6 @@ profile file), so the app can hand it out without exposing the profile store.
 
 from __future__ import annotations
 
-import errno
 import re
 import secrets
 import shutil
@@ -28,7 +27,7 @@ from .config import SAMPLE_RATE
 from .engine import Engine
 from .errors import CsmError, ProfileError, ScriptError
 from .memory import CudaMemoryManager
-from .profiles import ProfileStore, VoiceProfile, clean_name, disk_full_errors, resolve_voices
+from .profiles import NO_SPACE, ProfileStore, VoiceProfile, clean_name, disk_full_errors, resolve_voices
 from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
 from .render import RenderConfig, RenderResult, ScriptRenderer
 from .script import ScriptLine, parse_script, speakers
@@ -105,7 +104,7 @@ class Studio:
                     store = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size)
                 except ProfileError as e:  # visitors get the reason, not the server's path
                     cause = e.__cause__
-                    if isinstance(cause, OSError) and cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if isinstance(cause, OSError) and cause.errno not in NO_SPACE:
                         raise ProfileError(f"the server cannot open your voice library ({cause.strerror}): "
                                            "try again later, or tell whoever runs this demo") from cause
                     raise
