@@ -5,6 +5,7 @@
     python -m csm_multi.bench --quantize int8         # CPU: also int8 weights, ours and transformers'
 
 Prints a table (setting | ms/frame | RTF | frames/s | TTFA | peak mem | ratio) and writes JSON.
+On CPU it also times the floor for each setting: a frame's weight products alone (`bench_products`).
 Random weights give random codes, so EOS is never reached early and every run generates the same
 number of frames; speed does not depend on the values of the weights.
 """
@@ -94,6 +95,35 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed:
                 time.perf_counter() - t0, ttfa, device)
 
 
+@torch.inference_mode()
+def bench_products(model: CSM, batch: int, repeats: int = 3) -> Row:
+    """The floor on CPU: only the weight products a frame makes, each called once with a random
+    (B, 1, D) input, back to back, with the model's own (float or int8) layers. Backbone layers
+    and codebook-0 head once, then K-1 times the projection, the decoder layers and a codebook
+    head. No attention, norms, sampling or loop: no engine calling these kernels per frame can be
+    faster. Best of `repeats`."""
+    def linears(module):
+        return [m for m in module.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+    backbone = [*linears(model.backbone), model.codebook0_head]
+    decoder = [model.projection, *linears(model.decoder)]
+    x = {m.in_features: torch.randn(batch, 1, m.in_features) for m in backbone + decoder}
+    hd = torch.randn(batch, model.config.decoder.embed_dim)
+    best = float("inf")
+    for rep in range(repeats + 1):  # pass 0 warms up
+        t0 = time.perf_counter()
+        for m in backbone:
+            m(x[m.in_features])
+        for i in range(1, model.config.audio_num_codebooks):
+            for m in decoder:
+                m(x[m.in_features])
+            model.codebook_logits(i, hd)
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    return _row("weight products only (floor)", _setting(model.config.name, model.audio_head.dtype, model.quantization),
+                batch, 1, best, None, torch.device("cpu"))
+
+
 def _setting(preset: str, dtype: torch.dtype, quantization: str = "none") -> str:
     return f"{preset} {'int8 weights' if quantization == 'int8' else str(dtype)[6:]}"
 
@@ -116,7 +146,8 @@ def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
 
 def quantize_transformers(hf) -> None:
     """The same int8 scheme as `quant.quantize` on transformers' CSM (its backbone, depth decoder and
-    heads' nn.Linear layers), so int8 rows compare like with like. CPU only."""
+    heads' nn.Linear layers, and its stacked codebook heads), so int8 rows compare like with like.
+    CPU only."""
     import warnings
 
     from torch import nn
@@ -128,7 +159,29 @@ def quantize_transformers(hf) -> None:
             holder = nn.Sequential(getattr(hf, name))  # quantize_dynamic swaps children, not the root
             quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
             setattr(hf, name, holder[0])
+        hf.depth_decoder.codebooks_head = _Int8CodebooksHead(hf.depth_decoder.codebooks_head.weight.detach())
     hf.quantization = "int8"
+
+
+class _Int8CodebooksHead(torch.nn.Module):
+    """transformers' `CsmCodebooksHead` (one (D, V) matrix per codebook 1..K-1, picked by index)
+    with each matrix as an int8 dynamic Linear, as `quant.quantize` does for ours."""
+
+    def __init__(self, weight: torch.Tensor):  # (K-1, D, V)
+        from torch import nn
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        super().__init__()
+        heads = nn.Sequential()
+        for w in weight:
+            linear = nn.Linear(w.shape[0], w.shape[1], bias=False)
+            linear.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+            heads.append(linear)
+        self.heads = quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+    def forward(self, hidden_states: torch.Tensor, codebook_indices: torch.Tensor) -> torch.Tensor:
+        rows = (codebook_indices - 1).tolist()  # CPU only, so no device sync is hidden here
+        return torch.stack([self.heads[i](hidden_states[:, j]) for j, i in enumerate(rows)], dim=1)
 
 
 def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
@@ -151,6 +204,8 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
 
         fuse_layers(model)
     rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
+    if dev.type == "cpu":
+        rows += [bench_products(model, b) for b in batches]
     if dev.type == "cuda":
         rows += [bench_ours(model, dev, b, frames, codec, graphed=True) for b in batches]
         if compiled:
@@ -164,6 +219,7 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
 
         quantize_model(model, quantize)
         rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
+        rows += [bench_products(model, b) for b in batches]
     if with_hf:
         model.cpu()
         del model

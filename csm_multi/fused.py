@@ -48,7 +48,6 @@ class FusedLayer(nn.Module):
         a, mlp = layer.attn, layer.mlp
         self.attn = FusedAttentionState(a.num_heads, a.num_kv_heads, a.head_dim)
         self.attn.kv_cache, self.attn.cache_enabled = a.kv_cache, a.cache_enabled
-        self.splits = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim)
         self.qkv = _stacked(a.q_proj, a.k_proj, a.v_proj)
         self.output_proj = a.output_proj
         self.w13 = _stacked(mlp.w1, mlp.w3)
@@ -68,24 +67,28 @@ class FusedLayer(nn.Module):
     def reset_cache(self) -> None:
         self.attn.reset_cache()
 
-    def _rotate(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """(B, S, H, hd) rotated pairwise (torchtune's interleaved layout) -> (B, H, S, hd)."""
-        b, s, h, _ = x.shape
-        pairs = torch.view_as_complex(x.float().reshape(b, s, h, -1, 2))
-        return torch.view_as_real(pairs * freqs).flatten(3).type_as(x).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor, input_pos: torch.Tensor, **_) -> torch.Tensor:
         b, s, _ = x.shape
         a = self.attn
-        q, k, v = self.qkv(self.sa_norm(x)).split(self.splits, dim=-1)
-        freqs = self.rope[input_pos].unsqueeze(2)  # (B, S, 1, hd / 2)
-        q = self._rotate(q.view(b, s, a.num_heads, a.head_dim), freqs)
-        k = self._rotate(k.view(b, s, a.num_kv_heads, a.head_dim), freqs)
-        k, v = a.kv_cache.update(k, v.view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        hq, hk, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        qkv = self.qkv(_rms(self.sa_norm, x))
+        # q and k sit side by side in qkv's output, so both rotate in one complex multiply
+        # (torchtune's interleaved pairs; the table is (max_seq_len, hd / 2) complex).
+        qk = torch.view_as_complex(qkv[..., : (hq + hk) * hd].float().reshape(b, s, hq + hk, hd // 2, 2))
+        qk = torch.view_as_real(qk * self.rope[input_pos].unsqueeze(2)).reshape(b, s, hq + hk, hd).type_as(x).transpose(1, 2)
+        v = qkv[..., (hq + hk) * hd :].view(b, s, hk, hd).transpose(1, 2)
+        k, v = a.kv_cache.update(qk[:, hq:], v)
+        out = F.scaled_dot_product_attention(qk[:, :hq], k, v, attn_mask=mask[:, None], enable_gqa=True)
         h = x + self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
-        gate, up = self.w13(self.mlp_norm(h)).split(self.hidden, dim=-1)
-        return h + self.w2(F.silu(gate) * up)
+        gate_up = self.w13(_rms(self.mlp_norm, h))
+        return h + self.w2(F.silu(gate_up[..., : self.hidden]) * gate_up[..., self.hidden :])
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchtune's RMSNorm, minus its float()/to() round trip when x is already float32."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, norm.normalized_shape, norm.scale, norm.eps)
 
 
 def _stacked(*linears: nn.Linear) -> nn.Linear:

@@ -88,6 +88,7 @@ class CSM(nn.Module):
         self._cache_batch_size: int | None = None
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
         self.quantization = "none"  # "int8" after quant.quantize
+        self.codebook_heads: nn.ModuleList | None = None  # int8 copies of audio_head (quant.quantize)
         self.fused = False  # True after fused.fuse_layers (CPU)
 
     # ---- initialisation -------------------------------------------------------------------
@@ -210,6 +211,8 @@ class CSM(nn.Module):
 
     def codebook_logits(self, codebook: int, decoder_h: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of codebook `codebook` >= 1 from the decoder's hidden state (B, Dd)."""
+        if self.codebook_heads is not None:
+            return self.codebook_heads[codebook - 1](decoder_h)
         return decoder_h @ self.audio_head[codebook - 1]
 
 

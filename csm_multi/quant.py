@@ -10,8 +10,10 @@ torchao's int8 configs take a dequantize-then-matmul route in eager mode on CPU,
 than fp32 on this project's 2-core AVX2 machine, so they are not used here.
 
 Per-output-channel weight scales; activations are quantized per call with one scale (per token
-during generation, where a call sees one position). Embeddings, norms and the stacked
-`audio_head` stay float. Logits are float, and sampling runs in fp32 as always.
+during generation, where a call sees one position). The stacked `audio_head` (codebooks 1..K-1)
+gets int8 copies, one Linear per codebook in `model.codebook_heads` (the float tensor stays: it
+names the model's dtype and is what checkpoints hold). Embeddings and norms stay float. Logits
+are float, and sampling runs in fp32 as always.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def quantize(model: CSM, mode: str = "int8") -> CSM:
             holder = nn.Sequential(getattr(model, name))  # quantize_dynamic swaps children, not the root
             quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
             setattr(model, name, holder[0])
+        heads = nn.Sequential()
+        for head in model.audio_head.detach():  # (Dd, V) each -> Linear(Dd, V)
+            linear = nn.Linear(head.shape[0], head.shape[1], bias=False)
+            linear.weight = nn.Parameter(head.t().contiguous(), requires_grad=False)
+            heads.append(linear)
+        quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        model.codebook_heads = nn.ModuleList(heads)
     model.quantization = mode
     model.drop_caches()
     return model

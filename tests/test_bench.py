@@ -10,8 +10,9 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert bench.main(["--quick", "--batch", "1", "2", "--frames", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {(r["engine"], r["batch"]) for r in rows} == {("ours (eager)", 1), ("ours (eager)", 2), ("transformers", 1),
-                                                         ("transformers", 2)}
+    engines = ("ours (eager)", "weight products only (floor)", "transformers")
+    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in engines for b in (1, 2)}
+    rows = [r for r in rows if r["engine"] != engines[1]]
     for r in rows:
         assert r["frames"] == 3
         assert r["ms_per_frame"] > 0
@@ -20,3 +21,65 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert all(r["ttfa_ms"] > 0 for r in rows if r["engine"].startswith("ours"))
     printed = capsys.readouterr().out
     assert "| ours (eager) | tiny float32 | 1 |" in printed and "speed-up vs transformers" in printed
+
+
+def test_int8_rows_compare_like_with_like(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--frames", "2", "--quantize", "int8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    engines = ("ours (eager)", "weight products only (floor)", "transformers")
+    assert {(r["engine"], r["setting"]) for r in rows} == {
+        (engine, f"tiny {setting}") for engine in engines for setting in ("float32", "int8 weights")}
+
+
+def test_floor_makes_every_weight_product_of_a_frame_once(tiny_model):
+    """bench_products calls exactly the products a generated frame calls, float and int8."""
+    import copy
+
+    import torch
+
+    from csm_multi.fused import fuse_layers
+    from csm_multi.generate import Sampler, generate_frame
+    from csm_multi.quant import quantize
+
+    def count(model, run):
+        calls = []
+        mods = [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+        hooks = [m.register_forward_hook(lambda m, i, o: calls.append(id(m))) for m in mods]
+        logits = model.codebook_logits
+        model.codebook_logits = lambda i, h: calls.append(("head", i)) or logits(i, h)
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+            del model.codebook_logits
+        return sorted(map(str, calls))
+
+    fused = fuse_layers(copy.deepcopy(tiny_model))
+    for model in (tiny_model, fused, quantize(copy.deepcopy(fused))):
+        tokens = torch.zeros(1, 1, model.config.frame_width, dtype=torch.long)
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        model.setup_caches(1)
+        model.reset_caches()
+        frame = count(model, lambda: generate_frame(model, tokens, mask, torch.zeros(1, 1, dtype=torch.long),
+                                                    Sampler(0.9, 5, torch.Generator().manual_seed(0))))
+        floor = count(model, lambda: bench.bench_products(model, 1, repeats=1))
+        assert len(frame) > model.config.audio_num_codebooks
+        assert floor == sorted(frame + frame)  # a warm-up pass and one timed pass
+
+
+def test_transformers_int8_codebook_heads_match_its_float_heads():
+    import torch
+    from transformers.models.csm.modeling_csm import CsmCodebooksHead
+
+    torch.manual_seed(0)
+    ref = CsmCodebooksHead(hidden_size=64, num_codebooks=5, vocab_size=96)
+    torch.nn.init.normal_(ref.weight, std=0.1)
+    q = bench._Int8CodebooksHead(ref.weight.detach())
+    h = torch.randn(2, 3, 64)
+    idx = torch.tensor([2, 3, 4])  # the depth decoder asks for codebooks 2..4 at positions 0..2
+    with torch.no_grad():
+        want, got = ref(h, idx), q(h, idx)
+    assert got.shape == want.shape == (2, 3, 96)
+    assert float((got - want).norm() / want.norm()) < 0.03

@@ -35,6 +35,7 @@ def test_every_linear_layer_is_int8_and_the_rest_stays_float(pair):
     assert _linears(q) == []  # q/k/v/out projections, MLPs, projection, codebook0 head all replaced
     assert q.quantization == "int8" and ref.quantization == "none"
     assert q.audio_head.dtype == torch.float32 and torch.equal(q.audio_head, ref.audio_head)
+    assert ref.codebook_heads is None and len(q.codebook_heads) == ref.config.audio_num_codebooks - 1
     assert torch.equal(q.text_embeddings.weight, ref.text_embeddings.weight)
 
 
@@ -49,12 +50,16 @@ def test_int8_logits_stay_close_to_float(pair):
         model.setup_caches(1)
         model.reset_caches()
         h = model.backbone_step(tokens, mask, pos)
-        out.append((h, model.codebook0_head(h)))
-    (h_ref, l_ref), (h_q, l_q) = out
+        model.decoder.reset_caches()
+        d = model.decoder_step(torch.stack([h, h], 1), model.decoder_positions[:1, :2])
+        heads = torch.stack([model.codebook_logits(i, d) for i in range(1, ref.config.audio_num_codebooks)])
+        out.append((h, model.codebook0_head(h), heads))
+    (h_ref, l_ref, k_ref), (h_q, l_q, k_q) = out
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(h_q, h_ref) < 0.05  # per-channel int8 weights: ~1% error expected; bf16 is ~0.5%
     assert rel(l_q, l_ref) < 0.05
-    assert l_q.dtype == torch.float32
+    assert rel(k_q, k_ref) < 0.05  # codebooks 1..K-1 through the int8 heads
+    assert l_q.dtype == torch.float32 and k_q.dtype == torch.float32
 
 
 def test_quantized_engine_generates_decodable_audio(pair):
