@@ -91,6 +91,8 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed:
     if codec is not None:
         stream.__exit__(None, None, None)
     name = "ours (CUDA graph)" if graphed else "ours (eager)"
+    if model.fused and device.type == "cuda":  # on CPU our layers are always fused (build_engine)
+        name = name[:-1] + ", fused layers)"
     return _row(name, _setting(model.config.name, model.audio_head.dtype, model.quantization), batch, n,
                 time.perf_counter() - t0, ttfa, device)
 
@@ -185,7 +187,7 @@ class _Int8CodebooksHead(torch.nn.Module):
 
 
 def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
-        compiled: bool = False, quantize: str = "none") -> dict:
+        compiled: bool = False, quantize: str = "none", fuse: bool = False) -> dict:
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     config = get_preset(preset)
@@ -194,16 +196,23 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
     with torch.no_grad():
         for p in model.parameters():  # N(0, 0.02) matrices, unit norms (fast for 1.6B parameters)
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
-    state = {k: v.clone() for k, v in model.state_dict().items()} if with_hf else None
+    keep = with_hf or quantize != "none"  # transformers and the int8 model start from the same weights
+    state = {k: v.clone() for k, v in model.state_dict().items()} if keep else None
     model = model.to(dev, dt).eval()
     from .codec import MimiCodec, build_mimi
+    from .fused import fuse_layers, pack_linears
 
     codec = MimiCodec(build_mimi(None, device=dev))
-    if dev.type == "cpu":  # what build_engine runs on CPU
-        from .fused import fuse_layers
-
+    rows = []
+    if dev.type == "cpu" or fuse:  # build_engine fuses on CPU; on CUDA it is opt-in (--fuse)
         fuse_layers(model)
-    rows = [bench_ours(model, dev, b, frames, codec) for b in batches]
+    if dev.type == "cpu" and dt == torch.float32:  # build_engine's CPU float path: oneDNN products
+        default = [bench_ours(model, dev, b, frames, codec) for b in batches]
+        if pack_linears(model).packed:  # the same layers on PyTorch's default products, for comparison
+            for row in default:
+                row.engine = "ours (eager, PyTorch's default products)"
+            rows += default
+    rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
     if dev.type == "cpu":
         rows += [bench_products(model, b) for b in batches]
     if dev.type == "cuda":
@@ -212,12 +221,15 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
             model.compile_steps()
             for b in batches:
                 row = bench_ours(model, dev, b, frames, codec, graphed=True)
-                row.engine = "ours (compile + CUDA graph)"
+                row.engine = "ours (compile + CUDA graph" + (", fused layers)" if model.fused else ")")
                 rows.append(row)
     if quantize != "none":
         from .quant import quantize as quantize_model
 
-        quantize_model(model, quantize)
+        del model
+        model = CSM(config)
+        model.load_state_dict(state)
+        quantize_model(fuse_layers(model.eval()), quantize)
         rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
         rows += [bench_products(model, b) for b in batches]
     if with_hf:
@@ -274,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="CPU: also time int8 weights (ours and transformers, same scheme)")
+    p.add_argument("--fuse", action="store_true",
+                   help="CUDA: our rows with fused layers (fused.py; always on for CPU)")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
     preset = "tiny" if a.quick else a.preset
     frames = a.frames or (4 if a.quick else 20)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers, compiled=a.compile,
-                 quantize=a.quantize)
+                 quantize=a.quantize, fuse=a.fuse)
     print(f"machine: {result['machine']}")
     print(table(result))
     with open(a.json, "w") as f:

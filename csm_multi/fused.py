@@ -1,7 +1,8 @@
-"""Leaner transformer layers for CPU inference: the same Llama 3.2 math in fewer, larger ops.
+"""Leaner transformer layers: the same Llama 3.2 math in fewer, larger ops.
 
 One job: swap each torchtune self-attention layer of a loaded CSM for a `FusedLayer` holding the
-same weights rearranged. Knows no loop, no I/O. CPU only (see `fuse_layers`).
+same weights rearranged. Knows no loop, no I/O. `build_engine` uses it on CPU; on CUDA it is
+opt-in (`bench --fuse`) until it has been timed inside the per-frame graph.
 
 What changes, per layer and step: q/k/v projections become one matrix (3 products -> 1), the MLP's
 w1/w3 become one (2 -> 1), rotary embeddings are one complex multiply on a precomputed table,
@@ -11,6 +12,9 @@ query head. At batch 1 a CPU frame is ~1,000 small matrix products plus ~10,000 
 The results are the same as torchtune's layers up to float rounding (tests/test_fused.py).
 Weights are moved, not copied: the fused model has no q_proj/k_proj/... parameters, so fuse after
 loading a checkpoint, like `quant.quantize`.
+
+`pack_linears` then hands a float32 CPU model's products to oneDNN with prepacked weights
+(`PackedLinear`), instead of PyTorch's default CPU matrix product.
 """
 
 from __future__ import annotations
@@ -100,16 +104,17 @@ def _stacked(*linears: nn.Linear) -> nn.Linear:
 
 
 def fuse_layers(model: CSM) -> CSM:
-    """Swap every backbone and decoder layer for a `FusedLayer` (in place; CPU float models only).
+    """Swap every backbone and decoder layer for a `FusedLayer` (in place; float models).
 
     Call after loading weights and before `quant.quantize` (which then quantizes the fused
-    matrices). The CUDA path keeps torchtune's layers: its frame runs as one captured graph.
+    matrices). The layers keep fixed shapes when the KV cache is not trimmed, so a fused model
+    can also be captured in `generate.FrameGraph` on CUDA.
     """
     if getattr(model, "fused", False):
         return model
     p = next(model.parameters())
-    if p.device.type != "cpu" or not p.is_floating_point():
-        raise ValueError(f"fused layers are for CPU float models (got {p.device.type} {str(p.dtype)[6:]})")
+    if not p.is_floating_point():
+        raise ValueError(f"fused layers are for float models (got {str(p.dtype)[6:]})")
     if model.quantization != "none":
         raise ValueError("fuse the layers before quantizing the model")
     model.drop_caches()
@@ -117,4 +122,66 @@ def fuse_layers(model: CSM) -> CSM:
         for i, layer in enumerate(stack.layers):
             stack.layers[i] = FusedLayer(layer)
     model.fused = True
+    return model
+
+
+class PackedLinear(nn.Module):
+    """A bias-free float32 Linear run by oneDNN (PyTorch's mkldnn ops) on a weight reordered once
+    into oneDNN's blocked layout. On CPU, PyTorch's default path (MKL sgemm) is slow on AMD
+    processors and for a few rows at a time; this one read ~19 GB/s against 11.5 for batch 1 and
+    4.3x faster at batch 4 on the project's 2-core EPYC (bench/README). Same values up to float
+    rounding. x (..., in_features) -> (..., out_features).
+    """
+
+    def __init__(self, weight: torch.Tensor):  # (out_features, in_features)
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def onednn_works() -> bool:
+    """Whether this PyTorch build has the packed oneDNN linear and it computes what F.linear does."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        w, x = torch.randn(24, 40, generator=gen), torch.randn(3, 2, 40, generator=gen)
+        return torch.allclose(PackedLinear(w)(x), F.linear(x, w), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):  # a build or CPU without these kernels
+        return False
+
+
+MIN_PACKED = 2**20  # weights below this many elements stay on PyTorch's product: oneDNN's call costs
+# ~40 us against ~10 (measured on the 2-core EPYC), more than it saves on a small matrix. Every
+# csm-1b matrix is at least 1024 x 1024; the tiny preset's are all smaller.
+
+
+def pack_linears(model: CSM, min_elements: int | None = None) -> CSM:
+    """Swap each float32 `nn.Linear` of a CPU model (layers, projection, codebook-0 head) with at
+    least `min_elements` (default `MIN_PACKED`) weights for a `PackedLinear`, and give the stacked codebook heads 1..K-1
+    packed copies in `model.codebook_heads` (as `quant.quantize` does with int8).
+
+    In place; the last step before generating (after `fuse_layers`; int8 models are left as they
+    are). `model.packed` says whether anything was packed: where oneDNN is missing or wrong, or
+    every matrix is small, the model is left unchanged.
+    """
+    if model.packed or model.quantization != "none":
+        return model
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not onednn_works():
+        return model
+    min_elements = MIN_PACKED if min_elements is None else min_elements
+    with torch.no_grad():
+        for parent in [model, *model.backbone.modules(), *model.decoder.modules()]:
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child.bias is None and child.weight.numel() >= min_elements and (
+                        parent is not model or name in ("projection", "codebook0_head")):
+                    setattr(parent, name, PackedLinear(child.weight))
+        if model.audio_head[0].numel() >= min_elements:
+            model.codebook_heads = nn.ModuleList(PackedLinear(head.t()) for head in model.audio_head.detach())
+    model.packed = any(isinstance(m, PackedLinear) for m in model.modules())
     return model

@@ -219,9 +219,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> Engine:
-    """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused
-    (`fused.py`); quantize="int8" also gives the CPU model int8 weights (`quant.py`)."""
-    from .fused import fuse_layers
+    """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and
+    float32 products run on oneDNN (`fused.py`); quantize="int8" gives the CPU model int8
+    weights instead (`quant.py`)."""
+    from .fused import fuse_layers, pack_linears
     from .quant import MODES, quantize as quantize_model
 
     if quantize not in MODES:
@@ -232,6 +233,8 @@ def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> En
     if quantize != "none":
         quantize_model(engine.model, quantize)
         engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"
+    elif engine.device.type == "cpu":
+        pack_linears(engine.model)
     return engine
 
 

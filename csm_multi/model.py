@@ -88,8 +88,9 @@ class CSM(nn.Module):
         self._cache_batch_size: int | None = None
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
         self.quantization = "none"  # "int8" after quant.quantize
-        self.codebook_heads: nn.ModuleList | None = None  # int8 copies of audio_head (quant.quantize)
+        self.codebook_heads: nn.ModuleList | None = None  # audio_head as int8 or packed Linears (CPU)
         self.fused = False  # True after fused.fuse_layers (CPU)
+        self.packed = False  # True after fused.pack_linears (CPU float32: oneDNN products)
 
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()

@@ -43,6 +43,8 @@ def quantize(model: CSM, mode: str = "int8") -> CSM:
             f"int8 quantization runs on CPU float32 models (got {p.device.type} {str(p.dtype)[6:]}); "
             "on a GPU use bfloat16, which the CUDA-graph path is built for"
         )
+    if model.packed:
+        raise ValueError("quantize the model before fused.pack_linears (packed float layers cannot be quantized)")
     if "fbgemm" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "fbgemm"
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

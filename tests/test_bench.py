@@ -10,7 +10,7 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert bench.main(["--quick", "--batch", "1", "2", "--frames", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
-    engines = ("ours (eager)", "weight products only (floor)", "transformers")
+    engines = ("ours (eager)", "weight products only (floor)", "transformers")  # tiny: nothing to pack
     assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in engines for b in (1, 2)}
     rows = [r for r in rows if r["engine"] != engines[1]]
     for r in rows:
@@ -38,7 +38,7 @@ def test_floor_makes_every_weight_product_of_a_frame_once(tiny_model):
 
     import torch
 
-    from csm_multi.fused import fuse_layers
+    from csm_multi.fused import fuse_layers, pack_linears
     from csm_multi.generate import Sampler, generate_frame
     from csm_multi.quant import quantize
 
@@ -57,14 +57,19 @@ def test_floor_makes_every_weight_product_of_a_frame_once(tiny_model):
         return sorted(map(str, calls))
 
     fused = fuse_layers(copy.deepcopy(tiny_model))
-    for model in (tiny_model, fused, quantize(copy.deepcopy(fused))):
+    packed = pack_linears(fuse_layers(copy.deepcopy(tiny_model)), min_elements=0)
+    assert packed.packed
+    for model in (tiny_model, fused, quantize(copy.deepcopy(fused)), packed):
         tokens = torch.zeros(1, 1, model.config.frame_width, dtype=torch.long)
         mask = torch.ones_like(tokens, dtype=torch.bool)
-        model.setup_caches(1)
-        model.reset_caches()
-        frame = count(model, lambda: generate_frame(model, tokens, mask, torch.zeros(1, 1, dtype=torch.long),
-                                                    Sampler(0.9, 5, torch.Generator().manual_seed(0))))
-        floor = count(model, lambda: bench.bench_products(model, 1, repeats=1))
+        model.drop_caches()  # fresh caches, whatever mode earlier tests made them in
+        with torch.inference_mode():
+            model.setup_caches(1)
+            model.reset_caches()
+            frame = count(model, lambda: generate_frame(model, tokens, mask, torch.zeros(1, 1, dtype=torch.long),
+                                                        Sampler(0.9, 5, torch.Generator().manual_seed(0))))
+            floor = count(model, lambda: bench.bench_products(model, 1, repeats=1))
+        model.drop_caches()
         assert len(frame) > model.config.audio_num_codebooks
         assert floor == sorted(frame + frame)  # a warm-up pass and one timed pass
 

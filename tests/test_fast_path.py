@@ -46,6 +46,24 @@ def test_graph_replay_matches_eager_codes(gpu_model, topk):
 
 
 @cuda
+def test_fused_layers_in_the_graph_match_eager_and_torchtune(gpu_model):
+    """fused.py's layers captured in the frame graph: the same codes as eager fused frames, and as
+    torchtune's layers (fp32 tiny model; greedy, so rounding cannot flip a sample)."""
+    import copy
+
+    from csm_multi.fused import fuse_layers
+
+    fused = fuse_layers(copy.deepcopy(gpu_model))
+    gen = torch.Generator(device="cuda")
+    sampler = Sampler(0.9, 1, gen, num_codes=2048)
+    with torch.inference_mode():
+        graph = FrameGraph(fused, 1, sampler)
+    eager, fast, ref = _codes(fused, sampler, 12), _codes(fused, sampler, 12, graph), _codes(gpu_model, sampler, 12)
+    assert eager.shape == (12, 1, 32)
+    assert torch.equal(eager, fast) and torch.equal(eager, ref)
+
+
+@cuda
 def test_engine_fast_and_plain_agree(gpu_model):
     codec = MimiCodec(build_mimi(None, device="cuda"))
     fast = Engine(gpu_model, ByteTokenizer(), codec, watermark=False, fast=True)
