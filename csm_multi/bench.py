@@ -170,16 +170,10 @@ class _Int8CodebooksHead(torch.nn.Module):
     with each matrix as an int8 dynamic Linear, as `quant.quantize` does for ours."""
 
     def __init__(self, weight: torch.Tensor):  # (K-1, D, V)
-        from torch import nn
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from .quant import int8_heads
 
         super().__init__()
-        heads = nn.Sequential()
-        for w in weight:
-            linear = nn.Linear(w.shape[0], w.shape[1], bias=False)
-            linear.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
-            heads.append(linear)
-        self.heads = quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        self.heads = int8_heads(weight)
 
     def forward(self, hidden_states: torch.Tensor, codebook_indices: torch.Tensor) -> torch.Tensor:
         rows = (codebook_indices - 1).tolist()  # CPU only, so no device sync is hidden here

@@ -55,13 +55,22 @@ def quantize(model: CSM, mode: str = "int8") -> CSM:
             holder = nn.Sequential(getattr(model, name))  # quantize_dynamic swaps children, not the root
             quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
             setattr(model, name, holder[0])
-        heads = nn.Sequential()
-        for head in model.audio_head.detach():  # (Dd, V) each -> Linear(Dd, V)
-            linear = nn.Linear(head.shape[0], head.shape[1], bias=False)
-            linear.weight = nn.Parameter(head.t().contiguous(), requires_grad=False)
-            heads.append(linear)
-        quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-        model.codebook_heads = nn.ModuleList(heads)
+    model.codebook_heads = int8_heads(model.audio_head.detach())
     model.quantization = mode
     model.drop_caches()
     return model
+
+
+def int8_heads(stacked: torch.Tensor) -> nn.ModuleList:
+    """Stacked head matrices (H, D, V), used as x @ stacked[i] -> H int8 Linear(D, V) layers."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    heads = nn.Sequential()
+    for head in stacked:
+        linear = nn.Linear(head.shape[0], head.shape[1], bias=False)
+        linear.weight = nn.Parameter(head.t().contiguous(), requires_grad=False)
+        heads.append(linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return nn.ModuleList(heads)
