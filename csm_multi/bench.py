@@ -200,13 +200,15 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
     rows = []
     if dev.type == "cpu" or fuse:  # build_engine fuses on CPU; on CUDA it is opt-in (--fuse)
         fuse_layers(model)
+    ours = None
     if dev.type == "cpu" and dt == torch.float32:  # build_engine's CPU float path: oneDNN products
-        default = [bench_ours(model, dev, b, frames, codec) for b in batches]
-        if pack_linears(model).packed:  # the same layers on PyTorch's default products, for comparison
-            for row in default:
+        ours = [bench_ours(model, dev, b, frames, codec) for b in batches]
+        if pack_linears(model).packed:  # those rows ran on PyTorch's default products: keep for comparison
+            for row in ours:
                 row.engine = "ours (eager, PyTorch's default products)"
-            rows += default
-    rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
+            rows += ours
+            ours = None
+    rows += ours or [bench_ours(model, dev, b, frames, codec) for b in batches]
     if dev.type == "cpu":
         rows += [bench_products(model, b) for b in batches]
     if dev.type == "cuda":
