@@ -162,8 +162,8 @@ MIN_PACKED = 2**20  # weights below this many elements stay on PyTorch's product
 
 def pack_linears(model: CSM, min_elements: int | None = None) -> CSM:
     """Swap each float32 `nn.Linear` of a CPU model (layers, projection, codebook-0 head) with at
-    least `min_elements` (default `MIN_PACKED`) weights for a `PackedLinear`, and give the stacked codebook heads 1..K-1
-    packed copies in `model.codebook_heads` (as `quant.quantize` does with int8).
+    least `min_elements` (default `MIN_PACKED`) weights for a `PackedLinear`, and give the stacked
+    codebook heads 1..K-1 packed copies in `model.codebook_heads` (as `quant.quantize` does with int8).
 
     In place; the last step before generating (after `fuse_layers`; int8 models are left as they
     are). `model.packed` says whether anything was packed: where oneDNN is missing or wrong, or

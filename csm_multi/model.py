@@ -89,7 +89,7 @@ class CSM(nn.Module):
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
         self.quantization = "none"  # "int8" after quant.quantize
         self.codebook_heads: nn.ModuleList | None = None  # audio_head as int8 or packed Linears (CPU)
-        self.fused = False  # True after fused.fuse_layers (CPU)
+        self.fused = False  # True after fused.fuse_layers (CPU by default; CUDA with bench --fuse)
         self.packed = False  # True after fused.pack_linears (CPU float32: oneDNN products)
 
     # ---- initialisation -------------------------------------------------------------------
