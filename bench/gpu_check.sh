@@ -37,7 +37,7 @@ case "$what" in tests|all)
   run "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fused.py tests/test_memory.py ;;
 esac
 case "$what" in bench|all)
-  run "$PY" -m csm_multi.bench --device cuda --batch 1 4 8 --frames 40 --json "$out/$gpu-csm-1b-bf16.json" ;;
+  run "$PY" -m csm_multi.bench --device cuda --batch 1 4 8 --frames 40 --rounds 2 --json "$out/$gpu-csm-1b-bf16.json" ;;
 esac
 case "$what" in fused|all)
   run "$PY" -m csm_multi.bench --device cuda --batch 1 8 --frames 40 --fuse --no-transformers \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,9 @@ class Row:
     audio_s_per_s: float
     ttfa_ms: float | None
     peak_mem_mb: float | None
+    ms_rounds: list[float] | None = None  # every round's ms/frame (the row is their median)
+    speedup_rounds: list[float] | None = None  # per round: transformers (base dtype) ms/frame over ours
+    speedup_same_setting_rounds: list[float] | None = None  # the same against transformers in this row's setting
 
 
 def _sync(device: torch.device) -> None:
@@ -180,80 +184,138 @@ class _Int8CodebooksHead(torch.nn.Module):
         return torch.stack([self.heads[i](hidden_states[:, j]) for j, i in enumerate(rows)], dim=1)
 
 
-def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
-        compiled: bool = False, quantize: str = "none", fuse: bool = False) -> dict:
-    dev = torch.device(device)
-    dt = getattr(torch, dtype)
-    config = get_preset(preset)
+def _random_model(config, seed: int) -> CSM:
+    """A model of `config`'s size with N(0, 0.02) matrices and unit norms (fast for 1.6B parameters);
+    the same weights for the same seed, so a second copy can be made later instead of kept."""
     torch.manual_seed(seed)
     model = CSM(config)
     with torch.no_grad():
-        for p in model.parameters():  # N(0, 0.02) matrices, unit norms (fast for 1.6B parameters)
+        for p in model.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
-    keep = with_hf or quantize != "none"  # transformers and the int8 model start from the same weights
-    state = {k: v.clone() for k, v in model.state_dict().items()} if keep else None
-    model = model.to(dev, dt).eval()
+    return model.eval()
+
+
+class _Rounds:
+    """Times settings in turn, round after round, and keeps each one's median.
+
+    On a shared machine the speed drifts by 15% and more within minutes; timing ours and
+    transformers one after the other, `rounds` times, spreads the drift over both instead of
+    giving it to whichever ran in the slow minutes. A row is the median round (the lower one for
+    an even count); `ms_rounds` keeps every round's ms/frame. Speed-ups are taken per round,
+    against transformers timed in the same round of the same phase, and their median reported.
+
+    Keys: ours (engine, quantization, ..., batch); transformers' ("transformers", quantization, batch).
+    """
+
+    def __init__(self, rounds: int):
+        self.rounds = max(1, rounds)
+        self.runs: dict[tuple, list[Row]] = {}
+        self.at: dict[tuple, list[tuple[int, int]]] = {}  # key -> (phase, round) of each of its runs
+        self.phases = 0
+
+    def phase(self, timers: dict[tuple, object]) -> None:
+        """Call every timer (key -> () -> Row) once per round; a key seen in an earlier phase adds to its rounds."""
+        for r in range(self.rounds):
+            for key, timer in timers.items():
+                self.runs.setdefault(key, []).append(timer())
+                self.at.setdefault(key, []).append((self.phases, r))
+        self.phases += 1
+
+    def speedups(self, key: tuple, ref: tuple) -> list[float]:
+        """ref's ms/frame over key's, for every round in which both were timed."""
+        ref_ms = {at: row.ms_per_frame for at, row in zip(self.at.get(ref, []), self.runs.get(ref, []))}
+        return [round(ref_ms[at] / row.ms_per_frame, 3) for at, row in zip(self.at[key], self.runs[key]) if at in ref_ms]
+
+    def rows(self) -> list[Row]:
+        out = []
+        for key, runs in self.runs.items():
+            row = sorted(runs, key=lambda r: r.ms_per_frame)[(len(runs) - 1) // 2]
+            row.ms_rounds = [r.ms_per_frame for r in runs]
+            if key[0] != "transformers":
+                row.speedup_rounds = self.speedups(key, ("transformers", "none", key[-1])) or None
+                row.speedup_same_setting_rounds = self.speedups(key, ("transformers", key[1], key[-1])) or None
+            out.append(row)
+        return [r for r in out if r.engine != "transformers"] + [r for r in out if r.engine == "transformers"]
+
+
+def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, with_hf: bool, seed: int = 0,
+        compiled: bool = False, quantize: str = "none", fuse: bool = False, rounds: int = 3) -> dict:
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    config = get_preset(preset)
+    model = _random_model(config, seed)
     from .codec import MimiCodec, build_mimi
     from .fused import fuse_layers, pack_linears
 
+    hf = None
+    if with_hf:  # the same weights in transformers' classes; both stay loaded so their rounds interleave
+        from .hf_compat import hf_model
+
+        hf = hf_model(model.state_dict(), config, small_codec=True).to(dev, dt)
+
+    def hf_timers():
+        if hf is None:
+            return {}
+        setting = getattr(hf, "quantization", "none")
+        return {("transformers", setting, b): (lambda b=b: bench_transformers(hf, config, dev, b, frames))
+                for b in batches}
+
+    def ours(name, **kw):
+        def timer(b):
+            row = bench_ours(model, dev, b, frames, codec, **kw)
+            row.engine = name or row.engine
+            return row
+        return {(name, model.quantization, kw.get("graphed", False), b): (lambda b=b: timer(b)) for b in batches}
+
+    def floor():
+        return {("floor", model.quantization, b): (lambda b=b: bench_products(model, b)) for b in batches}
+
+    model = model.to(dev, dt)
     codec = MimiCodec(build_mimi(None, device=dev))
-    rows = []
+    sched = _Rounds(rounds)
     if dev.type == "cpu" or fuse:  # build_engine fuses on CPU; on CUDA it is opt-in (--fuse)
         fuse_layers(model)
-    ours = None
-    if dev.type == "cpu" and dt == torch.float32:  # build_engine's CPU float path: oneDNN products
-        ours = [bench_ours(model, dev, b, frames, codec) for b in batches]
-        if pack_linears(model).packed:  # those rows ran on PyTorch's default products: keep for comparison
-            for row in ours:
-                row.engine = "ours (eager, PyTorch's default products)"
-            rows += ours
-            ours = None
-    rows += ours or [bench_ours(model, dev, b, frames, codec) for b in batches]
     if dev.type == "cpu":
-        rows += [bench_products(model, b) for b in batches]
-    if dev.type == "cuda":
-        rows += [bench_ours(model, dev, b, frames, codec, graphed=True) for b in batches]
+        if dt == torch.float32:  # build_engine's CPU float path packs products for oneDNN: time both
+            sched.phase({**ours(None), **hf_timers()})
+            if pack_linears(model).packed:
+                for key in [k for k in sched.runs if k[0] is None]:  # those rounds ran PyTorch's default products
+                    for row in sched.runs[key]:
+                        row.engine = "ours (eager, PyTorch's default products)"
+                sched.phase({**ours("ours (eager)"), **floor(), **hf_timers()})
+            else:
+                sched.phase(floor())
+        else:
+            sched.phase({**ours(None), **floor(), **hf_timers()})
+    else:
+        sched.phase({**ours(None), **ours(None, graphed=True), **hf_timers()})
         if compiled:
             model.compile_steps()
-            for b in batches:
-                row = bench_ours(model, dev, b, frames, codec, graphed=True)
-                row.engine = "ours (compile + CUDA graph" + (", fused layers)" if model.fused else ")")
-                rows.append(row)
+            name = "ours (compile + CUDA graph" + (", fused layers)" if model.fused else ")")
+            sched.phase({**ours(name, graphed=True), **hf_timers()})
     if quantize != "none":
         from .quant import quantize as quantize_model
 
         del model
-        model = CSM(config)
-        model.load_state_dict(state)
-        quantize_model(fuse_layers(model.eval()), quantize)
-        rows += [bench_ours(model, dev, b, frames, codec) for b in batches]
-        rows += [bench_products(model, b) for b in batches]
-    if with_hf:
-        model.cpu()
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        from .hf_compat import hf_model
-
-        hf = hf_model(state, config, small_codec=True).to(dev, dt)
-        del state
-        rows += [bench_transformers(hf, config, dev, b, frames) for b in batches]
-        if quantize != "none":
+        model = quantize_model(fuse_layers(_random_model(config, seed)), quantize)
+        if hf is not None:
             quantize_transformers(hf)
-            rows += [bench_transformers(hf, config, dev, b, frames) for b in batches]
+        sched.phase({**ours(None), **floor(), **hf_timers()})
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                     "torch": torch.__version__},
         "preset": preset, "device": device, "dtype": dtype, "quantize": quantize, "frames": frames,
-        "rows": [asdict(r) for r in rows],
+        "rounds": sched.rounds, "rows": [asdict(r) for r in sched.rows()],
     }
 
 
 def table(result: dict) -> str:
-    """Markdown table; ratios are transformers' ms/frame over ours at the same batch size, against
-    transformers at the run's base dtype and, for int8 rows, against transformers with int8 too."""
+    """Markdown table. Speed-ups are transformers' ms/frame over ours at the same batch size, against
+    transformers at the run's base dtype and, for int8 rows, against transformers with int8 too:
+    the median of the per-round speed-ups where both were timed in the same round (interleaved),
+    else the ratio of the two rows' medians."""
     hf = {(r["batch"], r["setting"]): r for r in result["rows"] if r["engine"] == "transformers"}
     base = f"{result['preset']} {result['dtype']}"
     lines = ["| engine | setting | batch | ms/frame | RTF | frames/s | audio s/s | TTFA ms | peak MB "
@@ -261,9 +323,12 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratios = []
-        for setting in (base, r["setting"]):
+        for setting, paired in ((base, r.get("speedup_rounds")), (r["setting"], r.get("speedup_same_setting_rounds"))):
             ref = hf.get((r["batch"], setting))
-            ratios.append(f"{ref['ms_per_frame'] / r['ms_per_frame']:.2f}x" if ref else "-")
+            if paired:
+                ratios.append(f"{statistics.median(paired):.2f}x")
+            else:
+                ratios.append(f"{ref['ms_per_frame'] / r['ms_per_frame']:.2f}x" if ref else "-")
         lines.append(f"| {r['engine']} | {r['setting']} | {r['batch']} | {r['ms_per_frame']} | {r['rtf']} | "
                      f"{r['frames_per_s']} | {r['audio_s_per_s']} | {r['ttfa_ms'] or '-'} | {r['peak_mem_mb'] or '-'} "
                      f"| {ratios[0]} | {ratios[1]} |")
@@ -284,13 +349,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: also time int8 weights (ours and transformers, same scheme)")
     p.add_argument("--fuse", action="store_true",
                    help="CUDA: our rows with fused layers (fused.py; always on for CPU)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time every setting this many times, ours and transformers in turn; rows are medians")
     p.add_argument("--json", default="bench.json")
     a = p.parse_args(argv)
     preset = "tiny" if a.quick else a.preset
     frames = a.frames or (4 if a.quick else 20)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     result = run(preset, a.device, dtype, a.batch, frames, not a.no_transformers, compiled=a.compile,
-                 quantize=a.quantize, fuse=a.fuse)
+                 quantize=a.quantize, fuse=a.fuse, rounds=a.rounds)
     print(f"machine: {result['machine']}")
     print(table(result))
     with open(a.json, "w") as f:

@@ -1,5 +1,6 @@
 """The benchmark's quick mode runs end to end (so it never rots) and reports consistent figures."""
 
+import dataclasses
 import json
 
 from csm_multi import bench
@@ -7,7 +8,7 @@ from csm_multi import bench
 
 def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--batch", "1", "2", "--frames", "3", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--batch", "1", "2", "--frames", "3", "--rounds", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     engines = ("ours (eager)", "weight products only (floor)", "transformers")  # tiny: nothing to pack
@@ -18,9 +19,35 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
         assert r["ms_per_frame"] > 0
         assert abs(r["rtf"] - r["ms_per_frame"] / 80) < 1e-3
         assert abs(r["frames_per_s"] - r["batch"] * 1000 / r["ms_per_frame"]) / r["frames_per_s"] < 0.01
+        assert len(r["ms_rounds"]) == 2 and r["ms_per_frame"] == min(r["ms_rounds"])  # lower median of two
     assert all(r["ttfa_ms"] > 0 for r in rows if r["engine"].startswith("ours"))
     printed = capsys.readouterr().out
     assert "| ours (eager) | tiny float32 | 1 |" in printed and "speed-up vs transformers" in printed
+
+
+def test_rounds_interleave_settings_and_keep_medians():
+    calls = []
+
+    def timer(engine, times):
+        times = iter(times)
+
+        def t():
+            calls.append(engine)
+            return bench.Row(engine, "s", 1, 4, next(times), 0, 0, 0, None, None)
+        return t
+
+    sched = bench._Rounds(3)
+    hf, ours = ("transformers", "none", 1), ("ours", "none", 1)
+    sched.phase({hf: timer("transformers", [30, 10, 20]), ours: timer("ours", [5, 10, 8])})
+    assert calls == ["transformers", "ours"] * 3  # in turn, round after round
+    sched.phase({hf: timer("transformers", [15, 25, 35])})  # a later phase adds rounds
+    ours_row, hf_row = sched.rows()  # transformers' rows come last
+    assert (ours_row.engine, ours_row.ms_per_frame, ours_row.ms_rounds) == ("ours", 8, [5, 10, 8])
+    assert (hf_row.engine, hf_row.ms_per_frame, hf_row.ms_rounds) == ("transformers", 20, [30, 10, 20, 15, 25, 35])
+    # speed-ups pair each of our rounds with transformers' round beside it, not with its median
+    assert ours_row.speedup_rounds == ours_row.speedup_same_setting_rounds == [6.0, 1.0, 2.5]
+    result = {"preset": "p", "dtype": "float32", "rows": [dataclasses.asdict(r) for r in (ours_row, hf_row)]}
+    assert "| ours | s | 1 | 8 | " in bench.table(result) and "| 2.50x | 2.50x |" in bench.table(result)
 
 
 def test_int8_rows_compare_like_with_like(tmp_path):
