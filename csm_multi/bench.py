@@ -56,19 +56,29 @@ def _peak_reset(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def _peak(device, held: int = 0) -> float | None:
+    """Peak GPU memory (MB) since the last reset, less `held` bytes kept by the other engine's model."""
+    return (torch.cuda.max_memory_allocated(device) - held) / 2**20 if device.type == "cuda" else None
 
 
-def _row(engine, setting, batch, frames, seconds, ttfa, device) -> Row:
+def _bytes_on(module: torch.nn.Module | None, device: torch.device) -> int:
+    """Bytes of `module`'s parameters and buffers on `device` (the other engine, resident while one is timed)."""
+    if module is None or device.type != "cuda":
+        return 0
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda")
+
+
+def _row(engine, setting, batch, frames, seconds, ttfa, device, held: int = 0) -> Row:
     ms = seconds * 1000 / frames
     return Row(engine, setting, batch, frames, round(ms, 2), round(ms / FRAME_MS, 4), round(frames * batch / seconds, 2),
                round(frames * batch * FRAME_MS / 1000 / seconds, 3), None if ttfa is None else round(ttfa * 1000, 1),
-               None if _peak(device) is None else round(_peak(device), 1))
+               None if _peak(device) is None else round(_peak(device, held), 1))
 
 
 @torch.inference_mode()
-def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed: bool = False) -> Row:
+def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed: bool = False, held: int = 0) -> Row:
+    """Our frame loop: ms/frame over `frames` frames (prefill included), time to first audio. `held`:
+    bytes another resident model keeps on the GPU, left out of the peak memory."""
     tokens, mask = text_frames(PROMPT, model.config.audio_num_codebooks)
     tokens = tokens[None].expand(batch, -1, -1).to(device)
     mask = mask[None].expand(batch, -1, -1).to(device)
@@ -98,7 +108,7 @@ def bench_ours(model: CSM, device, batch: int, frames: int, codec=None, graphed:
     if model.fused and device.type == "cuda":  # on CPU our layers are always fused (build_engine)
         name = name[:-1] + ", fused layers)"
     return _row(name, _setting(model.config.name, model.audio_head.dtype, model.quantization), batch, n,
-                time.perf_counter() - t0, ttfa, device)
+                time.perf_counter() - t0, ttfa, device, held)
 
 
 @torch.inference_mode()
@@ -135,7 +145,7 @@ def _setting(preset: str, dtype: torch.dtype, quantization: str = "none") -> str
 
 
 @torch.inference_mode()
-def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
+def bench_transformers(hf, config, device, batch: int, frames: int, held: int = 0) -> Row:
     ids = torch.tensor([PROMPT] * batch, device=device)
     kwargs = dict(do_sample=True, top_k=50, temperature=0.9, depth_decoder_do_sample=True, depth_decoder_top_k=50,
                   depth_decoder_temperature=0.9)
@@ -147,7 +157,7 @@ def bench_transformers(hf, config, device, batch: int, frames: int) -> Row:
     _sync(device)
     n = out.shape[1]
     return _row("transformers", _setting(config.name, hf.dtype, getattr(hf, "quantization", "none")), batch, n,
-                time.perf_counter() - t0, None, device)
+                time.perf_counter() - t0, None, device, held)
 
 
 def quantize_transformers(hf) -> None:
@@ -257,12 +267,12 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
         if hf is None:
             return {}
         setting = getattr(hf, "quantization", "none")
-        return {("transformers", setting, b): (lambda b=b: bench_transformers(hf, config, dev, b, frames))
+        return {("transformers", setting, b): (lambda b=b: bench_transformers(hf, config, dev, b, frames, _bytes_on(model, dev)))
                 for b in batches}
 
     def ours(name, **kw):
         def timer(b):
-            row = bench_ours(model, dev, b, frames, codec, **kw)
+            row = bench_ours(model, dev, b, frames, codec, held=_bytes_on(hf, dev), **kw)
             row.engine = name or row.engine
             return row
         return {(name, model.quantization, kw.get("graphed", False), b): (lambda b=b: timer(b)) for b in batches}

@@ -77,3 +77,16 @@ def test_engine_fast_and_plain_agree(gpu_model):
         assert torch.equal(x.codes, y.codes)
     # switching batch sizes recaptures instead of replaying a stale graph
     assert torch.equal(fast.generate("Hello there.", 0, sampling=sampling).codes, a.codes)
+
+
+@cuda
+def test_bench_peak_memory_leaves_out_the_other_resident_model(gpu_model):
+    """The benchmark keeps ours and transformers' models on the GPU together; each row's peak is its own."""
+    from csm_multi import bench
+
+    other = torch.nn.Linear(1024, 1024, device="cuda")  # 4 MiB of weights held by "the other engine"
+    held = bench._bytes_on(other, torch.device("cuda"))
+    assert held == (1024 * 1024 + 1024) * 4
+    alone = bench.bench_ours(gpu_model, torch.device("cuda"), 1, 3).peak_mem_mb
+    less = bench.bench_ours(gpu_model, torch.device("cuda"), 1, 3, held=held).peak_mem_mb
+    assert alone - less == pytest.approx(held / 2**20, abs=0.5)
