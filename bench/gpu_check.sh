@@ -40,11 +40,11 @@ case "$what" in bench|all)
   run "$PY" -m csm_multi.bench --device cuda --batch 1 4 8 --frames 40 --rounds 2 --json "$out/$gpu-csm-1b-bf16.json" ;;
 esac
 case "$what" in fused|all)
-  run "$PY" -m csm_multi.bench --device cuda --batch 1 8 --frames 40 --fuse --no-transformers \
+  run "$PY" -m csm_multi.bench --device cuda --batch 1 8 --frames 40 --rounds 2 --fuse --no-transformers \
     --json "$out/$gpu-csm-1b-bf16-fused.json" ;;
 esac
 case "$what" in compile|all)
-  run "$PY" -m csm_multi.bench --device cuda --batch 1 --frames 40 --compile --no-transformers \
+  run "$PY" -m csm_multi.bench --device cuda --batch 1 --frames 40 --rounds 2 --compile --no-transformers \
     --json "$out/$gpu-csm-1b-bf16-compile.json" ;;
 esac
 exit $rc
