@@ -164,18 +164,10 @@ def quantize_transformers(hf) -> None:
     """The same int8 scheme as `quant.quantize` on transformers' CSM (its backbone, depth decoder and
     heads' nn.Linear layers, and its stacked codebook heads), so int8 rows compare like with like.
     CPU only."""
-    import warnings
+    from .quant import int8_linears
 
-    from torch import nn
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in ("backbone_model", "depth_decoder", "lm_head"):
-            holder = nn.Sequential(getattr(hf, name))  # quantize_dynamic swaps children, not the root
-            quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-            setattr(hf, name, holder[0])
-        hf.depth_decoder.codebooks_head = _Int8CodebooksHead(hf.depth_decoder.codebooks_head.weight.detach())
+    int8_linears(hf, ("backbone_model", "depth_decoder", "lm_head"))
+    hf.depth_decoder.codebooks_head = _Int8CodebooksHead(hf.depth_decoder.codebooks_head.weight.detach())
     hf.quantization = "int8"
 
 

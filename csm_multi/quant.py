@@ -45,32 +45,40 @@ def quantize(model: CSM, mode: str = "int8") -> CSM:
         )
     if model.packed:
         raise ValueError("quantize the model before fused.pack_linears (packed float layers cannot be quantized)")
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = "fbgemm"
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch 2.9 flags the torch.ao namespace as moving to torchao
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in ("backbone", "decoder", "projection", "codebook0_head"):
-            holder = nn.Sequential(getattr(model, name))  # quantize_dynamic swaps children, not the root
-            quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-            setattr(model, name, holder[0])
+    int8_linears(model, ("backbone", "decoder", "projection", "codebook0_head"))
     model.codebook_heads = int8_heads(model.audio_head.detach())
     model.quantization = mode
     model.drop_caches()
     return model
 
 
+def int8_linears(parent: nn.Module, names: tuple[str, ...]) -> None:
+    """Swap every `nn.Linear` in `parent.<name>` (for each name; the attribute may itself be a
+    Linear) for an int8 dynamic one with per-output-channel scales, in place. Used for our CSM and
+    for transformers' in the benchmark, so both get the same scheme."""
+    for name in names:
+        holder = nn.Sequential(getattr(parent, name))  # quantize_dynamic swaps children, not the root
+        _int8_children(holder)
+        setattr(parent, name, holder[0])
+
+
 def int8_heads(stacked: torch.Tensor) -> nn.ModuleList:
     """Stacked head matrices (H, D, V), used as x @ stacked[i] -> H int8 Linear(D, V) layers."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
     heads = nn.Sequential()
     for head in stacked:
         linear = nn.Linear(head.shape[0], head.shape[1], bias=False)
         linear.weight = nn.Parameter(head.t().contiguous(), requires_grad=False)
         heads.append(linear)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        quantize_dynamic(heads, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    _int8_children(heads)
     return nn.ModuleList(heads)
+
+
+def _int8_children(container: nn.Module) -> None:
+    """Every nn.Linear inside `container` (not the container itself) -> fbgemm int8, in place."""
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "fbgemm"
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch 2.9 flags the torch.ao namespace as moving to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantize_dynamic(container, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
