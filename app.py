@@ -99,6 +99,12 @@ def _seed(value) -> int | None:
     return None if value < 0 else value
 
 
+def _chosen(name) -> str:
+    if not name:
+        raise CsmError("choose a profile first")
+    return name
+
+
 def _render_config(temperature, topk, seed, max_line_s, pause_ms, mode) -> RenderConfig:
     """The Script tab's settings as a RenderConfig (ValueError for impossible values)."""
     return RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk), seed=_seed(seed),
@@ -191,6 +197,7 @@ def build_demo(studio: Studio):
 
     def rename_profile(key, name, new_name):
         try:
+            _chosen(name)
             studio.library(key).rename(name, new_name)
             return (*library_view(key), f"Renamed to **{html.escape(new_name)}**.")
         except CsmError as e:
@@ -200,6 +207,7 @@ def build_demo(studio: Studio):
         if not confirmed:
             fail(CsmError("tick 'Yes, delete it' first: deleting cannot be undone"))
         try:
+            _chosen(name)
             studio.library(key).delete(name)
             return (*library_view(key), f"Deleted **{html.escape(name)}**.", False)
         except CsmError as e:
@@ -207,6 +215,7 @@ def build_demo(studio: Studio):
 
     def export_profile(key, name):
         try:  # a fresh copy in the outputs folder, never a stored file
+            _chosen(name)
             return str(studio.library(key).export(name, studio.fresh_dir("export-")))
         except CsmError as e:
             fail(e)
@@ -295,7 +304,8 @@ def build_demo(studio: Studio):
         if result is None:
             fail(CsmError("render the script first, then regenerate one of its lines"))
         try:
-            new = studio.rerender(key, result, int(line_number), voices or {}, _seed(seed))
+            line = None if line_number is None else int(line_number)
+            new = studio.rerender(key, result, line, voices or {}, _seed(seed))
             _, note, dialogue, files, rows, context, new = _finished(new)
         except (CsmError, ValueError) as e:
             fail(e)
@@ -427,11 +437,11 @@ def build_demo(studio: Studio):
                     mapping = gr.Dataframe(headers=["speaker", "profile"], label=f"Speaker → voice profile ({NONE} = no reference)",
                                            datatype=["str", "str"], interactive=True, column_count=(2, "fixed"))
                 with gr.Column(scale=2):
-                    temperature = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
-                    topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
+                    temperature = gr.Slider(*studio.limits.temperature, value=0.9, step=0.05, label="Temperature")
+                    topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, label="Top-k")
                     seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0)
                     max_line_s = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
-                    pause_ms = gr.Slider(0, 2000, value=300, step=50, label="Pause between lines (ms)")
+                    pause_ms = gr.Slider(0, studio.limits.max_pause_ms, value=300, step=50, label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",
                                     info="fast: lines conditioned on voices only, rendered in batches")
                     with gr.Row():
@@ -461,8 +471,8 @@ def build_demo(studio: Studio):
             q_text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
             with gr.Row():
                 q_profile = gr.Dropdown(label="Voice profile", choices=[NONE], value=NONE, allow_custom_value=True)
-                q_temp = gr.Slider(0.1, 1.5, value=0.9, step=0.05, label="Temperature")
-                q_topk = gr.Slider(1, 100, value=50, step=1, label="Top-k")
+                q_temp = gr.Slider(*studio.limits.temperature, value=0.9, step=0.05, label="Temperature")
+                q_topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, label="Top-k")
                 q_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0)
                 q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
             q_btn = gr.Button("Speak", variant="primary")
@@ -483,18 +493,19 @@ def build_demo(studio: Studio):
             names = studio.profile_names(key)
             return gr.Dropdown(choices=[NONE, *names], value=NONE)
 
-        demo.load(init_key, [saved_key], [key, saved_key]).then(
-            list_profiles, [key], [library, chosen]).then(profile_choices, [key], [q_profile]).then(
-            fill_mapping, [key, script], [mapping]).then(status, [key], [status_md])
+        demo.load(init_key, [saved_key], [key, saved_key], api_name=False).then(  # page set-up: not API endpoints
+            list_profiles, [key], [library, chosen], api_name=False).then(
+            profile_choices, [key], [q_profile], api_name=False).then(
+            fill_mapping, [key, script], [mapping], api_name=False).then(status, [key], [status_md], api_name=False)
 
         save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
-                       api_name="add_profile").then(profile_choices, [key], [q_profile])
+                       api_name="add_profile").then(profile_choices, [key], [q_profile], api_name=False)
         chosen.change(preview_profile, [key, chosen], [preview], api_name="preview_profile")
         rename_btn.click(rename_profile, [key, chosen, new_name], [library, chosen, voice_msg], api_name="rename_profile")
         chosen.change(profile_transcript, [key, chosen], [edit_text], api_name=False)
         edit_btn.click(update_transcript, [key, chosen, edit_text], [library, voice_msg], api_name="update_transcript")
         delete_btn.click(delete_profile, [key, chosen, confirm], [library, chosen, voice_msg, confirm],
-                         api_name="delete_profile").then(profile_choices, [key], [q_profile])
+                         api_name="delete_profile").then(profile_choices, [key], [q_profile], api_name=False)
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
         import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
                          api_name="import_profile")
@@ -515,7 +526,7 @@ def build_demo(studio: Studio):
         open_file.upload(open_project, [key, open_file],
                          [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
                           files, manifest, context_view, last_result, last_voices, library, chosen],
-                         api_name="open_project").then(profile_choices, [key], [q_profile])
+                         api_name="open_project").then(profile_choices, [key], [q_profile], api_name=False)
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")

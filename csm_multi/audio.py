@@ -41,7 +41,8 @@ def resample(audio: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> to
     if orig_sr == new_sr:
         return audio
     if not MIN_SAMPLE_RATE <= orig_sr <= MAX_SAMPLE_RATE:
-        raise AudioInputError(f"the audio's sample rate is {orig_sr} Hz; export it at 8-192 kHz (e.g. 48 kHz)")
+        raise AudioInputError(f"the audio's sample rate is {orig_sr} Hz; export it at "
+                              f"{MIN_SAMPLE_RATE // 1000}-{MAX_SAMPLE_RATE // 1000} kHz (e.g. 48 kHz)")
     g = math.gcd(int(orig_sr), int(new_sr))
     if (orig_sr // g) * (new_sr // g) <= _MAX_SINC_KERNEL:
         return AF.resample(audio, orig_freq=int(orig_sr), new_freq=int(new_sr))

@@ -82,6 +82,7 @@ class Engine:
         # fast path: one CUDA graph per frame (CUDA only; CPU runs the same code eagerly)
         self.fast = (self.device.type == "cuda") if fast is None else (fast and self.device.type == "cuda")
         self._generator = torch.Generator(device=self.device)
+        self._row_generators: list[torch.Generator] = []  # generate_batch: one per row, grown on demand
         self._graphs: dict[tuple, FrameGraph] = {}
         self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
                                        tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
@@ -137,6 +138,17 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
         self._generator.manual_seed(seed)  # one generator, reseeded: captured graphs stay valid
         return Sampler(sampling.temperature, sampling.topk, self._generator, num_codes=self.codec.cardinality), seed
+
+    def _batch_sampler(self, sampling: SamplingConfig, seeds: Sequence[int | None]) -> tuple[Sampler, list[int]]:
+        """One generator per row, seeded like `_sampler` seeds the single one (the same objects on
+        every call, so a graph captured for this batch size stays valid)."""
+        while len(self._row_generators) < len(seeds):
+            self._row_generators.append(torch.Generator(device=self.device))
+        drawn = [seed if seed is not None else secrets.randbits(31) for seed in seeds]
+        generators = tuple(self._row_generators[: len(seeds)])
+        for g, seed in zip(generators, drawn):
+            g.manual_seed(seed)
+        return Sampler(sampling.temperature, sampling.topk, generators, num_codes=self.codec.cardinality), drawn
 
     def _graph(self, batch: int, sampler: Sampler, padded: bool) -> FrameGraph | None:
         if not self.fast:
@@ -228,8 +240,19 @@ class Engine:
 
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[tuple[str, int, Sequence[Segment]]],
-                       sampling: SamplingConfig = SamplingConfig()) -> list[Utterance]:
-        """Several independent utterances as one batch (left-padded prompts, per-row EOS)."""
+                       sampling: SamplingConfig = SamplingConfig(),
+                       seeds: Sequence[int | None] | None = None) -> list[Utterance]:
+        """Several independent utterances as one batch (left-padded prompts, per-row EOS).
+
+        Row i samples with its own seed: `seeds[i]` (None: random), by default `sampling.seed + i`
+        (random per row when `sampling.seed` is None). A row draws what `generate` draws alone with
+        its seed, so it can be regenerated alone: the same codes up to the float rounding of
+        batched products (identical on the tiny preset: tests/test_engine.py).
+        """
+        if seeds is None:
+            seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(requests))]
+        if len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         prompts = [self.build_prompt(text, spk, ctx) for text, spk, ctx in requests]
         longest = max(t.size(0) for t, _ in prompts)
         self.check_window(longest, sampling.max_frames)
@@ -238,7 +261,7 @@ class Engine:
         pad = torch.tensor([longest - t.size(0) for t, _ in prompts])
         for row, (t, m) in enumerate(prompts):
             tokens[row, pad[row]:], mask[row, pad[row]:] = t, m
-        sampler, seed = self._sampler(sampling)
+        sampler, row_seeds = self._batch_sampler(sampling, seeds)
         graph = self._graph(len(prompts), sampler, padded=True)
         per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
         for codes, alive in iterate_frames(self.model, tokens.to(self.device), mask.to(self.device), sampler,
@@ -249,6 +272,6 @@ class Engine:
         k = self.config.audio_num_codebooks
         for row, frames in enumerate(per_row):
             codes = torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long)
-            out.append(Utterance(audio=self._watermark(self.decode(codes)), codes=codes.cpu(), seed=seed,
+            out.append(Utterance(audio=self._watermark(self.decode(codes)), codes=codes.cpu(), seed=row_seeds[row],
                                  watermarked=self.watermarker is not None, prompt_positions=prompts[row][0].size(0)))
         return out

@@ -13,7 +13,7 @@ import torch
 
 from .frames import is_eos
 from .model import CSM
-from .sampling import sample_topk
+from .sampling import Generators, sample_topk
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,12 @@ class Sampler:
     Departure from the reference: CSM's audio vocabulary has 2051 ids but Mimi decodes only 2048;
     the reference samples all 2051 (and its decode fails on the other 3). The Engine passes
     num_codes=2048 so it never emits an id the codec cannot decode; None keeps reference sampling.
+    `generator`: one for the whole batch, or a tuple of one per row (see `multinomial_no_sync`).
     """
 
     temperature: float
     topk: int
-    generator: torch.Generator | None = None
+    generator: Generators = None
     num_codes: int | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,8 @@ class FrameGraph:
         self.input_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.key_valid = (torch.ones(batch, model.config.max_seq_len, dtype=torch.bool, device=device)
                           if padded else None)
-        rng = sample.generator.get_state() if sample.generator is not None else None
+        generators = _as_list(sample.generator)
+        rng = [g.get_state() for g in generators]
         trim, model.trim_kv = model.trim_kv, False  # captured shapes must not depend on the fill level
         model.reset_caches()
         side = torch.cuda.Stream(device)
@@ -131,15 +133,15 @@ class FrameGraph:
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        if sample.generator is not None:
-            self.graph.register_generator_state(sample.generator)
+        for g in generators:
+            self.graph.register_generator_state(g)
         # thread_local: other threads (the app encoding or transcribing a clip) may use the GPU
         # while this one captures; the default mode would fail their calls and the capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.codes = self._step()
         model.reset_caches()
-        if rng is not None:
-            sample.generator.set_state(rng)  # warm-up draws must not shift the seeded sequence
+        for g, state in zip(generators, rng):
+            g.set_state(state)  # warm-up draws must not shift the seeded sequence
         model.trim_kv = trim
         self.batch, self.k = batch, k
         self.cache_version = model.cache_version
@@ -166,3 +168,9 @@ class FrameGraph:
         """Replay once; returns the static (B, K) codes buffer (clone to keep them)."""
         self.graph.replay()
         return self.codes
+
+
+def _as_list(generator: Generators) -> list[torch.Generator]:
+    if generator is None:
+        return []
+    return [generator] if isinstance(generator, torch.Generator) else list(generator)

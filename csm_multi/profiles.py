@@ -59,7 +59,7 @@ from .audio import from_array, load_audio, load_upload, prepare_reference
 from .config import SAMPLE_RATE
 from .errors import AudioInputError, ProfileError
 from .frames import Segment
-from .script import drop_controls
+from .script import drop_controls, speaker_key
 
 try:
     import fcntl
@@ -260,12 +260,12 @@ def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[
     """Script speakers -> profile names: an explicit `given` entry first (None = no reference voice;
     a name is re-validated, ProfileError if unknown), else the profile of the same name
     (case-insensitive). Returns the mapping and the speakers that matched nothing."""
-    given = {str(k).casefold(): v for k, v in (given or {}).items()}
-    known = {p.name.casefold(): p.name for p in store.list()}
+    given = {speaker_key(str(k)): v for k, v in (given or {}).items()}
+    known = {speaker_key(p.name): p.name for p in store.list()}
     voices: dict[str, str | None] = {}
     missing: list[str] = []
     for speaker in speakers:
-        key = str(speaker).casefold()
+        key = speaker_key(str(speaker))
         if key in given:
             voices[speaker] = store.get(str(given[key])).name if given[key] else None
         elif key in known:

@@ -21,7 +21,7 @@ from .endings import end_sentence, pad_line, trim_clip
 from .engine import Engine, Utterance
 from .errors import CsmError
 from .frames import Segment, format_text
-from .script import ScriptLine, check_speakers, parse_script, speakers
+from .script import ScriptLine, check_speakers, parse_script, speaker_key, speakers
 
 CONVERSATIONAL = "conversational"
 FAST = "fast"
@@ -122,6 +122,7 @@ class RenderResult:
     clips: list[Clip]
     config: RenderConfig
     sample_rate: int = SAMPLE_RATE
+    voice_audio: dict[str, str] = field(default_factory=dict)  # profile name -> its audio's SHA-256 when rendered
 
     @property
     def audio(self) -> torch.Tensor:
@@ -200,20 +201,41 @@ class RenderResult:
             paths[f"dialogue.{fmt}"] = save_audio(directory / f"{name}.{fmt}", dialogue)
         if stems:
             (directory / "stems").mkdir(exist_ok=True)
-            for speaker, track in self.stems().items():
-                slug = "".join(c if c.isalnum() else "_" for c in speaker)[:24]
+            tracks = self.stems()
+            for (speaker, track), slug in zip(tracks.items(), _unique_slugs(tracks)):
                 paths[f"stem:{speaker}"] = save_audio(directory / "stems" / f"{slug}.wav", track)
         (directory / f"{name}.srt").write_text(self.srt(), encoding="utf-8")
         (directory / f"{name}.csv").write_text(self.csv(), encoding="utf-8")
         paths["srt"], paths["csv"] = directory / f"{name}.srt", directory / f"{name}.csv"
-        for clip in self.clips:
-            slug = "".join(c if c.isalnum() else "_" for c in clip.line.speaker)[:24]
+        for clip in self.clips:  # the index prefix keeps clip names unique
+            slug = _slug(clip.line.speaker)
             paths[f"clip{clip.index}"] = save_audio(directory / "clips" / f"{clip.index + 1:03d}-{slug}.wav", clip.audio)
         manifest = directory / f"{name}.json"
         manifest.write_text(json.dumps({"sample_rate": self.sample_rate, "pause_ms": self.config.pause_ms,
                                         "lines": self.manifest()}, indent=2, ensure_ascii=False))
         paths["manifest"] = manifest
         return paths
+
+
+def _slug(speaker: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in speaker)[:24]
+
+
+def _unique_slugs(speakers) -> list[str]:
+    """File-name stems for speakers, in order: `_slug`, then "-2", "-3"... where two would collide
+    ("A.B" and "A-B", or names alike in their first 24 characters); compared case-insensitively
+    for case-insensitive file systems."""
+    taken: set[str] = set()
+    out = []
+    for speaker in speakers:
+        base = slug = _slug(speaker)
+        n = 1
+        while slug.casefold() in taken:
+            n += 1
+            slug = f"{base}-{n}"
+        taken.add(slug.casefold())
+        out.append(slug)
+    return out
 
 
 class RenderError(CsmError):
@@ -244,7 +266,7 @@ class ScriptRenderer:
     def prepare(self, script: str | Sequence[ScriptLine], voices: Mapping[str, str | None]):
         """Parse and check a script before any generation: unknown speakers raise ScriptError."""
         lines = parse_script(script) if isinstance(script, str) else list(script)
-        check_speakers(lines, {k.casefold(): v for k, v in voices.items()})
+        check_speakers(lines, {speaker_key(k): v for k, v in voices.items()})
         return lines
 
     def render(self, script: str | Sequence[ScriptLine], voices: Mapping[str, str | None],
@@ -255,7 +277,7 @@ class ScriptRenderer:
         `on_clip` receives each finished clip in script order (for playback while rendering).
         """
         lines = self.prepare(script, voices)
-        ids = {name.casefold(): i for i, name in enumerate(speakers(lines))}
+        ids = {speaker_key(name): i for i, name in enumerate(speakers(lines))}
         profiles = self._profile_items(voices, ids)
         result = RenderResult([], config)
         if config.mode == FAST:
@@ -271,7 +293,7 @@ class ScriptRenderer:
                       seed: int | None = None, progress=None, cancel=None) -> RenderResult:
         """Regenerate line `index` (new or given seed) with the same context rules; others are kept."""
         lines = [c.line for c in result.clips]
-        ids = {name.casefold(): i for i, name in enumerate(speakers(lines))}
+        ids = {speaker_key(name): i for i, name in enumerate(speakers(lines))}
         profiles = self._profile_items(voices, ids)
         history = result.clips[:index] if result.config.mode == CONVERSATIONAL else []
         clip = self._line(index, lines, history, voices, ids, profiles, result.config, progress, cancel, result,
@@ -284,7 +306,7 @@ class ScriptRenderer:
     def _profile_items(self, voices, ids) -> dict[str, ContextItem]:
         items = {}
         for name, profile in voices.items():
-            key = name.casefold()
+            key = speaker_key(name)
             if profile is None or key not in ids:
                 continue
             seg = self.profile_segment(profile)
@@ -294,11 +316,11 @@ class ScriptRenderer:
         return items
 
     def _context(self, line, history, ids, profiles, config) -> tuple[list[Segment], list[str], list[str], int]:
-        key = line.speaker.casefold()
-        hist = [ContextItem(kind="line", label=f"line {c.line.number}", speaker=c.line.speaker.casefold(),
+        key = speaker_key(line.speaker)
+        hist = [ContextItem(kind="line", label=f"line {c.line.number}", speaker=speaker_key(c.line.speaker),
                             positions=self.engine.segment_positions(seg), order=c.index, payload=seg)
                 for c in history
-                for seg in [Segment(speaker=ids[c.line.speaker.casefold()], text=config.context_text(c.line.text),
+                for seg in [Segment(speaker=ids[speaker_key(c.line.speaker)], text=config.context_text(c.line.text),
                                     codes=c.codes)]]
         text_positions = len(self.engine.tokenizer.encode(format_text(ids[key], config.model_text(line.text))))
         plan = self.budget.plan(key, list(profiles.values()), hist, text_positions + config.sampling(0).max_frames)
@@ -328,7 +350,8 @@ class ScriptRenderer:
         if progress:
             progress(Progress(index, len(lines), 0, sampling.max_frames, line.speaker, line.text))
         try:
-            utt = self.engine.generate(text, ids[line.speaker.casefold()], context, sampling, on_frame=on_frame)
+            utt = self.engine.generate(text, ids[speaker_key(line.speaker)], context, sampling,
+                                       on_frame=on_frame)
         except RenderError:
             raise
         except Exception as e:  # report which line failed; keep what was made
@@ -345,13 +368,12 @@ class ScriptRenderer:
             requests, meta = [], []
             for index, line in chunk:
                 context, kept, dropped, used = self._context(line, [], ids, profiles, config)
-                requests.append((config.model_text(line.text), ids[line.speaker.casefold()], context))
+                requests.append((config.model_text(line.text), ids[speaker_key(line.speaker)], context))
                 meta.append((index, line, kept, dropped, used))
             if progress:
                 progress(Progress(start, len(lines), 0, sampling.max_frames, chunk[0][1].speaker, chunk[0][1].text))
-            batch_sampling = config.sampling(start)
-            try:
-                utts = self.engine.generate_batch(requests, batch_sampling)
+            try:  # each line keeps its own seed (seed + index), as in conversational mode
+                utts = self.engine.generate_batch(requests, sampling, [config.sampling(i).seed for i, _ in chunk])
             except Exception as e:
                 raise RenderError(f"lines {chunk[0][1].number}-{chunk[-1][1].number} failed: {e}", result,
                                   chunk[0][1]) from e
@@ -373,12 +395,12 @@ def _clip(index: int, line: ScriptLine, ids: Mapping[str, int], voices: Mapping[
     if config.trim_silence:
         trimmed = trim_clip(audio, codes, margin_ms=config.margin_ms, leading=config.trim_leading)
         audio, codes = trimmed.audio, trimmed.codes
-    return Clip(index=index, line=line, speaker_id=ids[line.speaker.casefold()], profile=_lookup(voices, line.speaker),
+    return Clip(index=index, line=line, speaker_id=ids[speaker_key(line.speaker)], profile=_lookup(voices, line.speaker),
                 audio=audio, codes=codes, seed=utt.seed, watermarked=utt.watermarked, context=kept, dropped=dropped,
                 context_positions=used, model_text=config.model_text(line.text), generated_frames=utt.codes.shape[-1])
 
 
 def _lookup(voices: Mapping[str, str | None], speaker: str) -> str | None:
-    key = speaker.casefold()
-    return next((v for k, v in voices.items() if k.casefold() == key), None)
+    key = speaker_key(speaker)
+    return next((v for k, v in voices.items() if speaker_key(k) == key), None)
 

@@ -43,6 +43,10 @@ Bob: Let's send the link to the rest of the team.
 """
 
 
+def _shown(setting: str, value: float) -> str:
+    return {"max_line_ms": f"{value / 1000:g} s", "pause_ms": f"{value:g} ms"}.get(setting, f"{value:g}")
+
+
 def new_library_key() -> str:
     return secrets.token_hex(16)
 
@@ -69,6 +73,10 @@ class StudioLimits:
     max_line_chars: int = 1_000
     max_line_s: float = 30.0
     libraries_in_memory: int = 64
+    # the Script tab's controls (a project made with the command line may go beyond them)
+    temperature: tuple[float, float] = (0.1, 1.5)
+    max_topk: int = 100
+    max_pause_ms: int = 2000
 
 
 class Studio:
@@ -153,20 +161,58 @@ class Studio:
         if config.max_line_ms > self.limits.max_line_s * 1000:
             raise CsmError(f"max length per line is {self.limits.max_line_s:g} s on this server")
         lines = self.parse(script)
-        return self.renderer(key).render(lines, self.check_voices(key, voices), config, progress, cancel, on_clip)
+        voices = self.check_voices(key, voices)
+        store = self.library(key)
+        result = self.renderer(key).render(lines, voices, config, progress, cancel, on_clip)
+        result.voice_audio = {name: store.get(name).audio_sha256 for name in voices.values() if name}
+        return result
 
-    def rerender(self, key, result: RenderResult, line_number: int, voices, seed: int | None = None,
+    def rerender(self, key, result: RenderResult, line_number: int | None, voices, seed: int | None = None,
                  progress=None) -> RenderResult:
+        numbers = ", ".join(str(c.line.number) for c in result.clips)
+        if line_number is None:
+            raise ScriptError(f"enter the number of the script line to regenerate; rendered script lines are: {numbers}")
         index = next((i for i, c in enumerate(result.clips) if c.line.number == line_number), None)
         if index is None:
-            numbers = ", ".join(str(c.line.number) for c in result.clips)
             raise ScriptError(f"no rendered line {line_number}; rendered script lines are: {numbers}")
+        voices, result = self.follow_voices(key, voices, result)
         return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
+
+    def follow_voices(self, key, voices: Mapping[str, str | None], result: RenderResult | None,
+                      ) -> tuple[dict[str, str | None], RenderResult | None]:
+        """The speaker -> profile mapping and `result` with voices renamed since the rendering put
+        under their new names (found by their audio). A voice of the rendering that is gone raises
+        ProfileError; a name the rendering does not know is left for `check_voices` to report."""
+        voices = dict(voices)
+        if result is None or not result.voice_audio:
+            return voices, result
+        profiles = self.library(key).list()
+        names = {p.name.casefold() for p in profiles} | {p.slug for p in profiles}
+        used = {v for v in voices.values() if v} | {c.profile for c in result.clips if c.profile}
+        renamed = {}
+        for old in sorted(used):
+            sha = result.voice_audio.get(old)
+            if old.casefold() in names or sha is None:
+                continue
+            same = [p.name for p in profiles if p.audio_sha256 == sha]
+            if not same:  # name it by its newest name (renames add names at the end)
+                newest = [name for name, h in result.voice_audio.items() if h == sha][-1]
+                raise ProfileError(f"the voice {newest!r} of the last rendering is no longer in your library: "
+                                   "render the script again (or add the voice back) first")
+            renamed[old] = same[0]
+        if not renamed:
+            return voices, result
+        voices = {k: renamed.get(v, v) if v else v for k, v in voices.items()}
+        clips = [replace(c, profile=renamed.get(c.profile, c.profile)) if c.profile else c for c in result.clips]
+        # old names stay known, so a mapping that still says "Bob" is followed again next time
+        audio = {**result.voice_audio, **{new: result.voice_audio[old] for old, new in renamed.items()}}
+        return voices, replace(result, clips=clips, voice_audio=audio)
 
     # ---- projects -------------------------------------------------------------------------
     def save_project(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
                      result: RenderResult | None = None) -> Path:
         """The script, its voices (with their audio), settings and `result` as a fresh `.csmproj` file."""
+        voices, result = self.follow_voices(key, voices, result)
         path = self.fresh_dir("project-") / f"project{PROJECT_SUFFIX}"
         return save_project(path, script or "", self.check_voices(key, voices), config, result,
                             store=self.library(key))
@@ -179,10 +225,22 @@ class Studio:
         if len(checked.script) > self.limits.max_script_chars:
             raise ScriptError(f"the project's script is longer than {self.limits.max_script_chars} characters, "
                               "this server's limit: open it with the command line instead")
-        project = import_project(checked, self.library(key))
-        if project.config.max_line_ms > self.limits.max_line_s * 1000:
-            project.config = replace(project.config, max_line_ms=self.limits.max_line_s * 1000)
-            project.notes.append(f"max length per line lowered to {self.limits.max_line_s:g} s (this server's limit)")
+        store = self.library(key)
+        project = import_project(checked, store)
+        if project.result is not None:  # so a voice renamed later is still found (follow_voices)
+            used = {c.profile for c in project.result.clips if c.profile} | {v for v in project.voices.values() if v}
+            project.result.voice_audio = {name: store.get(name).audio_sha256 for name in used}
+        c, lim = project.config, self.limits
+        for setting, value, bounded, label in (
+                ("max_line_ms", c.max_line_ms, min(c.max_line_ms, lim.max_line_s * 1000), "max length per line"),
+                ("topk", c.topk, min(c.topk, lim.max_topk), "top-k"),
+                ("pause_ms", c.pause_ms, min(c.pause_ms, lim.max_pause_ms), "pause between lines"),
+                ("temperature", c.temperature, min(max(c.temperature, lim.temperature[0]), lim.temperature[1]),
+                 "temperature")):
+            if bounded != value:
+                project.config = replace(project.config, **{setting: bounded})
+                project.notes.append(f"{label} changed from {_shown(setting, value)} to {_shown(setting, bounded)} "
+                                     "(this server's limit)")
         return project
 
     def fresh_dir(self, prefix: str) -> Path:

@@ -63,6 +63,40 @@ def test_profile_script_regenerate_delete(app_url, tmp_path):
     assert studio.library(key).get("Alice").transcript == "hello there, Bob"  # a refused edit changes nothing
 
 
+def test_a_voice_renamed_after_rendering_is_followed_and_a_deleted_one_named(app_url, tmp_path):
+    """Rename a voice after rendering: regenerate and Save project use its new name (found by its
+    audio). Delete it: both say which voice is gone and what to do. An empty line number is named too."""
+    url, studio = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-renames-42"
+    client.predict(key, handle_file(_wav(tmp_path / "a.wav", 200)), "hello there", "Alice", api_name="/add_profile")
+    client.predict(key, handle_file(_wav(tmp_path / "b.wav", 260)), "good day", "Bob", api_name="/add_profile")
+    client.predict(key, "Alice: Hi Bob.\nBob: Hello Alice!\nAlice: Bye.", MAPPING, 0.9, 50, 5, 1, 0, "conversational",
+                   api_name="/render_script")
+    with pytest.raises(Exception, match="enter the number of the script line"):
+        client.predict(key, None, 1, api_name="/regenerate_line")
+    client.predict(key, "Bob", "Robert", api_name="/rename_profile")
+    _, _, _, manifest, context, *_ = client.predict(key, 1, 9, api_name="/regenerate_line")  # an Alice line
+    assert [r[2] for r in manifest["data"]] == ["Alice", "Robert", "Alice"]
+    assert "profile:Robert" in context["data"][0][3]  # the regenerated line heard the renamed voice
+    project = client.predict(key, "Alice: Hi Bob.\nBob: Hello Alice!\nAlice: Bye.", MAPPING, 0.9, 50, 5, 1, 0,
+                             "conversational", api_name="/save_project")
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(project) as zf:
+        data = json.loads(zf.read("project.json"))
+    assert data["voices"] == {"Alice": "Alice", "Bob": "Robert"}
+    assert [line["profile"] for line in data["render"]["lines"]] == ["Alice", "Robert", "Alice"]
+    client.predict(key, "Robert", True, api_name="/delete_profile")
+    with pytest.raises(Exception, match="'Robert' of the last rendering is no longer in your library"):
+        client.predict(key, 2, 9, api_name="/regenerate_line")
+    with pytest.raises(Exception, match="render the script again"):
+        client.predict(key, "Alice: Hi.", {"headers": ["speaker", "profile"], "data": [["Alice", "Alice"]]},
+                       0.9, 50, 5, 1, 0, "conversational", api_name="/save_project")
+    assert [p.name for p in studio.library(key).list()] == ["Alice"]  # nothing else was touched
+
+
 def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
     url, _ = app_url
     client = Client(url, verbose=False)
@@ -81,8 +115,22 @@ def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
         client.predict("../x", api_name="/list_profiles")
     with pytest.raises(Exception, match="longer than"):
         client.predict(key, "A: x\n" * 5000, MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
+    for endpoint, args in (("/rename_profile", (None, "New")), ("/delete_profile", ("", True)),
+                           ("/export_profile", (None,))):
+        with pytest.raises(Exception, match="choose a profile first"):
+            client.predict(key, *args, api_name=endpoint)
     # the server still answers afterwards
     assert client.predict(key, api_name="/list_profiles")[0]["data"] == []
+
+
+def test_only_the_documented_actions_are_api_endpoints(app_url):
+    """Page set-up steps (library key, dropdown refreshes) are not offered as API endpoints."""
+    url, _ = app_url
+    endpoints = set(Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert endpoints == {f"/{name}" for name in (
+        "add_profile", "list_profiles", "preview_profile", "rename_profile", "update_transcript", "delete_profile",
+        "export_profile", "import_profile", "render_script", "regenerate_line", "save_project", "open_project", "say",
+        "check_watermark", "status")}
 
 
 def test_watermark_check_without_a_watermarker_says_so(app_url, tmp_path):

@@ -114,6 +114,25 @@ def test_every_output_goes_through_the_watermark(tiny_model, codec):
     assert all(c.watermarked for c in chunks) and len(spy.calls) == 1 + len(chunks)
 
 
+def test_batch_rows_sample_with_their_own_seeds(engine):
+    """Sampled (not greedy) batches: row i uses seed + i, and regenerating it alone with that seed
+    gives the same codes."""
+    sampling = SamplingConfig(seed=11, topk=50, temperature=0.9, max_audio_length_ms=480)
+    reqs = [("A fairly long first line of text.", 0, []), ("Short.", 1, []), ("Third one here.", 0, [])]
+    batch = engine.generate_batch(reqs, sampling)
+    assert [u.seed for u in batch] == [11, 12, 13]
+    for (text, spk, ctx), got in zip(reqs, batch):
+        assert got.codes.shape[1] > 0
+        assert torch.equal(got.codes, engine.generate(text, spk, ctx, sampling.with_(seed=got.seed)).codes)
+    picked = engine.generate_batch(reqs[:2], sampling, seeds=[12, None])
+    assert picked[0].seed == 12 and torch.equal(picked[0].codes, engine.generate(*reqs[0], sampling.with_(seed=12)).codes)
+    assert isinstance(picked[1].seed, int)
+    drawn = engine.generate_batch(reqs[:2], sampling.with_(seed=None))
+    assert drawn[0].seed != drawn[1].seed
+    with pytest.raises(ValueError, match="1 seeds for 2 requests"):
+        engine.generate_batch(reqs[:2], sampling, seeds=[1])
+
+
 def test_batch_rows_match_single_calls_greedy(engine):
     greedy = SamplingConfig(topk=1, seed=0, max_audio_length_ms=320)
     reqs = [("A fairly long first line of text.", 0, []), ("Short.", 1, [])]

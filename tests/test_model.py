@@ -162,3 +162,19 @@ def test_trimmed_attention_gives_the_untrimmed_codes(tiny_config):
         kv = model.backbone.layers[0].attn.kv_cache
         assert kv.trim is trim and kv.filled == tokens.size(0) + 7
     assert torch.equal(runs[0], runs[1])
+
+
+def test_per_row_generators_draw_what_each_row_draws_alone():
+    from csm_multi.sampling import sample_topk
+
+    logits = torch.randn(3, 500)
+    seeds = [5, 6, 7]
+    together = sample_topk(logits, 50, 0.9, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = torch.cat([sample_topk(logits[i:i + 1], 50, 0.9, torch.Generator().manual_seed(s))
+                       for i, s in enumerate(seeds)])
+    assert torch.equal(together, alone)
+    # one shared generator draws differently for rows after the first (the stream is shared)
+    shared = sample_topk(logits, 50, 0.9, torch.Generator().manual_seed(5))
+    assert torch.equal(shared[:1], alone[:1])
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_topk(logits, 50, 0.9, [torch.Generator(), torch.Generator()])

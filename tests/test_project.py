@@ -301,3 +301,23 @@ def test_cli_render_writes_a_project_and_project_open_imports_it(tmp_path, capsy
     assert [m["profile"] for m in manifest] == ["Bob (2)", None] and [m["seed"] for m in manifest] == [2, 3]
     assert main(["project", "--profiles-dir", away, "open", str(tmp_path / "scene.txt")]) == 2
     assert "not a readable .csmproj" in capsys.readouterr().err
+
+
+def test_opening_a_project_bounds_settings_to_the_web_controls(saved, engine, tmp_path):
+    """A project written by the command line may carry settings the Script tab's controls cannot show:
+    they are brought within this server's limits, each with a note."""
+    from csm_multi.studio import Studio
+
+    _, _, store = saved
+    wild = RenderConfig(pause_ms=5000, topk=500, temperature=3.0, max_line_ms=60_000, seed=3)
+    path = save_project(tmp_path / "wild", "Bob: hi", {"Bob": "Bob"}, wild, store=store)
+    studio = Studio(engine, tmp_path / "profiles", outputs_root=tmp_path / "out")
+    project = studio.open_project("bounds-key-0001", path)
+    c, lim = project.config, studio.limits
+    assert (c.pause_ms, c.topk, c.temperature, c.max_line_ms) == (
+        lim.max_pause_ms, lim.max_topk, lim.temperature[1], lim.max_line_s * 1000)
+    assert c.seed == 3 and len(project.notes) == 4
+    assert "pause between lines changed from 5000 ms to 2000 ms (this server's limit)" in project.notes
+    tame = studio.open_project("bounds-key-0001", save_project(tmp_path / "tame", "Bob: hi", {"Bob": "Bob"}, CONFIG,
+                                                               store=store))
+    assert tame.config == CONFIG and not tame.notes

@@ -169,6 +169,47 @@ def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
     assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.clips, b.clips))
 
 
+def test_fast_mode_keeps_seed_per_line_and_a_line_regenerates_from_its_seed(engine, profiles):
+    """Line i uses seed + i in batches too; regenerating it alone with its recorded seed gives the same clip."""
+    config = RenderConfig(pause_ms=0, seed=7, max_line_ms=320, mode=FAST, batch_size=4, extra_ms=0, trim_silence=False)
+    renderer = ScriptRenderer(engine, profiles)
+    result = renderer.render(SCRIPT, VOICES, config)
+    assert [c.seed for c in result.clips] == [7, 8, 9, 10]
+    again = renderer.rerender_line(result, 2, VOICES, seed=result.clips[2].seed)
+    assert torch.equal(again.clips[2].codes, result.clips[2].codes)
+    other = renderer.rerender_line(result, 2, VOICES, seed=123)
+    assert not torch.equal(other.clips[2].codes, result.clips[2].codes)
+
+
+def test_stems_of_speakers_with_alike_names_get_their_own_files(tmp_path):
+    """'A.B' and 'A-B' (and names alike in their first 24 characters) slug alike; no stem overwrites another."""
+    import soundfile as sf
+
+    from csm_multi.render import Clip, RenderResult
+    from csm_multi.script import ScriptLine
+
+    names = ["A.B", "A-B", "a_b", "x" * 24 + "1", "x" * 24 + "2"]
+    clips = [Clip(index=i, line=ScriptLine(i + 1, name, "Hi."), speaker_id=i, profile=None,
+                  audio=torch.full((240,), 0.1 * (i + 1)), codes=torch.zeros(32, 1, dtype=torch.long), seed=i,
+                  watermarked=False) for i, name in enumerate(names)]
+    paths = RenderResult(clips, RenderConfig(pause_ms=0)).save(tmp_path, stems=True)
+    stems = sorted((tmp_path / "stems").glob("*.wav"))
+    assert len(stems) == len(names) == len({p for k, p in paths.items() if k.startswith("stem:")})
+    for i, name in enumerate(names):
+        track, _ = sf.read(str(paths[f"stem:{name}"]))
+        assert np.allclose(track[240 * i:240 * (i + 1)], 0.1 * (i + 1), atol=1e-4)  # its own line...
+        assert np.abs(np.delete(track, np.s_[240 * i:240 * (i + 1)])).max() == 0  # ...and silence elsewhere
+
+
+def test_mapping_names_match_script_speakers_as_the_check_does(engine, profiles):
+    """A mapping key spelled with other spacing or case ('mary  ANN') still gives that speaker its voice."""
+    config = RenderConfig(pause_ms=0, seed=1, max_line_ms=160, extra_ms=0)
+    result = ScriptRenderer(engine, profiles).render("Mary Ann: Hello.\nBob: Hi.", {"mary  ANN": "alice-profile",
+                                                                                     "Bob": None}, config)
+    assert result.clips[0].profile == "alice-profile" and "profile:alice-profile" in result.clips[0].context
+    assert result.clips[1].profile is None
+
+
 def test_exports_formats_stems_subtitles(rendered, tmp_path):
     import soundfile as sf
 
@@ -230,10 +271,10 @@ class KnownWaveform:
         self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
         return self._utterance(sampling)
 
-    def generate_batch(self, requests, sampling):
+    def generate_batch(self, requests, sampling, seeds):
         for text, _, context in requests:
             self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
-        return [self._utterance(sampling) for _ in requests]
+        return [self._utterance(sampling.with_(seed=seed)) for seed in seeds]
 
 
 ENDINGS = RenderConfig(pause_ms=0, seed=1, max_line_ms=400)  # defaults: padding, +800 ms, trimming
