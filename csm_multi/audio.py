@@ -73,6 +73,8 @@ def load_audio(source: str | Path | bytes) -> torch.Tensor:
     are refused by `resample`.
     """
     name = "the upload" if isinstance(source, bytes) else Path(source).name
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise AudioInputError(f"{name} does not exist or is not a file")
     try:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as f:
             _check_header(name, f.samplerate, f.channels, f.frames)

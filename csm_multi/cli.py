@@ -40,8 +40,12 @@ def cmd_say(args) -> int:
     from .audio import load_audio, save_audio
     from .frames import Segment
 
-    engine = _build(args)
-    context = []
+    if not args.text.strip():
+        raise CsmError("nothing to say: give the text to speak, e.g. say \"Hello there.\"")
+    if args.speaker < 0:
+        raise CsmError(f"--speaker must be 0 or more, got {args.speaker}")
+    output = _output_file(args.output, (".wav", ".flac", ".mp3", ""))
+    context = []  # inputs are checked before the model loads (csm-1b takes a while)
     for item in args.context or []:
         path, _, transcript = item.partition("=")
         if not transcript:
@@ -49,13 +53,37 @@ def cmd_say(args) -> int:
         context.append(Segment(speaker=args.speaker, text=transcript, audio=load_audio(path)))
     sampling = SamplingConfig(temperature=args.temperature, topk=args.topk, seed=args.seed,
                               max_audio_length_ms=args.max_ms)
+    engine = _build(args)
     t0 = time.perf_counter()
     utt = engine.generate(args.text, args.speaker, context, sampling)
     took = time.perf_counter() - t0
-    out = save_audio(args.output, utt.audio)
+    out = save_audio(output, utt.audio)
     mark = "watermarked" if utt.watermarked else "NOT watermarked"
     print(f"{out}: {utt.duration_s:.2f} s of audio in {took:.1f} s, seed {utt.seed}, {mark}")
     return 0
+
+
+def _output_file(path: str, suffixes: tuple[str, ...] | None):
+    """A file to write later: its folder is made now and it must not be a folder; `suffixes`, when
+    given, are the endings allowed ("" for none). Checked before any model loads or generates."""
+    from pathlib import Path
+
+    out = Path(path)
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise CsmError(f"{path}: use a file name ending in {' or '.join(s for s in suffixes if s)}")
+    if out.is_dir():
+        raise CsmError(f"{path} is a folder: give a file name")
+    _make_folder(out.parent)
+    return out
+
+
+def _make_folder(folder) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CsmError(f"cannot make the folder {folder} ({e.strerror}): a file of that name may be in the way") from e
+    if not folder.is_dir():
+        raise CsmError(f"{folder} is a file, not a folder")
 
 
 def _store(args):
@@ -96,9 +124,14 @@ def cmd_profiles(args) -> int:
     elif action == "transcript":
         _print_profile(store.update_transcript(args.name, args.text))
     elif action == "delete":
-        store.delete(args.name)
-        print(f"deleted {args.name}")
+        name = store.get(args.name).name
+        store.delete(name)
+        print(f"deleted {name}")
     elif action == "export":
+        if args.dest.endswith(("/", os.sep)):  # a folder to make
+            from pathlib import Path
+
+            _make_folder(Path(args.dest))
         print(store.export(args.name, args.dest))
     elif action == "import":
         _print_profile(store.import_file(args.file, args.name))
@@ -108,7 +141,7 @@ def cmd_profiles(args) -> int:
 def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | None]:
     """Script speaker -> profile: `--voice NAME=PROFILE|none` first, else the profile of the same name."""
     from .profiles import resolve_voices
-    from .script import speakers
+    from .script import speaker_key, speakers
 
     given = {}
     for item in overrides or []:
@@ -118,8 +151,11 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
         given[name.strip()] = None if profile.strip().lower() in ("", "none") else profile.strip()
     voices, missing = resolve_voices(store, speakers(lines), given)
     if missing:
+        where = {speaker_key(n): [ln.number for ln in lines if speaker_key(ln.speaker) == speaker_key(n)] for n in missing}
+        listed = "; ".join(f"{n} (line{'s' * (len(where[speaker_key(n)]) > 1)} "
+                           f"{', '.join(map(str, where[speaker_key(n)][:10]))})" for n in missing)
         raise CsmError(
-            f"no voice profile for {', '.join(missing)}: add one with `profiles add NAME clip.wav --transcript ...`, "
+            f"no voice profile for {listed}: add one with `profiles add NAME clip.wav --transcript ...`, "
             f"or map it with --voice {missing[0]}=PROFILE (or --voice {missing[0]}=none for no reference voice)")
     return voices
 
@@ -141,6 +177,13 @@ def cmd_render(args) -> int:
     lines = parse_script(text)
     store = _store(args)
     voices = voices_for(lines, store, args.voice)  # before loading the model: fail fast
+    out = Path(args.output)
+    if out.suffix and out.suffix.lower() not in (".wav", ".flac", ".mp3"):
+        raise CsmError(f"-o {args.output}: the dialogue file must end in .wav, .flac or .mp3 (or name a folder)")
+    folder, name = (out.parent, out.stem) if out.suffix else (out, "dialogue")
+    _make_folder(folder)
+    if args.project:
+        _output_file(args.project, (".csmproj", ""))
     config = RenderConfig(pause_ms=args.pause_ms, temperature=args.temperature, topk=args.topk, seed=args.seed,
                           max_line_ms=args.max_line_s * 1000, mode=args.mode, batch_size=args.batch_size,
                           end_padding=not args.no_end_padding, trim_silence=not args.no_trim)
@@ -157,8 +200,7 @@ def cmd_render(args) -> int:
 
     result = renderer.render(lines, voices, config, progress=progress)
     bar.close()
-    out = Path(args.output)
-    paths = result.save(out.parent if out.suffix else out, name=out.stem if out.suffix else "dialogue")
+    paths = result.save(folder, name=name, formats=(out.suffix.lower().lstrip(".") or "wav",))
     print(f"{paths['dialogue']}: {result.audio.numel() / 24000:.2f} s, {len(result.clips)} lines; "
           f"clips in {paths['dialogue'].parent / 'clips'}, manifest {paths['manifest']}")
     stats = store.stats()
@@ -178,6 +220,10 @@ def cmd_project(args) -> int:
 
     from .project import load_project
 
+    if args.script_out:
+        _output_file(args.script_out, None)
+    if args.output:
+        _make_folder(Path(args.output))
     project = load_project(args.file, store=_store(args))
     for name in project.imported:
         print(f"imported voice {name}")
@@ -295,4 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CsmError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the command was pointed at (checked up front where possible)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ and only here. This module knows nothing about torch, files or the hub.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from numbers import Integral
 
 SAMPLE_RATE = 24_000  # Mimi's rate; every waveform crossing a public boundary is at this rate
 FRAME_MS = 80  # one Mimi frame (12.5 Hz)
@@ -87,6 +89,18 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping around
+
+
+def check_seed(seed: int | None, room: int = 0) -> None:
+    """ValueError unless `seed` is None or a whole number in 0..MAX_SEED - room (room: seed + i for line i)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED - room:
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED - room}, got {seed!r} "
+                         "(leave it out for a random seed)")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How one utterance is sampled. `topk=1` is greedy."""
@@ -97,12 +111,13 @@ class SamplingConfig:
     max_audio_length_ms: float = 10_000
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
-        if not self.max_audio_length_ms >= FRAME_MS:
-            raise ValueError(f"max_audio_length_ms must be at least one frame ({FRAME_MS} ms)")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
+        if isinstance(self.topk, bool) or not isinstance(self.topk, Integral) or self.topk < 1:
+            raise ValueError(f"topk must be a whole number >= 1, got {self.topk!r}")
+        check_seed(self.seed)
+        if not FRAME_MS <= self.max_audio_length_ms < math.inf:
+            raise ValueError(f"max_audio_length_ms must be finite and at least one frame ({FRAME_MS} ms)")
 
     @property
     def max_frames(self) -> int:

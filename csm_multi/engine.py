@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig
+from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig, check_seed
 from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
@@ -103,11 +103,24 @@ class Engine:
 
     def segment_codes(self, segment: Segment) -> torch.Tensor:
         """(K, T) Mimi codes of a context segment (encoded now unless the segment carries them)."""
+        label = f"context segment {str(segment.text)[:40]!r}"
+        _check_speaker(segment.speaker)
         if segment.codes is not None:
-            return segment.codes
-        if segment.audio is None:
-            raise ValueError(f"context segment {segment.text[:40]!r} has neither audio nor codes")
-        return self.encode_reference(segment.audio)
+            codes, k = segment.codes, self.config.audio_num_codebooks
+            if (not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != k
+                    or codes.dtype.is_floating_point or codes.dtype == torch.bool):
+                raise ValueError(f"{label}: codes must be an integer tensor (K={k}, T), got "
+                                 f"{_describe(codes)}; use Engine.encode_reference on its audio")
+            if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < self.codec.cardinality:
+                raise ValueError(f"{label}: codes must lie in 0..{self.codec.cardinality - 1}")
+            return codes
+        audio = segment.audio
+        if audio is None:
+            raise ValueError(f"{label} has neither audio nor codes")
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 1 or not audio.dtype.is_floating_point:
+            raise ValueError(f"{label}: audio must be a mono float tensor (S,) at 24 kHz, got {_describe(audio)}; "
+                             "load it with csm_multi.audio.load_audio (it mixes down and resamples)")
+        return self.encode_reference(audio)
 
     def segment_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         return concat_frames([self.text_frames(segment.text, segment.speaker),
@@ -120,6 +133,9 @@ class Engine:
 
     def build_prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, K+1) tokens and mask: every context segment, then the text to speak."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"nothing to say: the text must be a non-empty string, got {text!r}")
+        _check_speaker(speaker)
         parts = [self.segment_frames(seg) for seg in context]
         parts.append(self.text_frames(text, speaker))
         return concat_frames(parts)
@@ -253,6 +269,8 @@ class Engine:
             seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(requests))]
         if len(seeds) != len(requests):
             raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
+        for seed in seeds:
+            check_seed(seed)
         prompts = [self.build_prompt(text, spk, ctx) for text, spk, ctx in requests]
         longest = max(t.size(0) for t, _ in prompts)
         self.check_window(longest, sampling.max_frames)
@@ -275,3 +293,14 @@ class Engine:
             out.append(Utterance(audio=self._watermark(self.decode(codes)), codes=codes.cpu(), seed=row_seeds[row],
                                  watermarked=self.watermarker is not None, prompt_positions=prompts[row][0].size(0)))
         return out
+
+
+def _check_speaker(speaker) -> None:
+    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
+        raise ValueError(f"speaker must be a whole number >= 0 (0, 1, ...), got {speaker!r}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"

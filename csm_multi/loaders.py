@@ -205,7 +205,7 @@ def build_transcriber(source: str | None = ASR_MODEL, device: str | torch.device
     """A lazily loaded Whisper transcriber, or None when `source` is 'none'/'off'/empty. Loads nothing now."""
     if source is None or source.strip().lower() in ASR_OFF:
         return None
-    dev = torch.device(device) if device else default_device()
+    dev = _device(device) if device else default_device()
     load = partial(load_whisper, source.strip(), dev, dtype or default_dtype(dev), token or hf_token())
     return Transcriber(source.strip(), load)
 
@@ -216,6 +216,19 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _device(name: str) -> torch.device:
+    """A device the user named, or a ValueError that says what to use instead."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use cpu or cuda (or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is available here; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use cpu or cuda")
+    return dev
 
 
 def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> Engine:
@@ -255,7 +268,7 @@ def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device:
     from .watermark import Watermarker, build_random_silentcipher, key_from_env
 
     token = token or hf_token()
-    dev = torch.device(device) if device else default_device()
+    dev = _device(device) if device else default_device()
     dt = dtype or default_dtype(dev)
     key = tuple(watermark_key) if watermark_key else key_from_env()
     tokenizer = partial(load_text_tokenizer, fallback=tokenizer_repo, trust=trust_tokenizer)

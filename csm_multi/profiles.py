@@ -444,6 +444,10 @@ class ProfileStore:
             dest = dest / f"{profile.slug}{EXPORT_SUFFIX}"
         elif not dest.suffix:
             dest = dest.with_suffix(EXPORT_SUFFIX)
+        elif dest.suffix.lower() != EXPORT_SUFFIX:  # e.g. the clip's own .wav, typed by mistake
+            raise ProfileError(f"cannot export to {dest}: a voice file ends in {EXPORT_SUFFIX}")
+        if dest.exists():
+            raise ProfileError(f"cannot export to {dest}: the file exists; choose another name or remove it first")
         if not dest.parent.is_dir():
             raise ProfileError(f"cannot export to {dest}: folder {dest.parent} does not exist")
         buf = io.BytesIO()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .audio import save_audio
-from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig
+from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, check_seed
 from .context import ContextBudget, ContextItem
 from .endings import end_sentence, pad_line, trim_clip
 from .engine import Engine, Utterance
@@ -24,6 +24,7 @@ from .frames import Segment, format_text
 from .script import ScriptLine, check_speakers, parse_script, speaker_key, speakers
 
 CONVERSATIONAL = "conversational"
+MAX_LINES = 1_000_000  # room kept above a script's seed for seed + i
 FAST = "fast"
 
 
@@ -57,6 +58,7 @@ class RenderConfig:
             raise ValueError(f"mode must be {CONVERSATIONAL!r} or {FAST!r}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        check_seed(self.seed, room=MAX_LINES)  # line i uses seed + i
         if not 0 <= self.extra_ms <= 5_000:
             raise ValueError("extra_ms must be between 0 and 5000")
         if not 0 <= self.margin_ms <= 2_000:

@@ -141,3 +141,33 @@ def test_batch_rows_match_single_calls_greedy(engine):
         alone = engine.generate(text, spk, ctx, greedy)
         assert torch.equal(got.codes, alone.codes)
         torch.testing.assert_close(got.audio, alone.audio)
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda e: e.generate("", 0), "nothing to say"),
+    (lambda e: e.generate(None, 0), "nothing to say"),
+    (lambda e: e.generate("Hi.", -1), "speaker must be a whole number"),
+    (lambda e: e.generate("Hi.", True), "speaker must be a whole number"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", audio=torch.zeros(2400, 2))]), "mono float tensor"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", audio=torch.zeros(2, 2400))]), "mono float tensor"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", audio=torch.zeros(2400, dtype=torch.int16))]), "mono float"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", codes=torch.zeros(9, 4, dtype=torch.long))]), "K=32"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", codes=torch.zeros(32, 4))]), "integer tensor"),
+    (lambda e: e.generate("Hi.", 0, [Segment(0, "t", codes=torch.full((32, 4), 5000))]), "must lie in 0..2047"),
+    (lambda e: e.stream("", 0).__next__(), "nothing to say"),
+    (lambda e: e.generate_batch([("Hi.", 0, [])], seeds=[2**64]), "seed must be a whole number"),
+])
+def test_bad_requests_are_clear_errors_before_any_work(engine, call, expected):
+    with pytest.raises(ValueError, match=expected):
+        call(engine)
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({"seed": -1}, "seed must be"), ({"seed": 2**63}, "seed must be"), ({"seed": 1.5}, "seed must be"),
+    ({"topk": 1.5}, "topk must be"), ({"temperature": float("inf")}, "temperature must be"),
+    ({"max_audio_length_ms": float("inf")}, "must be finite"),
+])
+def test_sampling_values_are_checked(kw, expected):
+    with pytest.raises(ValueError, match=expected):
+        SamplingConfig(**kw)
+    assert SamplingConfig(seed=2**63 - 1).seed == 2**63 - 1

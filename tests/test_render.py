@@ -324,3 +324,13 @@ def test_render_config_checks_its_ending_settings():
         RenderConfig(extra_ms=-1)
     with pytest.raises(ValueError, match="margin_ms"):
         RenderConfig(margin_ms=5000)
+
+
+def test_render_config_leaves_room_for_a_seed_per_line():
+    from csm_multi.config import MAX_SEED
+    from csm_multi.render import MAX_LINES
+
+    assert RenderConfig(seed=MAX_SEED - MAX_LINES).sampling(MAX_LINES - 1).seed == MAX_SEED - 1
+    for bad in (-1, MAX_SEED, 2**64):
+        with pytest.raises(ValueError, match="seed must be a whole number"):
+            RenderConfig(seed=bad)
