@@ -330,7 +330,7 @@ def build_demo(studio: Studio):
         except CsmError as e:
             fail(e)
         c = project.config
-        note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n)}" for n in project.notes)])
+        note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
         mapping_rows = [[spk, prof or NONE] for spk, prof in project.voices.items()]
         return (project.script, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
                 c.max_line_ms / 1000, c.pause_ms, c.mode, note, *rendered[1:], project.voices, *library_view(key))

@@ -233,6 +233,8 @@ def cmd_project(args) -> int:
     print(f"settings: seed {c.seed}, temperature {c.temperature}, top-k {c.topk}, max {c.max_line_ms / 1000:g} s/line, "
           f"pause {c.pause_ms} ms, mode {c.mode}")
     flags = " ".join("--voice " + shlex.quote(f"{k}={v or 'none'}") for k, v in project.voices.items())
+    if Path(args.profiles_dir).resolve() != Path("profiles").resolve():  # the voices went into this library
+        flags += " --profiles-dir " + shlex.quote(str(args.profiles_dir))
     if args.script_out:
         Path(args.script_out).write_text(project.script, encoding="utf-8")
         print(f"script: {args.script_out}; render it again with: render {args.script_out} {flags}")

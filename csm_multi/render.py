@@ -58,6 +58,8 @@ class RenderConfig:
             raise ValueError(f"mode must be {CONVERSATIONAL!r} or {FAST!r}, got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not FRAME_MS <= self.max_line_ms <= 600_000:
+            raise ValueError(f"max length per line must be from {FRAME_MS} ms to 10 minutes, got {self.max_line_ms:g} ms")
         check_seed(self.seed, room=MAX_LINES)  # line i uses seed + i
         if not 0 <= self.extra_ms <= 5_000:
             raise ValueError("extra_ms must be between 0 and 5000")

@@ -295,7 +295,8 @@ def test_cli_render_writes_a_project_and_project_open_imports_it(tmp_path, capsy
     assert main(["project", "--profiles-dir", away, "open", str(tmp_path / "scene.csmproj"),
                  "--script-out", str(tmp_path / "again.txt"), "-o", str(tmp_path / "restored")]) == 0
     out = capsys.readouterr().out
-    assert "imported voice Bob (2)" in out and "--voice 'Bob=Bob (2)' --voice Narrator=none" in out
+    assert "imported voice Bob (2)" in out
+    assert f"--voice 'Bob=Bob (2)' --voice Narrator=none --profiles-dir {away}" in out  # the library it went into
     assert (tmp_path / "again.txt").read_text() == "Bob: Hello\nNarrator: Bye\n"
     manifest = json.loads((tmp_path / "restored" / "dialogue.json").read_text())["lines"]
     assert [m["profile"] for m in manifest] == ["Bob (2)", None] and [m["seed"] for m in manifest] == [2, 3]

@@ -334,3 +334,6 @@ def test_render_config_leaves_room_for_a_seed_per_line():
     for bad in (-1, MAX_SEED, 2**64):
         with pytest.raises(ValueError, match="seed must be a whole number"):
             RenderConfig(seed=bad)
+    for bad in (0, 79, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max length per line"):
+            RenderConfig(max_line_ms=bad)
