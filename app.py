@@ -380,7 +380,9 @@ def build_demo(studio: Studio):
         if found["matches_key"]:
             return "✅ This audio carries **this deployment's** watermark." + caveat
         if found["watermarked"]:
-            return "⚠️ A watermark was found, but with **another key** (not from this deployment)." + caveat
+            return ("❌ No watermark with this deployment's key. The detector read another message "
+                    f"(agreement {found['confidence']:.0%}): a watermark with another key, or none at all; "
+                    "it cannot tell those apart." + caveat)
         return "❌ No watermark from this deployment was found (short or heavily edited audio can lose it)." + caveat
 
     def status(key):

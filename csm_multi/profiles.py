@@ -345,9 +345,9 @@ class ProfileStore:
         with self._encode_lock:  # one encode at a time; a thread that waited may find it done
             if (codes := self._cache_get(key, count=False)) is not None:
                 return codes.clone()
-            codes = self._persisted_or_encode(profile, encoder, encoder_id)
-            with self._cache_lock:
-                self._cache[key] = codes
+            codes, sha = self._persisted_or_encode(profile, encoder, encoder_id)
+            with self._cache_lock:  # keyed by the audio actually read: an edit racing this read misses later
+                self._cache[(profile.slug, sha, encoder_id)] = codes
         return codes.clone()
 
     def segment(self, name: str, encoder: Encoder, encoder_id: str) -> Segment:
@@ -574,14 +574,15 @@ class ProfileStore:
     def _write_json(self, profile: VoiceProfile) -> None:
         _atomic_write(self._dir(profile.slug) / PROFILE_FILE, _json_bytes(profile))
 
-    def _persisted_or_encode(self, profile: VoiceProfile, encoder: Encoder, encoder_id: str) -> torch.Tensor:
+    def _persisted_or_encode(self, profile: VoiceProfile, encoder: Encoder, encoder_id: str) -> tuple[torch.Tensor, str]:
+        """(codes, SHA-256 of the audio they were made from)."""
         audio = self._read_audio(profile.slug)
         sha = _pcm_sha256(_quantize(audio))  # of the audio actually read, not of what the json claims
         path = self._dir(profile.slug) / _encoder_file(encoder_id)
         try:
             saved = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
             if saved["audio_sha256"] == sha and saved["encoder_id"] == encoder_id:
-                return saved["codes"]
+                return saved["codes"], sha
         except FileNotFoundError:
             pass
         except Exception as e:  # a damaged codes file is a cache miss, never an error
@@ -600,7 +601,7 @@ class ProfileStore:
                 _atomic_write(path, buf.getvalue())
         except (OSError, ProfileError) as e:  # deleted meanwhile, disk full: the codes are still right
             log.warning("could not persist codes for %s: %s", profile.slug, e)
-        return codes
+        return codes, sha
 
     def _cache_get(self, key: tuple, count: bool = True) -> torch.Tensor | None:
         with self._cache_lock:

@@ -165,12 +165,18 @@ class Watermarker:
         """`audio` (S,) marked with the key: same length, rate, dtype and device.
 
         Silent input comes back unchanged (silentcipher skips zero-power input: there is nothing to
-        hide a mark in), and so does input shorter than one STFT window at 44.1 kHz (~93 ms). A mark
-        can be read back only from audio of 0.84 s or more (one whole 21-symbol message).
+        hide a mark in). Input shorter than one STFT window at 44.1 kHz (~93 ms, e.g. a one-frame
+        last chunk of a stream) is marked as the start of a zero-padded window, so every non-silent
+        output carries the mark signal. A mark can be read back only from audio of 0.84 s or more
+        (one whole 21-symbol message).
         """
-        if not self._usable(audio, sample_rate, self.min_samples_44k):
+        if audio.dim() != 1:
+            raise ValueError(f"expected a mono waveform of shape (S,), got {tuple(audio.shape)}")
+        n = audio.numel()
+        if n == 0 or not bool(audio.abs().amax() > 0):
             return audio
-        y = self._at_44k(audio, sample_rate)
+        window = -(-self.min_samples_44k * sample_rate // SILENTCIPHER_SR)  # one 44.1 kHz window, at this rate
+        y = self._at_44k(torch.nn.functional.pad(audio.float(), (0, max(0, window - n))), sample_rate)
         with _SILENTCIPHER_LOCK:
             marked, _ = self.model.encode_wav(y.cpu().numpy(), SILENTCIPHER_SR, list(self.key),
                                               message_sdr=MESSAGE_SDR_DB, calc_sdr=False)
@@ -180,7 +186,7 @@ class Watermarker:
         mark = torch.from_numpy(marked).to(y.device) - y
         if sample_rate != SILENTCIPHER_SR:
             mark = AF.resample(mark, SILENTCIPHER_SR, sample_rate)
-        n = audio.numel()  # resampling there and back can be a sample off
+        # the padding (if any) is cut off again; resampling there and back can be a sample off
         mark = mark[:n] if mark.numel() >= n else torch.nn.functional.pad(mark, (0, n - mark.numel()))
         return (audio.float() + mark).to(audio.dtype)
 
@@ -203,8 +209,10 @@ class Watermarker:
     def detect(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, thorough: bool = False) -> dict:
         """For a "check watermark" button: {"watermarked", "matches_key", "message", "confidence"}.
 
-        "watermarked" means silentcipher decoded some message (any key); "matches_key" that it is ours.
-        "confidence" is the share of repeated messages agreeing with the decoded one (silentcipher's).
+        "watermarked" means silentcipher decoded some message (any key): it does so for most audio,
+        marked or not (any end symbol among its per-position votes counts), so only "matches_key",
+        that the message is ours, is evidence. "confidence" is the share of repeated messages
+        agreeing with the decoded one (silentcipher's).
         """
         result = self.decode(audio, sample_rate, thorough)
         found = bool(result.get("status")) and bool(result.get("messages"))

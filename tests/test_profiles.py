@@ -524,3 +524,42 @@ def test_two_processes_creating_at_once_lose_nothing(tmp_path):
     # ids are assigned under the lock: 0..9 once, then the least used again
     ids = sorted(p.speaker_id for p in profiles)
     assert ids == sorted([*range(10), *range(10), 0])
+
+
+def test_codes_read_during_an_audio_edit_do_not_stay_cached(tmp_path, monkeypatch):
+    """A reader between set_audio's new profile.json and its new reference.wav encodes the old clip;
+    those codes must not be cached under the new audio's hash (found by an audit)."""
+    import os
+    import threading
+    import time
+
+    import csm_multi.profiles as profiles_module
+
+    store = ProfileStore(tmp_path, cache_size=4)
+
+    def tone(f):
+        t = np.arange(48_000) / 24_000
+        return (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32), 24_000
+
+    def encoder(audio):  # the codes say which clip they came from (zero crossings)
+        return torch.full((32, 3), int((audio[1:] * audio[:-1] < 0).sum()) % 2048, dtype=torch.long)
+
+    store.create("Alice", tone(220), "hello")
+    store.codes("Alice", encoder, "e1")
+    real_replace = os.replace
+
+    def slow_replace(a, b):  # widens the window between the two files of an edit
+        time.sleep(0.5)
+        return real_replace(a, b)
+
+    monkeypatch.setattr(profiles_module.os, "replace", slow_replace)
+    old = store.get("Alice").audio_sha256
+    writer = threading.Thread(target=store.set_audio, args=("Alice", (tone(440)[0] * 0.5, 24_000)))
+    writer.start()
+    deadline = time.time() + 10
+    while store.get("Alice").audio_sha256 == old and time.time() < deadline:
+        time.sleep(0.005)
+    store.codes("Alice", encoder, "e1")  # mid-edit: may see the old clip
+    writer.join()
+    monkeypatch.setattr(profiles_module.os, "replace", real_replace)
+    assert torch.equal(store.codes("Alice", encoder, "e1"), encoder(store.audio("Alice")))

@@ -93,11 +93,14 @@ def test_apply_keeps_dtype_and_odd_lengths(marker, voice):
     assert y.dtype == torch.bfloat16 and y.shape == x.shape and not torch.equal(x, y)
 
 
-def test_silent_and_too_short_input_come_back_unchanged(marker, voice):
+def test_silent_input_comes_back_unchanged_and_short_input_is_marked(marker, voice):
     silent = torch.zeros(N)
     assert marker.apply(silent, SR) is silent
-    short = voice[:2000]  # < one 4096-sample STFT window at 44.1 kHz
-    assert marker.apply(short, SR) is short
+    for n in (1920, 2000):  # one 80 ms frame (a stream's last chunk); < one 4096-sample window at 44.1 kHz
+        short = voice[:n]
+        marked = marker.apply(short, SR)
+        assert marked.shape == short.shape and not torch.equal(marked, short)
+        assert 20 < snr_db(short, marked) < 60  # the start of a mark, as strong as on long audio
     assert marker.apply(torch.zeros(0), SR).numel() == 0
     with pytest.raises(ValueError, match="mono"):
         marker.apply(voice[None], SR)
