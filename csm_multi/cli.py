@@ -195,8 +195,8 @@ def cmd_render(args) -> int:
 
     def progress(p):
         bar.n = round(p.fraction * len(lines), 2)
-        bar.set_postfix_str(f"{p.speaker}: frame {p.frame}")
-        bar.refresh()
+        bar.set_postfix_str(f"{p.speaker}: frame {p.frame}", refresh=False)
+        bar.refresh()  # one redraw per frame
 
     result = renderer.render(lines, voices, config, progress=progress)
     bar.close()
@@ -282,14 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Whisper model (hub id or local folder) for a missing --transcript; 'none' turns it off "
                           "(default: env CSM_ASR_MODEL, else Whisper base.en)")
     add.add_argument("--speaker-id", type=int)
-    psub.add_parser("list")
-    ren = psub.add_parser("rename")
+    psub.add_parser("list", help="list the profiles")
+    ren = psub.add_parser("rename", help="rename a profile")
     ren.add_argument("name")
     ren.add_argument("new_name")
     tr = psub.add_parser("transcript", help="replace a profile's transcript")
     tr.add_argument("name")
     tr.add_argument("text")
-    rm = psub.add_parser("delete")
+    rm = psub.add_parser("delete", help="delete a profile")
     rm.add_argument("name")
     ex = psub.add_parser("export", help="write one .csmvoice file")
     ex.add_argument("name")
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     im = psub.add_parser("import", help="read a .csmvoice file")
     im.add_argument("file")
     im.add_argument("--name")
+    for action in psub.choices.values():  # also accepted after the action: `profiles list --profiles-dir X`
+        action.add_argument("--profiles-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     prof.set_defaults(func=cmd_profiles)
 
     ren = sub.add_parser("render", help="render a multi-speaker script (`Name: line` per line)")

@@ -137,3 +137,13 @@ def test_export_never_overwrites_a_file(tmp_path, capsys):
     assert "the file exists" in capsys.readouterr().err
     assert main(["profiles", "--profiles-dir", store, "delete", "ALICE"]) == 0
     assert capsys.readouterr().out.strip() == "deleted Alice"
+
+
+def test_profiles_dir_is_accepted_before_or_after_the_action(tmp_path, capsys):
+    store = str(tmp_path / "voices")
+    assert main(["profiles", "add", "Alice", str(_clip(tmp_path / "a.wav", 200)), "--transcript", "hi",
+                 "--profiles-dir", store]) == 0
+    assert main(["profiles", "list", "--profiles-dir", store]) == 0
+    assert "Alice" in capsys.readouterr().out
+    assert main(["profiles", "--profiles-dir", store, "list"]) == 0
+    assert "Alice" in capsys.readouterr().out
