@@ -141,7 +141,7 @@ def cmd_profiles(args) -> int:
 def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | None]:
     """Script speaker -> profile: `--voice NAME=PROFILE|none` first, else the profile of the same name."""
     from .profiles import resolve_voices
-    from .script import speaker_key, speakers
+    from .script import lines_label, speaker_key, speaker_lines, speakers
 
     given = {}
     for item in overrides or []:
@@ -151,9 +151,8 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
         given[name.strip()] = None if profile.strip().lower() in ("", "none") else profile.strip()
     voices, missing = resolve_voices(store, speakers(lines), given)
     if missing:
-        where = {speaker_key(n): [ln.number for ln in lines if speaker_key(ln.speaker) == speaker_key(n)] for n in missing}
-        listed = "; ".join(f"{n} (line{'s' * (len(where[speaker_key(n)]) > 1)} "
-                           f"{', '.join(map(str, where[speaker_key(n)][:10]))})" for n in missing)
+        where = speaker_lines(lines)
+        listed = "; ".join(f"{n} ({lines_label(where[speaker_key(n)][1])})" for n in missing)
         raise CsmError(
             f"no voice profile for {listed}: add one with `profiles add NAME clip.wav --transcript ...`, "
             f"or map it with --voice {missing[0]}=PROFILE (or --voice {missing[0]}=none for no reference voice)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 
@@ -296,7 +297,7 @@ class Engine:
 
 
 def _check_speaker(speaker) -> None:
-    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker < 0:
+    if isinstance(speaker, bool) or not isinstance(speaker, Integral) or speaker < 0:
         raise ValueError(f"speaker must be a whole number >= 0 (0, 1, ...), got {speaker!r}")
 
 

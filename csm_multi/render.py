@@ -24,8 +24,8 @@ from .frames import Segment, format_text
 from .script import ScriptLine, check_speakers, parse_script, speaker_key, speakers
 
 CONVERSATIONAL = "conversational"
-MAX_LINES = 1_000_000  # room kept above a script's seed for seed + i
 FAST = "fast"
+MAX_LINES = 1_000_000  # room kept above a script's seed for seed + i
 
 
 @dataclass(frozen=True)

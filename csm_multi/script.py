@@ -95,25 +95,32 @@ def speakers(lines: Iterable[ScriptLine]) -> list[str]:
     return list(seen.values())
 
 
+def speaker_lines(lines: Iterable[ScriptLine]) -> dict[str, tuple[str, list[int]]]:
+    """Speaker key -> (first spelling, the script line numbers it speaks), in order of appearance."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for line in lines:
+        found.setdefault(speaker_key(line.speaker), (line.speaker, []))[1].append(line.number)
+    return found
+
+
+def lines_label(numbers: list[int]) -> str:
+    """[2, 4] -> "lines 2, 4" (at most `_MAX_LISTED_LINES` numbers, then "and N more")."""
+    where = ", ".join(map(str, numbers[:_MAX_LISTED_LINES]))
+    if len(numbers) > _MAX_LISTED_LINES:
+        where += f" and {len(numbers) - _MAX_LISTED_LINES} more"
+    return f"line{'s' * (len(numbers) > 1)} {where}"
+
+
 def check_speakers(lines: Iterable[ScriptLine], known: Iterable[str] | Mapping[str, object]) -> None:
     """Raise `ScriptProblems` naming each speaker not in `known` (names or a mapping's keys) and its lines."""
     names = [known] if isinstance(known, str) else list(known)
     known_keys = {speaker_key(n) for n in names}
-    unknown: dict[str, tuple[str, list[int]]] = {}
-    for line in lines:
-        key = speaker_key(line.speaker)
-        if key not in known_keys:
-            unknown.setdefault(key, (line.speaker, []))[1].append(line.number)
-    if not unknown:
-        return
     choices = ", ".join(sorted(set(names), key=str.casefold)) if names else "none are set up yet"
-    problems = []
-    for name, numbers in unknown.values():
-        where = ", ".join(map(str, numbers[:_MAX_LISTED_LINES]))
-        if len(numbers) > _MAX_LISTED_LINES:
-            where += f" and {len(numbers) - _MAX_LISTED_LINES} more"
-        problems.append((numbers[0], f"unknown speaker {name!r} (line{'s' * (len(numbers) > 1)} {where}) — add a"
-                                     f" voice for {name!r} or use a known speaker ({choices})"))
+    problems = [(numbers[0], f"unknown speaker {name!r} ({lines_label(numbers)}) — add a voice for {name!r} or use"
+                             f" a known speaker ({choices})")
+                for key, (name, numbers) in speaker_lines(lines).items() if key not in known_keys]
+    if not problems:
+        return
     raise ScriptProblems(problems, "The script names speakers without a voice")
 
 

@@ -163,8 +163,9 @@ class Studio:
         lines = self.parse(script)
         voices = self.check_voices(key, voices)
         store = self.library(key)
+        used = {name: store.get(name).audio_sha256 for name in voices.values() if name}  # before: a rename may come
         result = self.renderer(key).render(lines, voices, config, progress, cancel, on_clip)
-        result.voice_audio = {name: store.get(name).audio_sha256 for name in voices.values() if name}
+        result.voice_audio = used
         return result
 
     def rerender(self, key, result: RenderResult, line_number: int | None, voices, seed: int | None = None,

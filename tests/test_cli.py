@@ -103,6 +103,7 @@ def test_bad_paths_and_values_fail_before_the_model_loads(tmp_path, capsys, monk
     """Each of these is a one-line error with exit code 2, found before any model loads."""
     (tmp_path / "afile").write_text("in the way")
     (tmp_path / "s.txt").write_text("A: Hi.\n")
+    monkeypatch.chdir(tmp_path)  # the default profile store (./profiles) lands here, not in the checkout
     monkeypatch.setattr(loaders, "_build_real", lambda *a, **k: pytest.fail("loaded a model"))
     if argv[0] != "info":
         monkeypatch.setattr("csm_multi.cli._build", lambda args: pytest.fail("loaded a model"))
@@ -117,8 +118,8 @@ def test_render_writes_the_format_it_is_asked_for(tmp_path, capsys):
     script = tmp_path / "s.txt"
     script.write_text("A: Hi.\n")
     out = tmp_path / "new" / "scene.mp3"
-    assert main(["render", str(script), "-o", str(out), "--voice", "A=none", "--model", "tiny", "--no-watermark",
-                 "--seed", "1", "--max-line-s", "0.3", "-q"]) == 0
+    assert main(["render", str(script), "-o", str(out), "--voice", "A=none", "--profiles-dir", str(tmp_path / "voices"),
+                 "--model", "tiny", "--no-watermark", "--seed", "1", "--max-line-s", "0.3", "-q"]) == 0
     assert sf.info(str(out)).format == "MP3" and not (out.parent / "scene.wav").exists()
     assert json.loads((out.parent / "scene.json").read_text())["lines"][0]["seed"] == 1
 
