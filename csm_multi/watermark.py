@@ -170,11 +170,9 @@ class Watermarker:
         output carries the mark signal. A mark can be read back only from audio of 0.84 s or more
         (one whole 21-symbol message).
         """
-        if audio.dim() != 1:
-            raise ValueError(f"expected a mono waveform of shape (S,), got {tuple(audio.shape)}")
-        n = audio.numel()
-        if n == 0 or not bool(audio.abs().amax() > 0):
+        if not self._usable(audio, sample_rate, 1):  # mono (else ValueError), not empty, not silent
             return audio
+        n = audio.numel()
         window = -(-self.min_samples_44k * sample_rate // SILENTCIPHER_SR)  # one 44.1 kHz window, at this rate
         y = self._at_44k(torch.nn.functional.pad(audio.float(), (0, max(0, window - n))), sample_rate)
         with _SILENTCIPHER_LOCK:
