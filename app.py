@@ -11,27 +11,28 @@ from __future__ import annotations
 import argparse
 import html
 import logging
+import math
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine
+from csm_multi.config import MAX_SEED
+from csm_multi.errors import ProfileError
 from csm_multi.loaders import ASR_MODEL, build_transcriber
-from csm_multi.render import RenderConfig, RenderResult
-from csm_multi.studio import EXAMPLE_SCRIPT, Studio, StudioLimits, new_library_key
+from csm_multi.profiles import clean_name
+from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
+from csm_multi.settings import engine_flags, setting
+from csm_multi.studio import EXAMPLE_SCRIPT, LIBRARY_KEY, Studio, StudioLimits, new_library_key
+from csm_multi.tempdirs import release_torch_scratch, start_sweeper
 
 log = logging.getLogger("csm_multi.app")
 NONE = "(none)"
 MAX_UPLOAD = "20mb"
-
-
-def default_profiles_dir() -> Path:
-    """Outside the working directory and Gradio's temp dir, so no file route can reach it."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "csm-multi" / "profiles"
 
 
 def ensure_ffmpeg() -> str | None:
@@ -73,6 +74,152 @@ def ensure_nodeps_packages() -> None:
 def _int16(audio) -> np.ndarray:
     """Gradio peak-normalises float audio; int16 keeps the real level."""
     return (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
+
+
+# ---- arguments from the page and from API callers, checked before Gradio reads them -----------
+MAX_MAPPING_ROWS = 1000  # a speaker map longer than this is not a script's (200 lines at most)
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX: an upload's path on this server is never longer
+
+
+def _sent(value) -> str:
+    """What a caller sent, in words, without echoing text back (it may hold markup)."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return "NaN" if math.isnan(value) else "infinity" if math.isinf(value) else _num(value)
+    if isinstance(value, str):
+        return f"text of {len(value)} characters" if value else "empty text"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _num(x: float) -> str:
+    return f"{int(x):d}" if float(x).is_integer() else f"{x:g}"
+
+
+def _number_rule(block) -> str:
+    kind = "a whole number" if getattr(block, "precision", None) == 0 else "a number"
+    lo, hi = getattr(block, "minimum", None), getattr(block, "maximum", None)
+    if lo is not None and hi is not None:
+        return f"{kind} from {_num(lo)} to {_num(hi)}"
+    return f"{kind} of at least {_num(lo)}" if lo is not None else f"{kind} up to {_num(hi)}" if hi is not None else kind
+
+
+def _table_problem(value, width: int, headers) -> str | None:
+    shape = (f'a table {{"headers": [{", ".join(map(repr, headers or []))}], "data": [[{width} text cells], ...]}} '
+             f"of at most {MAX_MAPPING_ROWS} rows")
+    rows = value.get("data") if isinstance(value, dict) else None
+    if not isinstance(rows, list) or not isinstance(value.get("headers", []), list):
+        return f"expected {shape}; got {_sent(value)}"
+    if len(rows) > MAX_MAPPING_ROWS:
+        return f"expected {shape}; got {len(rows)} rows"
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, list) or len(row) not in (0, width):
+            return f"expected {shape}; row {i} is {_sent(row) if not isinstance(row, list) else f'{len(row)} cells'}"
+        if any(c is not None and (isinstance(c, bool) or not isinstance(c, (str, int, float))) for c in row):
+            return f"expected {shape}; row {i} has a cell that is not text"
+    return None
+
+
+def argument_problem(block, value) -> str | None:
+    """Why `value` cannot be the input of component `block` ("expected ...; got ..."), or None.
+
+    Stricter than Gradio's own preprocessing, whose failures reach API callers without a message.
+    """
+    import gradio as gr
+
+    rule = None
+    if isinstance(block, (gr.Slider, gr.Number)):
+        if value is None and isinstance(block, gr.Number):
+            return None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        lo, hi = getattr(block, "minimum", None), getattr(block, "maximum", None)
+        if (not number or (getattr(block, "precision", None) == 0 and value != int(value))
+                or (lo is not None and value < lo) or (hi is not None and value > hi)):
+            rule = _number_rule(block)
+    elif isinstance(block, gr.Checkbox):
+        rule = None if isinstance(value, bool) else "true or false"
+    elif isinstance(block, (gr.Radio, gr.Dropdown)):
+        allowed = [v for _, v in block.choices]
+        custom = isinstance(block, gr.Dropdown) and block.allow_custom_value
+        if not (value is None and isinstance(block, gr.Dropdown)) and not (
+                isinstance(value, str) and (custom or value in allowed)):
+            rule = "a name (text)" if custom else "one of " + ", ".join(repr(v) for v in allowed)
+    elif isinstance(block, gr.Textbox):
+        rule = None if value is None or isinstance(value, str) else "text"
+    elif isinstance(block, gr.Dataframe):
+        return _table_problem(value, block.column_count[0], block.headers)
+    elif isinstance(block, (gr.File, gr.Audio)):
+        path = value.get("path") if isinstance(value, dict) else None
+        if value is not None and not (isinstance(path, str) and 0 < len(path) <= MAX_PATH_CHARS and "\x00" not in path):
+            rule = "a file (gradio_client: handle_file(path); HTTP: an uploaded file's {\"path\": ...}), or null"
+    return None if rule is None else f"expected {rule}; got {_sent(value)}"
+
+
+def _parameters(block_fn) -> list[str]:
+    """The handler's parameter names, one per input component (what the API page calls them)."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(block_fn.fn).parameters)[: len(block_fn.inputs)]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input {i + 1}" for i in range(len(names), len(block_fn.inputs))]
+
+
+def _checked_blocks():
+    """gr.Blocks whose events check their arguments first: a missing or wrong argument gets a
+    message naming it and the allowed values, instead of Gradio's message-less error."""
+    import gradio as gr
+
+    class CheckedBlocks(gr.Blocks):
+        def validate_inputs(self, block_fn, inputs):
+            names = [n for n, b in zip(_parameters(block_fn), block_fn.inputs) if not b.stateful]
+            if len(inputs) < len(block_fn.inputs):
+                given = len(inputs) - (len(block_fn.inputs) - len(names))
+                missing = names[max(given, 0):]
+                raise gr.Error(f"{block_fn.name} takes {len(names)} arguments ({', '.join(names)}); "
+                               f"missing: {', '.join(missing)}", print_exception=False)
+            super().validate_inputs(block_fn, inputs)
+
+        async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+            self.validate_inputs(block_fn, inputs)
+            for name, block, value in zip(_parameters(block_fn), block_fn.inputs, inputs):
+                problem = None if block.stateful else argument_problem(block, value)
+                if problem:
+                    label = getattr(block, "label", None)
+                    shown = f"{name} ({label})" if label and label != name else name
+                    raise gr.Error(f"{shown}: {problem}", print_exception=False)
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+        async def call_function(self, block_fn, *args, **kwargs):
+            # A handler that fails in a way it did not foresee (a bug) still answers with a message,
+            # not Gradio's empty error; the traceback goes to the log.
+            try:
+                return await super().call_function(block_fn, *args, **kwargs)
+            except (gr.Error, StopIteration, StopAsyncIteration):
+                raise
+            except Exception as e:
+                name = getattr(block_fn, "name", "this action")
+                log.exception("unexpected error in %s", name)
+                raise gr.Error(f"{name} failed unexpectedly ({type(e).__name__}) and the error was logged: "
+                               "try again, or tell whoever runs this demo", print_exception=False) from None
+
+    return CheckedBlocks
+
+
+def for_the_caller(message: str) -> str:
+    """An error message as plain text for API callers, and HTML-escaped for the page, whose
+    notifications render HTML (the page's requests say `x-gradio-user: app`)."""
+    try:
+        from gradio.context import LocalContext
+
+        request = LocalContext.request.get(None)
+    except ImportError:  # pragma: no cover - another Gradio layout: plain text is the safe side for API callers
+        request = None
+    headers = getattr(request, "headers", None) or {}
+    return html.escape(message, quote=False) if headers.get("x-gradio-user") == "app" else message
 
 
 def zero_gpu() -> bool:
@@ -137,12 +284,16 @@ def build_demo(studio: Studio):
     ensure_ffmpeg()
 
     def fail(e: Exception):
-        raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+        raise gr.Error(for_the_caller(str(e)), print_exception=False) from None
+
+    def cell(value) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
 
     def mapping_dict(table) -> dict[str, str | None]:
-        """The speaker -> profile table (Gradio hands it over as a pandas DataFrame)."""
+        """The speaker -> profile table (Gradio hands it over as a pandas DataFrame); rows without a
+        speaker are skipped, an empty profile cell or (none) is "no reference voice"."""
         rows = [] if table is None else table.values.tolist()
-        return {str(r[0]).strip(): (None if not r[1] or r[1] == NONE else str(r[1])) for r in rows if r and str(r[0]).strip()}
+        return {cell(r[0]): (None if cell(r[1]) in ("", NONE) else cell(r[1])) for r in rows if len(r) >= 2 and cell(r[0])}
 
     # ---- voices ---------------------------------------------------------------------------
     def library_view(key):
@@ -186,11 +337,11 @@ def build_demo(studio: Studio):
         except CsmError:
             return ""  # e.g. deleted meanwhile: the other handlers report it
 
-    def update_transcript(key, name, text):
+    def update_transcript(key, name, transcript):
         try:
             if not name:
                 raise CsmError("choose a profile first")
-            profile = studio.library(key).update_transcript(name, text or "")
+            profile = studio.library(key).update_transcript(name, transcript or "")
             return studio.profile_rows(key), f"Transcript of **{html.escape(profile.name)}** saved."
         except CsmError as e:
             fail(e)
@@ -198,6 +349,10 @@ def build_demo(studio: Studio):
     def rename_profile(key, name, new_name):
         try:
             _chosen(name)
+            try:
+                clean_name(new_name)
+            except ProfileError as e:
+                raise ProfileError(f"New name: {e}") from None
             studio.library(key).rename(name, new_name)
             return (*library_view(key), f"Renamed to **{html.escape(new_name)}**.")
         except CsmError as e:
@@ -249,8 +404,7 @@ def build_demo(studio: Studio):
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
             studio.parse(script)  # script problems first, with line numbers
-            voices = mapping_dict(mapping) or studio.default_voices(key, script)
-            studio.check_voices(key, voices)
+            voices = studio.check_voices(key, studio.voices_for(key, script, mapping_dict(mapping)))
         except (CsmError, ValueError) as e:
             fail(e)
         events: queue.Queue = queue.Queue()
@@ -315,7 +469,7 @@ def build_demo(studio: Studio):
     def save_project(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, result):
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
-            voices = mapping_dict(mapping) or studio.default_voices(key, script)
+            voices = studio.voices_for(key, script, mapping_dict(mapping))
             return str(studio.save_project(key, script, voices, config, result))
         except (CsmError, ValueError) as e:
             fail(e)
@@ -324,7 +478,7 @@ def build_demo(studio: Studio):
         """Fill the Script tab from a .csmproj: script, mapping, settings, and its rendering if any."""
         try:
             if not path:
-                raise CsmError("choose a .csmproj file to open")
+                raise CsmError("Open project: choose a .csmproj file to open")
             project = studio.open_project(key, path)
             rendered = _finished(project.result)[1:] if project.result else ("No rendering saved.", None, None, [], [], None)
         except CsmError as e:
@@ -339,9 +493,9 @@ def build_demo(studio: Studio):
     def say(key, text, profile, temperature, topk, seed, max_s):
         try:
             if not (text or "").strip():
-                raise CsmError("write some text to speak first")
+                raise CsmError("Text: write some text to speak first")
             if len(text) > studio.limits.max_line_chars:
-                raise CsmError(f"keep it under {studio.limits.max_line_chars} characters (use the Script tab for more)")
+                raise CsmError(f"Text: keep it under {studio.limits.max_line_chars} characters (use the Script tab for more)")
             context = []
             if profile and profile != NONE:
                 store = studio.library(key)
@@ -371,12 +525,16 @@ def build_demo(studio: Studio):
     def check_watermark(path):
         try:
             if not path:
-                raise CsmError("upload an audio file to check")
+                raise CsmError("Audio to check: upload an audio file first")
             found = studio.check_watermark(path)
         except (CsmError, ValueError) as e:
             fail(e)
-        caveat = ("  \n_Offline demo: the watermarker has random weights, so this answer means nothing._"
-                  if studio.engine.info.untrained else "")
+        n = found["windows"]
+        caveat = (f"  \n_Checked {n} window{'' if n == 1 else 's'}: {found['seconds_checked']:.1f} s of the "
+                  f"{found['seconds_total']:.1f} s clip, spread over it._" if n else
+                  "  \n_Nothing could be checked: the clip is silent or shorter than 0.84 s._")
+        if studio.engine.info.untrained:
+            caveat += "  \n_Offline demo: the watermarker has random weights, so this answer means nothing._"
         if found["matches_key"]:
             return "✅ This audio carries **this deployment's** watermark." + caveat
         if found["watermarked"]:
@@ -389,10 +547,10 @@ def build_demo(studio: Studio):
         return status_markdown(studio.status(key))
 
     def init_key(saved):
-        key = saved if isinstance(saved, str) and len(saved) >= 8 else new_library_key()
+        key = saved if isinstance(saved, str) and LIBRARY_KEY.fullmatch(saved) else new_library_key()
         return key, key
 
-    with gr.Blocks(title="csm-multi", delete_cache=(1800, 3600)) as demo:
+    with _checked_blocks()(title="csm-multi", delete_cache=(1800, 3600)) as demo:
         saved_key = gr.BrowserState(None, storage_key="csm-multi-library")
         key = gr.Textbox(visible=False, label="library_key")
         gr.Markdown("# csm-multi — multi-speaker dialogue with CSM-1B")
@@ -440,10 +598,12 @@ def build_demo(studio: Studio):
                                            datatype=["str", "str"], interactive=True, column_count=(2, "fixed"))
                 with gr.Column(scale=2):
                     temperature = gr.Slider(*studio.limits.temperature, value=0.9, step=0.05, label="Temperature")
-                    topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, label="Top-k")
-                    seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0)
+                    topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
+                    seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0,
+                                     minimum=-1, maximum=MAX_SEED - MAX_LINES)
                     max_line_s = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
-                    pause_ms = gr.Slider(0, studio.limits.max_pause_ms, value=300, step=50, label="Pause between lines (ms)")
+                    pause_ms = gr.Slider(0, studio.limits.max_pause_ms, value=300, step=50, precision=0,
+                                         label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",
                                     info="fast: lines conditioned on voices only, rendered in batches")
                     with gr.Row():
@@ -459,8 +619,8 @@ def build_demo(studio: Studio):
                                         label="Context budget (what each line heard, of the 2048-position window)",
                                         interactive=False)
             with gr.Row():
-                regen_line = gr.Number(label="Script line to regenerate", precision=0)
-                regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0)
+                regen_line = gr.Number(label="Script line to regenerate", precision=0, maximum=MAX_LINES)
+                regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
                 regen_btn = gr.Button("Regenerate line")
             with gr.Row():
                 project_btn = gr.Button("Save project")
@@ -474,8 +634,8 @@ def build_demo(studio: Studio):
             with gr.Row():
                 q_profile = gr.Dropdown(label="Voice profile", choices=[NONE], value=NONE, allow_custom_value=True)
                 q_temp = gr.Slider(*studio.limits.temperature, value=0.9, step=0.05, label="Temperature")
-                q_topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, label="Top-k")
-                q_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0)
+                q_topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
+                q_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
                 q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
             q_btn = gr.Button("Speak", variant="primary")
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
@@ -536,34 +696,50 @@ def build_demo(studio: Studio):
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py` / `csm-multi-app`: serve the app. A start-up error (no hub access, a bad flag or
+    environment variable, a taken port) is one line on stderr and exit code 2; --debug adds the traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "--debug" in argv:  # before parsing: the flags' defaults read the environment and can fail too
+        logging.getLogger("csm_multi").setLevel(logging.DEBUG)
+    try:
+        serve(argv)
+    except (CsmError, ValueError, OSError) as e:
+        log.debug("start-up failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def serve(argv: list[str]) -> None:
+    """Parse the flags (defaults: the environment, csm_multi/settings.py), build the studio, launch."""
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=env("CSM_MODEL", "auto"), help="csm-1b, tiny or auto (env CSM_MODEL)")
-    p.add_argument("--checkpoint", default=env("CSM_CHECKPOINT"), help="local checkpoint or hub repo (env CSM_CHECKPOINT)")
-    p.add_argument("--device", default=env("CSM_DEVICE"), help="cuda or cpu (env CSM_DEVICE)")
-    p.add_argument("--quantize", default=env("CSM_QUANTIZE", "none"), choices=["none", "int8"],
-                   help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size (env CSM_QUANTIZE)")
-    p.add_argument("--host", default=env("CSM_HOST", "127.0.0.1"), help="use 0.0.0.0 to serve your network (env CSM_HOST)")
-    p.add_argument("--port", type=int, default=int(env("CSM_PORT", "7860")))
+    engine_flags(p)
+    p.add_argument("--debug", action="store_true", help="on a start-up error, also print its traceback")
+    p.add_argument("--host", default=setting("host"), help="use 0.0.0.0 to serve your network (env CSM_HOST)")
+    p.add_argument("--port", type=int, default=setting("port"), help="(env CSM_PORT)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (ignored on Spaces)")
-    p.add_argument("--profiles-dir", default=env("CSM_PROFILES_DIR") or str(default_profiles_dir()),
+    p.add_argument("--profiles-dir", default=str(setting("profiles_dir")),
                    help="where voice libraries live (env CSM_PROFILES_DIR; mount persistent storage here on Spaces)")
-    p.add_argument("--shared-library", action="store_true", default=env("CSM_SHARED_LIBRARY") == "1",
-                   help="one voice library for every visitor (default: each browser gets its own)")
-    p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
-    p.add_argument("--asr-model", default=env("CSM_ASR_MODEL", ASR_MODEL),
+    p.add_argument("--shared-library", action="store_true", default=setting("shared_library"),
+                   help="one voice library for every visitor (default: each browser gets its own; the command "
+                        "line's default library is this one; env CSM_SHARED_LIBRARY=1)")
+    p.add_argument("--asr-model", default=setting("asr_model") or ASR_MODEL,
                    help="Whisper model (hub id or local folder) that transcribes a clip saved with an empty "
                         "transcript; 'none' turns it off (env CSM_ASR_MODEL)")
-    p.add_argument("--tokenizer-repo", default=env("CSM_TOKENIZER_REPO"),
-                   help="a copy of the Llama 3.2 tokenizer used when meta-llama/Llama-3.2-1B is unavailable, "
-                        "e.g. unsloth/Llama-3.2-1B; checked against published ids first (env CSM_TOKENIZER_REPO)")
-    p.add_argument("--trust-tokenizer", action="store_true", default=env("CSM_TRUST_TOKENIZER") == "1",
-                   help="use --tokenizer-repo without that check (env CSM_TRUST_TOKENIZER=1)")
-    p.add_argument("--libraries-in-memory", type=int, default=int(env("CSM_LIBRARIES_IN_MEMORY", "64")),
+    p.add_argument("--libraries-in-memory", type=int, default=setting("libraries_in_memory"),
                    help="visitor libraries kept open (LRU; env CSM_LIBRARIES_IN_MEMORY)")
+    p.add_argument("--max-voices-per-library", type=int, default=setting("max_voices_per_library"),
+                   help="voices one library may hold; 0: no cap (env CSM_MAX_VOICES_PER_LIBRARY)")
+    p.add_argument("--storage-quota-mb", type=int, default=setting("storage_quota_mb"),
+                   help="disk all voice libraries together may take, in MB; 0: no quota (env CSM_STORAGE_QUOTA_MB)")
+    p.add_argument("--library-idle-days", type=int, default=setting("library_idle_days"),
+                   help="delete a visitor library untouched this many days (never the shared one); 0: keep "
+                        "them (env CSM_LIBRARY_IDLE_DAYS)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    release_torch_scratch()  # so a killed server leaves no torch folder in the temp dir
     if env("SPACE_ID"):
         ensure_nodeps_packages()
     engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
@@ -573,13 +749,17 @@ def main(argv: list[str] | None = None) -> None:
     asr_device = "cpu" if zero_gpu() else engine.device
     transcriber = build_transcriber(args.asr_model, device=asr_device)  # loads on first use
     studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library,
-                    limits=StudioLimits(libraries_in_memory=args.libraries_in_memory), transcriber=transcriber)
+                    limits=StudioLimits(libraries_in_memory=args.libraries_in_memory,
+                                        voices_per_library=args.max_voices_per_library,
+                                        storage_quota_bytes=args.storage_quota_mb * 10**6,
+                                        library_idle_days=args.library_idle_days), transcriber=transcriber)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=16)
+    start_sweeper()  # the temp folders of killed torch processes: now, then hourly
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"),
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
                 allowed_paths=[str(studio.outputs_root)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

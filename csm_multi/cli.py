@@ -1,6 +1,8 @@
 """Command line: `python -m csm_multi say "Hello." -o hello.wav` (and friends).
 
-Parses arguments, calls the core, prints results; errors become one readable line and exit code 2.
+Parses arguments, calls the core, prints results; errors become one readable line and exit code 2
+(the traceback goes to the debug log: `--debug` shows it). Flag defaults come from the environment
+variables the app reads too (settings.py).
 """
 
 from __future__ import annotations
@@ -10,22 +12,13 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import SamplingConfig
 from .errors import CsmError
+from .settings import engine_flags, setting
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="auto", help="csm-1b, tiny (offline, random) or auto (default)")
-    p.add_argument("--checkpoint", help="local checkpoint file/dir or hub repo instead of sesame/csm-1b")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--quantize", default=os.environ.get("CSM_QUANTIZE", "none"), choices=["none", "int8"],
-                   help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size (env CSM_QUANTIZE)")
-    p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
-    p.add_argument("--tokenizer-repo", default=os.environ.get("CSM_TOKENIZER_REPO"),
-                   help="a copy of the Llama 3.2 tokenizer (hub id or folder) used when meta-llama/Llama-3.2-1B "
-                        "is unavailable; checked against published ids first (env CSM_TOKENIZER_REPO)")
-    p.add_argument("--trust-tokenizer", action="store_true", help="use --tokenizer-repo without that check")
+log = logging.getLogger("csm_multi.cli")
 
 
 def _build(args):
@@ -44,6 +37,8 @@ def cmd_say(args) -> int:
         raise CsmError("nothing to say: give the text to speak, e.g. say \"Hello there.\"")
     if args.speaker < 0:
         raise CsmError(f"--speaker must be 0 or more, got {args.speaker}")
+    sampling = _checked(SamplingConfig, args, temperature="--temperature", topk="--topk", seed="--seed",
+                        max_audio_length_ms=("--max-ms", args.max_ms))
     output = _output_file(args.output, (".wav", ".flac", ".mp3", ""))
     context = []  # inputs are checked before the model loads (csm-1b takes a while)
     for item in args.context or []:
@@ -51,8 +46,6 @@ def cmd_say(args) -> int:
         if not transcript:
             raise CsmError(f"--context {item!r}: write it as PATH=TRANSCRIPT")
         context.append(Segment(speaker=args.speaker, text=transcript, audio=load_audio(path)))
-    sampling = SamplingConfig(temperature=args.temperature, topk=args.topk, seed=args.seed,
-                              max_audio_length_ms=args.max_ms)
     engine = _build(args)
     t0 = time.perf_counter()
     utt = engine.generate(args.text, args.speaker, context, sampling)
@@ -63,11 +56,36 @@ def cmd_say(args) -> int:
     return 0
 
 
+def _checked(make, args, **flags):
+    """`make(**fields)` from flag values, checked by the config's own validation before any model
+    loads: a ValueError becomes one line naming the flag. `flags` maps a field to its flag, or to
+    (flag, value) where the value is not the flag's own (converted units)."""
+    given = {field: flag if isinstance(flag, tuple) else (flag, getattr(args, flag.lstrip("-").replace("-", "_")))
+             for field, flag in flags.items()}
+    try:
+        return make(**{field: value for field, (_, value) in given.items()})
+    except ValueError as e:
+        for field, (flag, value) in given.items():  # which one: each alone, the others at their defaults
+            try:
+                make(**{field: value})
+            except ValueError as alone:
+                shown = getattr(args, flag.lstrip("-").replace("-", "_"), value)
+                raise CsmError(f"{flag} {f'{shown:g}' if isinstance(shown, float) else shown}: {alone}") from e
+        raise CsmError(str(e)) from e
+
+
+def _render_config(**fields):
+    """A RenderConfig whose sampling settings are checked too (SamplingConfig checks them per line)."""
+    from .render import RenderConfig
+
+    config = RenderConfig(**fields)
+    config.sampling(0)
+    return config
+
+
 def _output_file(path: str, suffixes: tuple[str, ...] | None):
     """A file to write later: its folder is made now and it must not be a folder; `suffixes`, when
     given, are the endings allowed ("" for none). Checked before any model loads or generates."""
-    from pathlib import Path
-
     out = Path(path)
     if suffixes is not None and out.suffix.lower() not in suffixes:
         raise CsmError(f"{path}: use a file name ending in {' or '.join(s for s in suffixes if s)}")
@@ -86,10 +104,27 @@ def _make_folder(folder) -> None:
         raise CsmError(f"{folder} is a file, not a folder")
 
 
+def default_store_dir() -> Path:
+    """The CLI's voice library: the app's shared one (`--shared-library`) under CSM_PROFILES_DIR,
+    else ~/.local/share/csm-multi/profiles, so every working directory sees the same voices."""
+    from .studio import SHARED
+
+    return setting("profiles_dir") / SHARED
+
+
+def _store_dir(args) -> Path:
+    return Path(args.profiles_dir) if args.profiles_dir is not None else default_store_dir()
+
+
 def _store(args):
     from .profiles import ProfileStore
 
-    return ProfileStore(args.profiles_dir)
+    folder = _store_dir(args)
+    old = Path("profiles")  # the default before 2026-12: ./profiles
+    if args.profiles_dir is None and old.resolve() != folder.resolve() and any(old.glob("*/profile.json")):
+        print(f"note: voice profiles are kept in {folder}; ./profiles holds some too: "
+              "use them with --profiles-dir profiles (or move them there)", file=sys.stderr)
+    return ProfileStore(folder)
 
 
 def _print_profile(p) -> None:
@@ -129,8 +164,6 @@ def cmd_profiles(args) -> int:
         print(f"deleted {name}")
     elif action == "export":
         if args.dest.endswith(("/", os.sep)):  # a folder to make
-            from pathlib import Path
-
             _make_folder(Path(args.dest))
         print(store.export(args.name, args.dest))
     elif action == "import":
@@ -149,7 +182,8 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
         if not sep or not name.strip():
             raise CsmError(f"--voice {item!r}: write it as SPEAKER=PROFILE (or SPEAKER=none)")
         given[name.strip()] = None if profile.strip().lower() in ("", "none") else profile.strip()
-    voices, missing = resolve_voices(store, speakers(lines), given)
+    voices, missing = resolve_voices(store, speakers(lines), given,
+                                     notice=lambda text: print(f"note: --voice: {text}", file=sys.stderr))
     if missing:
         where = speaker_lines(lines)
         listed = "; ".join(f"{n} ({lines_label(where[speaker_key(n)][1])})" for n in missing)
@@ -161,12 +195,11 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
 
 def cmd_render(args) -> int:
     from functools import partial
-    from pathlib import Path
 
     from tqdm import tqdm
 
     from .memory import CudaMemoryManager
-    from .render import RenderConfig, ScriptRenderer
+    from .render import ScriptRenderer
     from .script import parse_script
 
     try:
@@ -174,8 +207,12 @@ def cmd_render(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise CsmError(f"cannot read script {args.script}: {e}") from e
     lines = parse_script(text)
+    config = _checked(_render_config, args, pause_ms="--pause-ms", temperature="--temperature", topk="--topk",
+                      seed="--seed", max_line_ms=("--max-line-s", args.max_line_s * 1000), mode="--mode",
+                      batch_size="--batch-size", end_padding=("--no-end-padding", not args.no_end_padding),
+                      trim_silence=("--no-trim", not args.no_trim))
     store = _store(args)
-    voices = voices_for(lines, store, args.voice)  # before loading the model: fail fast
+    voices = voices_for(lines, store, args.voice)  # before loading the model or making folders: fail fast
     out = Path(args.output)
     if out.suffix and out.suffix.lower() not in (".wav", ".flac", ".mp3"):
         raise CsmError(f"-o {args.output}: the dialogue file must end in .wav, .flac or .mp3 (or name a folder)")
@@ -183,9 +220,6 @@ def cmd_render(args) -> int:
     _make_folder(folder)
     if args.project:
         _output_file(args.project, (".csmproj", ""))
-    config = RenderConfig(pause_ms=args.pause_ms, temperature=args.temperature, topk=args.topk, seed=args.seed,
-                          max_line_ms=args.max_line_s * 1000, mode=args.mode, batch_size=args.batch_size,
-                          end_padding=not args.no_end_padding, trim_silence=not args.no_trim)
     engine = _build(args)
     renderer = ScriptRenderer(engine, partial(store.segment, encoder=engine.encode_reference,
                                               encoder_id=engine.codec_id),
@@ -215,15 +249,15 @@ def cmd_project(args) -> int:
     """`project open FILE`: import a .csmproj's voices; print its mapping and settings; write its
     script (`--script-out`) and its rendering (`--output`)."""
     import shlex
-    from pathlib import Path
 
-    from .project import load_project
+    from .project import import_project, read_project
 
+    checked = read_project(args.file)  # the archive first: a bad one leaves no folders behind
     if args.script_out:
         _output_file(args.script_out, None)
     if args.output:
         _make_folder(Path(args.output))
-    project = load_project(args.file, store=_store(args))
+    project = import_project(checked, _store(args))
     for name in project.imported:
         print(f"imported voice {name}")
     for note in project.notes:
@@ -232,7 +266,7 @@ def cmd_project(args) -> int:
     print(f"settings: seed {c.seed}, temperature {c.temperature}, top-k {c.topk}, max {c.max_line_ms / 1000:g} s/line, "
           f"pause {c.pause_ms} ms, mode {c.mode}")
     flags = " ".join("--voice " + shlex.quote(f"{k}={v or 'none'}") for k, v in project.voices.items())
-    if Path(args.profiles_dir).resolve() != Path("profiles").resolve():  # the voices went into this library
+    if _store_dir(args).resolve() != default_store_dir().resolve():  # the voices went into this library
         flags += " --profiles-dir " + shlex.quote(str(args.profiles_dir))
     if args.script_out:
         Path(args.script_out).write_text(project.script, encoding="utf-8")
@@ -252,9 +286,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+STORE_HELP = ("the voice library (default: the app's shared library, CSM_PROFILES_DIR/shared, else "
+              "~/.local/share/csm-multi/profiles/shared)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m csm_multi", description="Multi-speaker CSM-1B speech.")
+    prog = "csm-multi" if Path(sys.argv[0]).name == "csm-multi" else "python -m csm_multi"  # the console script
+    parser = argparse.ArgumentParser(prog=prog, description="Multi-speaker CSM-1B speech.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     say = sub.add_parser("say", help="speak one line of text to a WAV file")
@@ -267,17 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--topk", type=int, default=50)
     say.add_argument("--seed", type=int)
     say.add_argument("--max-ms", type=float, default=10_000)
-    _engine_args(say)
+    engine_flags(say)
     say.set_defaults(func=cmd_say)
 
     prof = sub.add_parser("profiles", help="manage voice profiles (reference clip + transcript)")
-    prof.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    prof.add_argument("--profiles-dir", help=STORE_HELP)
     psub = prof.add_subparsers(dest="action", required=True)
     add = psub.add_parser("add", help="create a profile from a WAV/FLAC/OGG/MP3 clip")
     add.add_argument("name")
     add.add_argument("audio")
     add.add_argument("--transcript", help="what the clip says, word for word (default: transcribed by --asr-model)")
-    add.add_argument("--asr-model", default=os.environ.get("CSM_ASR_MODEL"),
+    add.add_argument("--asr-model", default=setting("asr_model"),
                      help="Whisper model (hub id or local folder) for a missing --transcript; 'none' turns it off "
                           "(default: env CSM_ASR_MODEL, else Whisper base.en)")
     add.add_argument("--speaker-id", type=int)
@@ -304,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("script")
     ren.add_argument("-o", "--output", default="dialogue.wav", help="dialogue file (clips and manifest beside it)")
     ren.add_argument("--voice", action="append", metavar="SPEAKER=PROFILE", help="map a speaker (repeatable)")
-    ren.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    ren.add_argument("--profiles-dir", help=STORE_HELP)
     ren.add_argument("--pause-ms", type=int, default=300)
     ren.add_argument("--temperature", type=float, default=0.9)
     ren.add_argument("--topk", type=int, default=50)
@@ -319,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--project", metavar="FILE.csmproj",
                      help="also write a project: script, voices (with their audio), settings, rendering")
     ren.add_argument("-q", "--quiet", action="store_true")
-    _engine_args(ren)
+    engine_flags(ren)
     ren.set_defaults(func=cmd_render)
 
     proj = sub.add_parser("project", help="open a .csmproj project file")
-    proj.add_argument("--profiles-dir", default=os.environ.get("CSM_PROFILES_DIR", "profiles"))
+    proj.add_argument("--profiles-dir", help=STORE_HELP)
     projsub = proj.add_subparsers(dest="action", required=True)
     popen = projsub.add_parser("open", help="import its voices into --profiles-dir (reused or renamed on clashes)")
     popen.add_argument("file")
@@ -332,20 +372,41 @@ def build_parser() -> argparse.ArgumentParser:
     proj.set_defaults(func=cmd_project)
 
     info = sub.add_parser("info", help="load the model and print what was loaded")
-    _engine_args(info)
+    engine_flags(info)
     info.set_defaults(func=cmd_info)
+    for command in (say, ren, info, *psub.choices.values(), *projsub.choices.values()):  # also after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if "--debug" in argv:  # read before parsing: the parser's defaults can fail too (CSM_TRUST_TOKENIZER=maybe)
+        logging.getLogger("csm_multi").setLevel(logging.DEBUG)
     try:
+        args = build_parser().parse_args(argv)
+        if args.verbose:
+            logging.getLogger().setLevel(logging.INFO)
+        clean_temp_dir()
         return args.func(args)
     except (CsmError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), e)
     except OSError as e:  # a file or folder the command was pointed at (checked up front where possible)
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+        return _fail(f"{e.strerror or e}{where}", e)
+
+
+def _fail(message: str, error: BaseException) -> int:
+    """One line on stderr and exit code 2; the traceback goes to the debug log (shown with --debug)."""
+    log.debug("the command failed", exc_info=error)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def clean_temp_dir() -> None:
+    """At start-up: drop torch's import-time temp folder of this process, sweep those of killed ones."""
+    from .tempdirs import release_torch_scratch, sweep
+
+    release_torch_scratch()
+    sweep()

@@ -22,6 +22,15 @@ so, and leaves the store as it was. On storage without working `flock`
 and runs unlocked: concurrent writers are then last-writer-wins, and only `.tmp-*` leftovers
 older than STALE_TMP_S are removed.
 
+Limits (a public link must not fill the server's disk; the app's `Studio` sets them, the command
+line's own store has none: it is your disk, and a full one is already reported as such):
+`max_profiles` caps the voices of one store (`create`, `import_file`, and so project import);
+`StorageQuota` is a byte budget for every store under one folder (the app's profiles root), checked
+before anything is written against an estimate of what will be (`_disk_bytes` of the clip, JSON,
+expected codes and folders). A store with a quota makes its folder on its first write, so a
+visitor who only looks costs no disk and a full server makes no new folders. A refusal is a
+ProfileError naming the limit, the numbers and what to do, raised before the first byte is written.
+
 Schema (`profile.json`): 1 = {"schema": 1, name, slug, transcript, speaker_id, created, updated,
 duration_s, audio_sha256}. 0 = the pre-release format {"name", "transcript", "speaker"} with no
 "schema" key; it still loads (timestamps from the file's mtime, duration and hash from the audio)
@@ -39,6 +48,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -46,7 +56,7 @@ import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,6 +90,11 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_IMPORT_BYTES = 20 * 1024 * 1024  # a whole .csmvoice file
 MAX_IMPORT_WAV_BYTES = 16 * 1024 * 1024  # its reference.wav, uncompressed
 STALE_TMP_S = 60.0  # without a working lock, a younger `.tmp-*` may belong to a live writer
+FS_BLOCK = 4096  # quota estimates count whole blocks (+1 per file), as disks allocate them
+CODES_BYTES_PER_S = 32 * 8 * 1000 // 80  # the codes file of a clip: CSM's 32 codebooks of int64, 12.5 frames/s
+CODES_FILE_OVERHEAD = 2048  # torch.save's zip container around them (1.7 KB measured)
+QUOTA_FILE = ".quota"  # in the quota's root: its lock, holding "<bytes used> <time of the last full count>"
+RECOUNT_S = 600.0  # the quota's count is redone from the tree when older than this
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # errnos of a full disk or quota
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -113,17 +128,23 @@ class VoiceProfile:
 
 
 # ---- names -------------------------------------------------------------------------------------
+def quoted(text, limit: int = 60) -> str:
+    """`text` quoted for a message (repr, so control characters show), cut to `limit` characters."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def clean_name(name: str) -> str:
     """Validate a display name; returns it stripped, inner whitespace collapsed. ProfileError if bad."""
     if not isinstance(name, str):
         raise ProfileError(f"a profile name must be text, got {type(name).__name__}")
     if any(c in "/\\" or c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc" for c in name):
-        raise ProfileError(f"{name!r} is not a valid profile name: {_NAME_RULES}")
+        raise ProfileError(f"{quoted(name)} is not a valid profile name: {_NAME_RULES}")
     name = " ".join(name.split())
     if not name or name in (".", "..") or len(name) > MAX_NAME_CHARS or not any(c.isalnum() for c in name):
-        raise ProfileError(f"{name!r} is not a valid profile name: {_NAME_RULES}")
+        raise ProfileError(f"{quoted(name)} is not a valid profile name: {_NAME_RULES}")
     if name.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
-        raise ProfileError(f"{name!r} is a reserved device name on Windows: {_NAME_RULES}")
+        raise ProfileError(f"{quoted(name)} is a reserved device name on Windows: {_NAME_RULES}")
     return name
 
 
@@ -241,6 +262,186 @@ def _field(data: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
+# ---- storage limits ----------------------------------------------------------------------------
+def _disk_bytes(nbytes: int) -> int:
+    """What a file of `nbytes` may take on disk: rounded up to whole blocks, and a block more when
+    it fills its last one exactly (a margin)."""
+    return (nbytes // FS_BLOCK + 1) * FS_BLOCK
+
+
+def _tree_bytes(path: Path) -> int:
+    """What `path` and everything under it take on disk (0 if it is gone): per entry its allocated
+    blocks, at least its size (for filesystems that report no blocks). Symlinks are not followed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    total, stack = _entry_bytes(st), [path] if stat.S_ISDIR(st.st_mode) else []
+    while stack:
+        with suppress(OSError), os.scandir(stack.pop()) as entries:  # OSError: removed meanwhile
+            for entry in entries:
+                with suppress(OSError):
+                    total += _entry_bytes(entry.stat(follow_symlinks=False))
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+    return total
+
+
+def _entry_bytes(st: os.stat_result) -> int:
+    return max(getattr(st, "st_blocks", 0) * 512, st.st_size)
+
+
+def _size_text(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} bytes"
+
+
+def _cap_message(held: int, adding: int, cap: int) -> str:
+    extra = held + adding - cap
+    what = "this voice" if adding == 1 else f"these {adding} voices"
+    return (f"your voice library holds {held} voice{'s' * (held != 1)} and this server keeps at most {cap} in one "
+            f"library, so {what} cannot be added: delete {'one' if extra == 1 else extra} first")
+
+
+class _Ledger:
+    """The quota's count while it is held: `need` refuses what would cross it, `settle` books a change."""
+
+    def __init__(self, quota: StorageQuota, used: int):
+        self.quota, self.used, self.pending = quota, used, 0
+
+    def need(self, nbytes: int, reserve: bool = True) -> None:
+        """ProfileError unless `nbytes` more fit; else they are reserved until `settle`."""
+        if nbytes <= 0:
+            return
+        limit = self.quota.max_bytes
+        if self.used + self.pending + nbytes > limit:
+            raise ProfileError(f"the server's voice storage is full ({_size_text(self.used)} of its "
+                               f"{_size_text(limit)} in use; this needs {_size_text(nbytes)} more), so nothing "
+                               "was saved: delete voices you no longer need, try again later, or tell whoever "
+                               "runs this demo")
+        if reserve:
+            self.pending += nbytes
+
+    def settle(self, delta: int) -> None:
+        """Book a measured change (which replaces what `need` reserved for it)."""
+        self.used, self.pending = max(0, self.used + delta), 0
+
+
+class StorageQuota:
+    """A byte budget for every store under `root` (the app's profiles folder), checked before writes.
+
+    Usage is what `root`'s tree takes on disk (`_tree_bytes`). It is counted once (`recount`, at
+    start-up) and then kept in `<root>/.quota`, read and written under an flock on that file, so
+    processes sharing `root` share one number and nobody walks the tree per request: a store
+    mutation holds the quota, measures its own folder before and after, and books the difference.
+    The count is redone when the file is missing, unreadable or older than `recount_s`, which also
+    catches writers that bypass the quota (the command line, a person). Without a working flock
+    (see the module docstring) processes may each cross the quota by one save; one process cannot.
+    Lock order: the studio's lock, then this, then a store's `.lock`.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int, recount_s: float = RECOUNT_S):
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.root = Path(root).resolve()
+        self.max_bytes = max_bytes
+        self.recount_s = recount_s
+        self._mutex = threading.RLock()
+        self._active: _Ledger | None = None
+
+    def used(self) -> int:
+        """Bytes in use now (from the shared count; no walk unless it is stale)."""
+        with self.held() as ledger:
+            return ledger.used
+
+    def recount(self) -> int:
+        """Walk the whole tree and store the count; returns it."""
+        with self.held(recount=True) as ledger:
+            return ledger.used
+
+    @contextmanager
+    def held(self, recount: bool = False) -> Iterator[_Ledger]:
+        """Hold the quota (re-entrant in this thread) and yield its ledger; the count is stored on exit."""
+        with self._mutex:
+            if self._active is not None:
+                yield self._active
+                return
+            with disk_full_errors():
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.root / QUOTA_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    with suppress(OSError):  # FUSE and network mounts: unlocked, as the stores are
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                stored = None if recount else self._read(fd)
+                if stored is None:
+                    self._write(fd, 0, 0.0)  # first, so that the file's own block is in the count
+                    stored = _tree_bytes(self.root), time.time()
+                self._active = _Ledger(self, stored[0])
+                try:
+                    yield self._active
+                finally:
+                    self._write(fd, self._active.used, stored[1])
+                    self._active = None
+            finally:
+                os.close(fd)  # releases the flock
+
+    def _read(self, fd: int) -> tuple[int, float] | None:
+        with suppress(OSError, ValueError):
+            used, counted = os.pread(fd, 64, 0).decode("ascii").split()
+            if 0 <= time.time() - float(counted) < self.recount_s:
+                return int(used), float(counted)
+        return None
+
+    @staticmethod
+    def _write(fd: int, used: int, counted: float) -> None:
+        data = f"{used} {counted:.3f}\n".encode("ascii")
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError as e:  # a count that cannot be kept is dropped, so the next holder recounts
+            log.warning("could not store the storage quota's count: %s", e)
+            with suppress(OSError):
+                os.ftruncate(fd, 0)
+
+
+def remove_library(folder: str | Path, quota: StorageQuota | None = None, idle_since: float | None = None) -> bool:
+    """Delete a whole store folder (a visitor's library), holding `quota` (whose count drops) and
+    the store's `.lock` without waiting: False, and nothing removed, if a writer holds it, the
+    folder is gone, or (with `idle_since`) its mtime says it was touched after that time."""
+    folder = Path(folder)
+    with quota.held() if quota is not None else nullcontext() as ledger, disk_full_errors():
+        if not folder.is_dir() or folder.is_symlink():
+            return False
+        fd = None
+        if fcntl is not None:
+            with suppress(FileNotFoundError):  # no .lock: no writer ever locked it (never create one here)
+                fd = os.open(folder / ".lock", os.O_RDWR)
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                except OSError:  # no working flock: see the module docstring
+                    pass
+            if idle_since is not None and folder.stat().st_mtime > idle_since:
+                return False
+            size = _tree_bytes(folder)
+            trash = folder.with_name(f".expired-{secrets.token_hex(6)}")
+            os.rename(folder, trash)  # gone from view at once (and from the next open); the rest is cleanup
+            _fsync_dir(folder.parent)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
+        if ledger is not None:
+            ledger.settle(_tree_bytes(trash) - size)
+    return True
+
+
 # ---- the cache ---------------------------------------------------------------------------------
 class _CountingLRU(LRUCache):
     """`LRUCache` that counts the entries it drops to make room (explicit `pop`s are not counted)."""
@@ -256,10 +457,11 @@ class _CountingLRU(LRUCache):
 
 
 def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[str, str | None] | None = None,
-                   ) -> tuple[dict[str, str | None], list[str]]:
+                   notice: Callable[[str], None] | None = None) -> tuple[dict[str, str | None], list[str]]:
     """Script speakers -> profile names: an explicit `given` entry first (None = no reference voice;
-    a name is re-validated, ProfileError if unknown), else the profile of the same name
-    (case-insensitive). Returns the mapping and the speakers that matched nothing."""
+    a name is looked up by `find_profile`, ProfileError if unknown), else the profile of the same
+    name (case-insensitive). Returns the mapping and the speakers that matched nothing. `notice`
+    hears when a given name matched only by its folder name (default: logged)."""
     given = {speaker_key(str(k)): v for k, v in (given or {}).items()}
     known = {speaker_key(p.name): p.name for p in store.list()}
     voices: dict[str, str | None] = {}
@@ -267,7 +469,7 @@ def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[
     for speaker in speakers:
         key = speaker_key(str(speaker))
         if key in given:
-            voices[speaker] = store.get(str(given[key])).name if given[key] else None
+            voices[speaker] = find_profile(store, str(given[key]), notice).name if given[key] else None
         elif key in known:
             voices[speaker] = known[key]
         else:
@@ -275,22 +477,50 @@ def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[
     return voices, missing
 
 
+def find_profile(store: ProfileStore, name: str, notice: Callable[[str], None] | None = None) -> VoiceProfile:
+    """`store.get(name)`, announcing through `notice` when only the folder name (slug) matched:
+    "Alice" finding "Ålice" is a guess worth saying."""
+    found = store.get(name)
+    wanted = " ".join(str(name).split())
+    if found.name.casefold() != wanted.casefold():
+        (notice or log.info)(f"no profile is named {wanted!r}; using {found.name!r}, whose folder name {found.slug!r} "
+                             f"is the same (give the exact name to choose it without this note)")
+    return found
+
+
+def _slug_or_none(name: str) -> str | None:
+    try:
+        return slugify(name)
+    except ProfileError:
+        return None
+
+
 class ProfileStore:
     """Voice profiles in folders under `root`, with an LRU of up to `cache_size` encoded references.
 
     Read methods take no lock (writes are atomic); mutations hold `<root>/.lock`. Methods that take
-    a `name` accept a display name or a slug, case-insensitively.
+    a `name` accept a display name or a slug, case-insensitively. `max_profiles` (None: no cap) and
+    `quota` are the limits of the module docstring; with a quota, `root` is made by the first write.
     """
 
-    def __init__(self, root: str | Path = "profiles", cache_size: int = 32):
+    def __init__(self, root: str | Path = "profiles", cache_size: int = 32, *, max_profiles: int | None = None,
+                 quota: StorageQuota | None = None):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-        try:
-            with disk_full_errors():
-                Path(root).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ProfileError(f"cannot create the profile folder {root} ({e.strerror})") from e
+        if max_profiles is not None and max_profiles < 1:
+            raise ValueError(f"max_profiles must be >= 1 or None, got {max_profiles}")
+        if quota is None:
+            try:
+                with disk_full_errors():
+                    Path(root).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ProfileError(f"cannot create the profile folder {root} ({e.strerror})") from e
         self.root = Path(root).resolve()
+        self.max_profiles = max_profiles
+        self._quota = quota
+        self._ledger: _Ledger | None = None  # the quota's, while a mutation holds it
+        self.touched_at = time.time()  # last use (see `touch`)
+        self._marked_at = 0.0
         self._cache = _CountingLRU(cache_size)
         self._cache_lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -299,15 +529,37 @@ class ProfileStore:
         self._lock_depth = 0
         self._lock_fd: int | None = None
         self._warned_unlocked = False
-        with self._locked():
-            self._clean_stale()
+        if self.root.is_dir():
+            with self._locked():
+                self._clean_stale()
+
+    def touch(self, every_s: float = 60.0) -> None:
+        """Mark the store as used now: `touched_at`, and its folder's mtime (what expiry of idle
+        libraries reads, also after a restart) at most every `every_s`."""
+        self.touched_at = now = time.time()
+        if now - self._marked_at >= every_s:
+            self._marked_at = now
+            with suppress(OSError):  # not made yet (nothing to expire), or a read-only mount
+                os.utime(self.root)
+
+    def check_room(self, voices: int = 1, held: int | None = None) -> None:
+        """ProfileError if `voices` more profiles would pass `max_profiles`; `held`: how many there are."""
+        if self.max_profiles is None or voices <= 0:
+            return
+        held = len(self.list()) if held is None else held
+        if held + voices > self.max_profiles:
+            raise ProfileError(_cap_message(held, voices, self.max_profiles))
 
     # ---- reading ---------------------------------------------------------------------------
     def list(self) -> list[VoiceProfile]:
         """Every readable profile, sorted by name; broken folders are logged and skipped."""
         found = []
-        with os.scandir(self.root) as entries:
-            folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        try:
+            with os.scandir(self.root) as entries:
+                folders = sorted(e.name for e in entries
+                                 if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:  # not made yet (a store with a quota), or expired
+            return []
         for slug in folders:
             try:
                 found.append(self._load(slug))
@@ -316,18 +568,21 @@ class ProfileStore:
         return sorted(found, key=lambda p: (p.name.casefold(), p.slug))
 
     def get(self, name: str) -> VoiceProfile:
-        """The profile whose name or slug is `name` (case-insensitive); ProfileError if none."""
-        key = " ".join(str(name).split()).casefold()
+        """The profile named `name` (exactly, else ignoring case), else the one whose slug is `name`'s
+        or `name` itself; ProfileError if none. (`find_profile` also says when the slug decided.)"""
+        wanted = " ".join(str(name).split())
+        key = wanted.casefold()
         with suppress(ProfileError, AudioInputError, OSError):  # fast path: the folder `name` maps to
             profile = self._load(slugify(name))
-            if key in (profile.name.casefold(), profile.slug):
+            if profile.name == wanted:
                 return profile
         profiles = self.list()
-        matches = [p for p in profiles if p.name.casefold() == key] or [p for p in profiles if p.slug == key]
+        matches = ([p for p in profiles if p.name == wanted] or [p for p in profiles if p.name.casefold() == key]
+                   or [p for p in profiles if p.slug in (key, _slug_or_none(wanted))])
         if matches:
             return matches[0]
         existing = ", ".join(p.name for p in profiles) or "none yet; create one first"
-        raise ProfileError(f"no profile named {name!r}; existing: {existing}")
+        raise ProfileError(f"no profile named {quoted(name)}; existing: {existing}")
 
     def audio(self, name: str) -> torch.Tensor:
         """The prepared reference of `name`: (S,) float32 at 24 kHz."""
@@ -381,6 +636,7 @@ class ProfileStore:
             profile = self.get(old)
             self._check_free(new_name, new_slug, ignore=profile.slug)
             updated = _replace(profile, name=new_name, slug=new_slug, updated=time.time())
+            self._need_growth(profile, updated)
             if new_slug != profile.slug:
                 os.rename(self._dir(profile.slug), self._dir(new_slug))
                 self._forget(profile.slug)
@@ -396,21 +652,25 @@ class ProfileStore:
     def update_transcript(self, name: str, text: str) -> VoiceProfile:
         text = self._clean_transcript(text)
         with self._locked():
-            updated = _replace(self.get(name), transcript=text, updated=time.time())
+            profile = self.get(name)
+            updated = _replace(profile, transcript=text, updated=time.time())
+            self._need_growth(profile, updated)
             self._write_json(updated)
         return updated
 
     def set_audio(self, name: str, audio: AudioSource) -> VoiceProfile:
         """Replace the reference clip; persisted and cached codes of the old clip are dropped."""
         pcm = _quantize(prepare_reference(self._coerce_audio(audio)))
+        wav = _wav_bytes(pcm)
         with self._locked():
             profile = self.get(name)
             folder = self._dir(profile.slug)
+            self._need(_disk_bytes(len(wav)) + _disk_bytes(len(_json_bytes(profile))))  # both clips for a moment
             for stale in folder.glob("codes-*.pt"):  # first, so no crash can pair old codes with new audio
                 stale.unlink(missing_ok=True)
             # The clip is staged first and swapped in by a rename (needs no space) after profile.json
             # is written, so a full disk at either write leaves the old clip with its own metadata.
-            staged = _stage(folder / REFERENCE_FILE, _wav_bytes(pcm))
+            staged = _stage(folder / REFERENCE_FILE, wav)
             updated = _replace(profile, audio_sha256=_pcm_sha256(pcm), duration_s=round(len(pcm) / SAMPLE_RATE, 3),
                                updated=time.time())
             try:
@@ -496,8 +756,14 @@ class ProfileStore:
     # ---- internals -------------------------------------------------------------------------
     def _create(self, name: str, slug: str, transcript: str, speaker_id: int | None, pcm: np.ndarray,
                 prefer_speaker: object = None, advice: str | None = None) -> VoiceProfile:
-        with self._locked():
+        wav = _wav_bytes(pcm)
+        # its folder, clip and metadata, and the codes its first render will add
+        need = (FS_BLOCK + _disk_bytes(len(wav)) + _disk_bytes(512 + len(json.dumps([name, transcript]).encode()))
+                + _disk_bytes(CODES_FILE_OVERHEAD + len(pcm) * CODES_BYTES_PER_S // SAMPLE_RATE))
+        with self._locked(upfront=need):
             existing = self._check_free(name, slug, **({"advice": advice} if advice else {}))
+            self.check_room(1, held=len(existing))
+            self._need(need)
             if speaker_id is None:
                 speaker_id = _pick_speaker([p.speaker_id for p in existing], prefer_speaker)
             now = time.time()
@@ -506,7 +772,7 @@ class ProfileStore:
                                    audio_sha256=_pcm_sha256(pcm))
             build = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
-                _atomic_write(build / REFERENCE_FILE, _wav_bytes(pcm))
+                _atomic_write(build / REFERENCE_FILE, wav)
                 _atomic_write(build / PROFILE_FILE, _json_bytes(profile))  # last: marks the folder complete
                 try:
                     os.rename(build, self._dir(slug))  # fails rather than replace a (non-empty) folder
@@ -527,7 +793,8 @@ class ProfileStore:
             if p.slug != ignore and p.name.casefold() == name.casefold():
                 raise ProfileError(f"a profile named {p.name!r} already exists; {advice}")
         if slug != ignore and self._dir(slug).exists():
-            raise ProfileError(f"{name!r} is stored as {slug!r}, which another profile already uses (names are "
+            other = next((f"the profile {p.name!r}" for p in profiles if p.slug == slug), "another profile")
+            raise ProfileError(f"{name!r} is stored as {slug!r}, which {other} already uses (names are "
                                f"compared ignoring case and punctuation); {advice}")
         return profiles
 
@@ -598,6 +865,7 @@ class ProfileStore:
         torch.save({"codes": codes, "audio_sha256": sha, "encoder_id": encoder_id}, buf)
         try:
             with self._locked():  # temp files only under the lock (see _clean_stale)
+                self._need(_disk_bytes(len(buf.getvalue())))
                 _atomic_write(path, buf.getvalue())
         except (OSError, ProfileError) as e:  # deleted meanwhile, disk full: the codes are still right
             log.warning("could not persist codes for %s: %s", profile.slug, e)
@@ -649,20 +917,58 @@ class ProfileStore:
 
     # ---- locking and cleanup -----------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold `<root>/.lock` (re-entrant within this store; threads of it serialize on a mutex).
-        A full disk inside becomes a ProfileError that says so."""
+    def _locked(self, upfront: int = 0) -> Iterator[None]:
+        """Hold `<root>/.lock` (re-entrant within this store; threads of it serialize on a mutex),
+        making `root` if it is missing. A full disk inside becomes a ProfileError that says so.
+
+        With a quota: hold it too (first: see StorageQuota), refuse to make a missing `root` unless
+        it and `upfront` bytes fit, and book the change in the folder's size on the way out. The
+        body refuses its writes with `_need` before making them."""
         with self._mutex, disk_full_errors():
-            if self._lock_depth == 0:
-                self._lock_fd = self._acquire_file_lock()
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-                if self._lock_depth == 0 and self._lock_fd is not None:
-                    os.close(self._lock_fd)  # closing releases the flock
-                    self._lock_fd = None
+            if self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            with self._quota.held() if self._quota is not None else nullcontext() as ledger:
+                made = not self.root.is_dir()
+                if made:
+                    if ledger is not None:
+                        ledger.need(FS_BLOCK + upfront, reserve=False)
+                        ledger.need(FS_BLOCK)
+                    self._make_root()
+                before = 0 if made or ledger is None else _tree_bytes(self.root)
+                try:
+                    self._lock_fd = self._acquire_file_lock()
+                    self._lock_depth, self._ledger = 1, ledger
+                    yield
+                finally:
+                    self._lock_depth, self._ledger = 0, None
+                    if ledger is not None:
+                        ledger.settle(_tree_bytes(self.root) - before)
+                    if self._lock_fd is not None:
+                        os.close(self._lock_fd)  # closing releases the flock
+                        self._lock_fd = None
+
+    def _need(self, nbytes: int) -> None:
+        """Inside `_locked`: ProfileError (the quota's) unless `nbytes` more fit; a no-op without one."""
+        if self._ledger is not None:
+            self._ledger.need(nbytes)
+
+    def _need_growth(self, old: VoiceProfile, new: VoiceProfile) -> None:
+        self._need(_disk_bytes(len(_json_bytes(new))) - _disk_bytes(len(_json_bytes(old))))
+
+    def _make_root(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in NO_SPACE:
+                raise
+            # the app's wording (Studio.library): a store with a quota is a visitor's library
+            raise ProfileError(f"the server cannot open your voice library ({e.strerror}): try again later, "
+                               "or tell whoever runs this demo") from e
 
     def _acquire_file_lock(self) -> int | None:
         if fcntl is None:

@@ -87,6 +87,7 @@ class ProjectFile:
     config: RenderConfig
     result: RenderResult | None
     profiles: dict[str, tuple[bytes, str, str]]
+    notes: list[str] = field(default_factory=list)
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -149,8 +150,12 @@ def load_project(path: str | Path, *, store: ProfileStore) -> Project:
     return import_project(read_project(path), store)
 
 
-def read_project(path: str | Path) -> ProjectFile:
-    """Check a `.csmproj` file and read it into memory (ProjectError saying what is wrong)."""
+def read_project(path: str | Path, max_render_s: float | None = None) -> ProjectFile:
+    """Check a `.csmproj` file and read it into memory (ProjectError saying what is wrong).
+
+    A rendering longer than `max_render_s` seconds (counted from its 16-bit WAV sizes, before any
+    is decoded) is left out, with a note: decoded, a rendering takes twice its WAV bytes, and its
+    dialogue and stems as much again, so a server bounds what one upload may make it hold."""
     path = Path(path)
     label = path.name
     members = _read_zip(path, label)
@@ -186,10 +191,16 @@ def read_project(path: str | Path) -> ProjectFile:
     if missing:
         raise ProjectError(f"{where}: the voice map uses {', '.join(sorted(missing))} but the project carries no such "
                            "voice; save the project again")
-    result = None
+    result, notes = None, []
     if (render := data.get("render")) is not None:
-        result = _read_render(render, members, profiles, where)
-    return ProjectFile(label, script, dict(voices), _config(data.get("config"), where), result, profiles)
+        seconds = sum(map(_wav_frames, (b for n, b in members.items() if n.endswith(".wav")))) / SAMPLE_RATE
+        if max_render_s is not None and seconds > max_render_s:
+            notes.append(f"its rendering ({seconds / 60:.0f} min) is longer than the {max_render_s / 60:g} min this "
+                         "server opens, so it was left out: render the script again, or open the project with the "
+                         "command line (`project open`)")
+        else:
+            result = _read_render(render, members, profiles, where)
+    return ProjectFile(label, script, dict(voices), _config(data.get("config"), where), result, profiles, notes)
 
 
 def import_project(project: ProjectFile, store: ProfileStore) -> Project:
@@ -197,6 +208,13 @@ def import_project(project: ProjectFile, store: ProfileStore) -> Project:
     docstring) and return it with names remapped to the store's."""
     local: dict[str, str] = {}
     imported: list[str] = []
+    known = store.list()  # the voice cap first, before anything is imported (each import checks the quota)
+    have = {(p.audio_sha256, p.transcript) for p in known}
+    new = {(sha, " ".join(t.split())) for _, sha, t in project.profiles.values()} - have
+    try:
+        store.check_room(len(new), held=len(known))
+    except ProfileError as e:
+        raise ProjectError(f"{project.label} cannot be opened: {e}") from e
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name, (voice, sha, transcript) in project.profiles.items():
@@ -225,7 +243,7 @@ def import_project(project: ProjectFile, store: ProfileStore) -> Project:
     result = project.result
     if result is not None:
         result = replace(result, clips=[replace(c, profile=c.profile and local[c.profile]) for c in result.clips])
-    return Project(project.script, voices, project.config, result, imported, renamed, notes)
+    return Project(project.script, voices, project.config, result, imported, renamed, [*project.notes, *notes])
 
 
 def _free_name(name: str, known) -> str:
@@ -322,7 +340,7 @@ def _read_render(render: object, members: dict[str, bytes], profiles: Mapping, w
         profile = row.get("profile")
         if profile is not None and profile not in profiles:
             raise ProjectError(f"{at} uses voice {profile!r}, which the project does not carry")
-        audio = _clip_audio(members.get(_get(row, "audio", str, at)), at)
+        audio = _clip_audio(members.pop(_get(row, "audio", str, at), None), at)  # its bytes are dropped once decoded
         codes = _clip_codes(members.get(_get(row, "codes", str, at)), at)
         frames = -(-audio.numel() // SAMPLES_PER_FRAME)
         if codes.shape[1] != frames or (clips and codes.shape[0] != clips[0].codes.shape[0]):
@@ -341,6 +359,14 @@ def _read_render(render: object, members: dict[str, bytes], profiles: Mapping, w
                           model_text=_get(row, "model_text", str, at),
                           generated_frames=round(_get(row, "generated_s", (int, float), at) * 1000 / FRAME_MS)))
     return RenderResult(clips, _config(render.get("config"), f"{where}: render"))
+
+
+def _wav_frames(data: bytes) -> int:
+    """Samples in a clip's WAV, from its header (its size as 16-bit mono where the header is unreadable)."""
+    try:
+        return sf.info(io.BytesIO(data)).frames
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return len(data) // 2
 
 
 def _clip_audio(data: bytes | None, at: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ comes in through one; this module never imports a UI. Waveforms: (S,) float32 at
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -157,17 +157,23 @@ class RenderResult:
 
     def stems(self) -> dict[str, torch.Tensor]:
         """Speaker -> a track as long as the dialogue with only that speaker's lines (silence elsewhere)."""
-        total = self.audio.numel()
+        return dict(self.iter_stems())
+
+    def iter_stems(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`stems()` one track at a time, in order of first line, so that only one full-length track
+        is in memory at once (a script may have as many speakers as lines)."""
         pause = int(self.sample_rate * self.config.pause_ms / 1000)
-        tracks: dict[str, torch.Tensor] = {}
-        start = 0
+        starts, start = [], 0
         for i, clip in enumerate(self.clips):
-            if i:
-                start += pause
-            track = tracks.setdefault(clip.line.speaker, torch.zeros(total))
-            track[start:start + clip.audio.numel()] = clip.audio
+            start += pause if i else 0
+            starts.append(start)
             start += clip.audio.numel()
-        return tracks
+        for speaker in dict.fromkeys(c.line.speaker for c in self.clips):
+            track = torch.zeros(start)
+            for clip, at in zip(self.clips, starts):
+                if clip.line.speaker == speaker:
+                    track[at:at + clip.audio.numel()] = clip.audio
+            yield speaker, track
 
     def srt(self) -> str:
         """Subtitles (SubRip) with the manifest's timestamps: `Speaker: text` per line."""
@@ -205,8 +211,8 @@ class RenderResult:
             paths[f"dialogue.{fmt}"] = save_audio(directory / f"{name}.{fmt}", dialogue)
         if stems:
             (directory / "stems").mkdir(exist_ok=True)
-            tracks = self.stems()
-            for (speaker, track), slug in zip(tracks.items(), _unique_slugs(tracks)):
+            speakers = list(dict.fromkeys(c.line.speaker for c in self.clips))
+            for (speaker, track), slug in zip(self.iter_stems(), _unique_slugs(speakers)):
                 paths[f"stem:{speaker}"] = save_audio(directory / "stems" / f"{slug}.wav", track)
         (directory / f"{name}.srt").write_text(self.srt(), encoding="utf-8")
         (directory / f"{name}.csv").write_text(self.csv(), encoding="utf-8")

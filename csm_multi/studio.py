@@ -7,6 +7,8 @@ profile file), so the app can hand it out without exposing the profile store.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import secrets
 import shutil
@@ -27,13 +29,24 @@ from .config import SAMPLE_RATE
 from .engine import Engine
 from .errors import CsmError, ProfileError, ScriptError
 from .memory import CudaMemoryManager
-from .profiles import NO_SPACE, ProfileStore, VoiceProfile, clean_name, disk_full_errors, resolve_voices
+from .profiles import (
+    NO_SPACE,
+    ProfileStore,
+    StorageQuota,
+    VoiceProfile,
+    clean_name,
+    disk_full_errors,
+    remove_library,
+    resolve_voices,
+)
 from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
 from .render import RenderConfig, RenderResult, ScriptRenderer
-from .script import ScriptLine, parse_script, speakers
+from .script import ScriptLine, parse_script, speaker_key, speakers
 
-LIBRARY_KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+LIBRARY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")  # used with fullmatch: `$` would let a final "\n" through
 SHARED = "shared"
+log = logging.getLogger(__name__)
+NO_VOICE = "(none)"  # what the page's speaker map shows for "no reference voice"
 
 EXAMPLE_SCRIPT = """# One line per utterance: `Name: text`. Names map to voice profiles below.
 Alice: Hey, did you get a chance to listen to the demo?
@@ -73,10 +86,19 @@ class StudioLimits:
     max_line_chars: int = 1_000
     max_line_s: float = 30.0
     libraries_in_memory: int = 64
+    # storage a public link can fill (0 turns each off): voices in one library (visitor or shared);
+    # bytes on disk of all libraries together; days after which an untouched visitor library is
+    # deleted (the shared one never is), checked at start-up and at most every `expiry_every_s`
+    voices_per_library: int = 50
+    storage_quota_bytes: int = 2_000_000_000
+    library_idle_days: float = 30.0
+    expiry_every_s: float = 600.0
     # the Script tab's controls (a project made with the command line may go beyond them)
     temperature: tuple[float, float] = (0.1, 1.5)
     max_topk: int = 100
     max_pause_ms: int = 2000
+    # an opened project's rendering longer than this is left out (its memory grows with its length)
+    max_open_render_s: float = 20 * 60
 
 
 class Studio:
@@ -94,6 +116,12 @@ class Studio:
         self._stores: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)
         self._lock = threading.Lock()
         self.memory = CudaMemoryManager(engine.device)
+        quota = limits.storage_quota_bytes
+        self.quota = StorageQuota(self.profiles_root, quota) if quota > 0 else None
+        if self.quota is not None:
+            self.quota.recount()  # at start-up, so the count is right after a restart or other writers
+        self._next_expiry = 0.0
+        self._expire_if_due()
 
     # ---- libraries ------------------------------------------------------------------------
     def library(self, key: str | None) -> ProfileStore:
@@ -101,7 +129,7 @@ class Studio:
         if self.shared:
             folder = SHARED
         else:
-            if not key or not LIBRARY_KEY.match(key):
+            if not isinstance(key, str) or not LIBRARY_KEY.fullmatch(key):
                 raise ProfileError("this page has no valid library key: reload the page "
                                    "(API callers: pass 8-64 letters, digits, '-' or '_' as library_key)")
             folder = f"visitor-{key}"
@@ -109,7 +137,9 @@ class Studio:
             store = self._stores.get(folder)
             if store is None:
                 try:
-                    store = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size)
+                    store = ProfileStore(self.profiles_root / folder, cache_size=self.cache_size,
+                                         max_profiles=max(self.limits.voices_per_library, 0) or None,
+                                         quota=self.quota)
                 except ProfileError as e:  # visitors get the reason, not the server's path
                     cause = e.__cause__
                     if isinstance(cause, OSError) and cause.errno not in NO_SPACE:
@@ -117,7 +147,52 @@ class Studio:
                                            "try again later, or tell whoever runs this demo") from cause
                     raise
                 self._stores[folder] = store
-            return store
+            store.touch()  # under the lock: expiry (which holds it) sees this use
+        self._expire_if_due()
+        return store
+
+    def expire_idle_libraries(self, now: float | None = None) -> list[str]:
+        """Delete the visitor libraries (`visitor-*` folders) untouched for `limits.library_idle_days`;
+        returns their folder names. Touched: the folder's mtime, which every use renews
+        (`ProfileStore.touch`), or for a library open in the LRU its last use. The shared library
+        and other folders are never expired. Each is checked and removed holding the studio's lock
+        (no request can open it meanwhile; one that holds it already has just touched it), the quota
+        and, without waiting, the store's lock (a writer in another process: left for next time)."""
+        if self.limits.library_idle_days <= 0:
+            return []
+        cutoff = (time.time() if now is None else now) - self.limits.library_idle_days * 86400
+        removed = []
+        try:
+            with os.scandir(self.profiles_root) as it:
+                entries = [e for e in it
+                           if e.name.startswith(("visitor-", ".expired-")) and e.is_dir(follow_symlinks=False)]
+        except OSError:  # no profiles root yet
+            return []
+        for entry in entries:
+            leftover = entry.name.startswith(".expired-")  # of an expiry that was killed mid-way
+            try:
+                if not leftover and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                with self._lock:
+                    store = self._stores.get(entry.name)
+                    if store is not None and store.touched_at > cutoff:
+                        continue
+                    if remove_library(entry.path, self.quota, idle_since=None if leftover else cutoff):
+                        self._stores.pop(entry.name, None)
+                        removed.append(entry.name)
+            except (OSError, ProfileError) as e:
+                log.warning("could not expire the idle voice library %s: %s", entry.path, e)
+        if removed:
+            log.info("expired %d voice libraries idle for over %g days", len(removed), self.limits.library_idle_days)
+        return removed
+
+    def _expire_if_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_expiry:
+                return
+            self._next_expiry = now + self.limits.expiry_every_s
+        self.expire_idle_libraries()
 
     def profile_rows(self, key: str | None) -> list[list]:
         return [[p.name, round(p.duration_s, 1), p.transcript, time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created))]
@@ -133,7 +208,10 @@ class Studio:
 
     # ---- scripts --------------------------------------------------------------------------
     def parse(self, script: str) -> list[ScriptLine]:
-        if script is None or len(script) > self.limits.max_script_chars:
+        if not isinstance(script, str):
+            raise ScriptError("script: write the script as text, one `Name: line` per line "
+                              f"(got {'nothing' if script is None else type(script).__name__})")
+        if len(script) > self.limits.max_script_chars:
             raise ScriptError(f"the script is longer than {self.limits.max_script_chars} characters: split it up")
         return parse_script(script, max_lines=self.limits.max_script_lines,
                             max_chars_per_line=self.limits.max_line_chars)
@@ -144,11 +222,30 @@ class Studio:
         voices, _ = resolve_voices(self.library(key), names)
         return {name: voices.get(name) for name in names}
 
+    def voices_for(self, key: str | None, script: str, chosen: Mapping[str, str | None] | None) -> dict[str, str | None]:
+        """Every script speaker -> a profile: the one `chosen` for it (None, "" or "(none)": no
+        reference voice), else the profile of the same name, else None. Entries of `chosen` for
+        speakers the script does not have are ignored. Not checked yet: `check_voices` (after
+        `follow_voices`, where a rendering's renamed voices are followed) says which is unknown."""
+        voices = self.default_voices(key, script)
+        chosen = {speaker_key(str(k)): v for k, v in (chosen or {}).items()}
+        for speaker in voices:
+            if speaker_key(speaker) in chosen:
+                voices[speaker] = chosen[speaker_key(speaker)]
+        return voices
+
     def check_voices(self, key: str | None, voices: Mapping[str, str | None]) -> dict[str, str | None]:
-        """Re-validate a speaker -> profile mapping that came from the browser (ProfileError for
-        unknown names)."""
-        given = {str(k): None if v in (None, "", "(none)") else v for k, v in voices.items()}
-        return resolve_voices(self.library(key), given, given)[0]
+        """Re-validate a speaker -> profile mapping that came from the browser: ProfileError naming
+        the speaker whose profile is not in the library."""
+        store = self.library(key)
+        given = {str(k): None if v in (None, "", NO_VOICE) else v for k, v in voices.items()}
+        for speaker, name in given.items():
+            if name is not None:
+                try:
+                    store.get(str(name))
+                except ProfileError as e:
+                    raise ProfileError(f"mapping: the voice chosen for speaker {speaker!r}: {e}") from None
+        return resolve_voices(store, given, given)[0]
 
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
@@ -175,7 +272,8 @@ class Studio:
             raise ScriptError(f"enter the number of the script line to regenerate; rendered script lines are: {numbers}")
         index = next((i for i, c in enumerate(result.clips) if c.line.number == line_number), None)
         if index is None:
-            raise ScriptError(f"no rendered line {line_number}; rendered script lines are: {numbers}")
+            raise ScriptError(f"there is no rendered script line {line_number} to regenerate; "
+                              f"rendered script lines are: {numbers}")
         voices, result = self.follow_voices(key, voices, result)
         return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
 
@@ -222,7 +320,7 @@ class Studio:
         """A `.csmproj` checked (file, then this server's script limit), then its voices imported into
         the visitor's library (reused or renamed on collisions: see project.py). A max length per
         line above this server's limit is lowered to it, with a note."""
-        checked = read_project(path)
+        checked = read_project(path, max_render_s=self.limits.max_open_render_s)
         if len(checked.script) > self.limits.max_script_chars:
             raise ScriptError(f"the project's script is longer than {self.limits.max_script_chars} characters, "
                               "this server's limit: open it with the command line instead")
@@ -280,12 +378,16 @@ class Studio:
                 pass
 
     def check_watermark(self, path: str | Path) -> dict:
-        """Does this audio file carry this deployment's watermark key? (silentcipher, cheap mode)"""
-        from .audio import load_upload
+        """Does this audio file carry this deployment's watermark key? (silentcipher, cheap mode)
+
+        Only a few seconds of the file are decoded, read from it without loading the rest (see
+        `Watermarker.detect_spans`), so any accepted upload is checked in bounded time and memory."""
+        from .audio import open_upload_spans
 
         if self.engine.watermarker is None:
             raise CsmError("this deployment runs without a watermark model, so it cannot check for one")
-        return self.engine.watermarker.detect(load_upload(path), 24_000)
+        with open_upload_spans(path) as (length, read):
+            return self.engine.watermarker.detect_spans(length, read, SAMPLE_RATE)
 
     def context_rows(self, result: RenderResult) -> list[list]:
         """Per line: window positions taken by context, what was kept and what was dropped."""

@@ -3,8 +3,9 @@
 One job: wrap Sony's silentcipher (44.1 kHz model) so that callers hand in and get back torch
 waveforms at their own rate. It knows nothing about CSM, Mimi, text or speakers. Building a
 silentcipher model (`load_silentcipher`: published weights; `build_random_silentcipher`: untrained,
-offline) is separate from using it (`Watermarker`). Importing this module does no work: silentcipher
-itself (and its librosa / pydub / scipy imports) is imported only when a model is built.
+offline) is separate from using it (`Watermarker`). A check decodes a few seconds of a clip, in
+windows, never a long clip whole (`Watermarker.detect_spans`). Importing this module does no work:
+silentcipher itself (and its librosa / pydub / scipy imports) is imported only when a model is built.
 
 Departs from the reference CSM code, which uses a fork of silentcipher: the PyPI package (1.0.5)
 takes numpy arrays, not tensors, so tensors cross into numpy only at the silentcipher calls.
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +39,12 @@ MESSAGE_SDR_DB = 36  # the reference's strength (silentcipher's trained default 
 _CKPT_DIR = "44_1_khz/73999_iteration"  # the 44.1k checkpoint inside sony/silentcipher
 _CKPT_FILES = ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_*.ckpt")  # not opt.ckpt (23 MB, unused)
 _KEY_DOMAIN = b"csm_multi watermark key v1\x00"  # so a key is not a bare hash of the secret
+
+# A check decodes a few windows of a clip, never all of it: silentcipher's decoder takes ~1.6 s of CPU
+# (2 cores) and ~50 MB per second of audio, so a 10-minute upload decoded whole needs over 20 GB.
+WINDOW_MESSAGES = 3  # a window is 3 whole 21-symbol messages (2.93 s at 44.1 kHz): 3 votes per symbol
+MAX_WINDOWS = 3  # per check: at most 3 windows (start, middle, end), so at most 8.8 s of audio is decoded
+_READ_MARGIN = 64  # samples read beyond each side of a window, so the resampler's edges fall outside it
 
 # The 44.1k model's hparams.yaml (values from the published file; the module shapes they give have
 # exactly the published parameter counts: enc_c 43,968, dec_c 499,012, dec_m_0 2,378,773).
@@ -147,6 +155,12 @@ class Watermarker:
         # The decoder reads one symbol per STFT frame and needs a whole message of 21 frames: the input
         # is zero-padded by 1..N_FFT samples and framed with hop HOP_LENGTH (36,864 samples, 0.84 s).
         self.min_decodable_samples_44k = (cfg.message_len - 1) * cfg.HOP_LENGTH - cfg.N_FFT
+        # A window holds WINDOW_MESSAGES whole messages and starts a whole number of hops into the clip,
+        # so its frames fall where `apply`'s frames fell (its first message starts the clip).
+        self.hop = cfg.HOP_LENGTH
+        self.window_samples_44k = WINDOW_MESSAGES * cfg.message_len * cfg.HOP_LENGTH  # 129,024 (2.93 s)
+        # The phase search (`thorough`) reads one message plus the largest shift it tries: 45,056 (1.02 s).
+        self.phase_window_samples_44k = (cfg.message_len + 1) * cfg.HOP_LENGTH
 
     @staticmethod
     def _usable(audio: torch.Tensor, sample_rate: int, min_samples_44k: int) -> bool:
@@ -190,34 +204,118 @@ class Watermarker:
 
     @torch.no_grad()
     def decode(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, thorough: bool = False) -> dict:
-        """silentcipher's raw answer: {"status": bool, "messages": [[5 ints]], "confidences": [float]}.
+        """silentcipher's raw answer for all of `audio`, in one call: {"status": bool, "messages":
+        [[5 ints]], "confidences": [float]}. Longer audio goes to `detect`, which decodes windows.
 
+        Bounded: at most one window (2.93 s), with `thorough` 1.02 s; longer raises ValueError.
         `thorough` first searches 205 phase shifts (every 10 samples of a 2048-sample hop, for audio
-        cut or shifted after marking), each a full decoder pass over the audio: about 200x the cost
-        of a plain decode, minutes per second of audio on a small CPU. The plain decode reads audio
-        that starts where the marked output started, as `apply` returns it.
+        cut or shifted after marking), each a full decoder pass: about 200x the cost of a plain decode,
+        minutes per second of audio on a small CPU. The plain decode reads audio that starts where the
+        marked output started, as `apply` returns it.
         Too short (< 0.84 s) or silent input is answered without calling silentcipher.
         """
         if not self._usable(audio, sample_rate, self.min_decodable_samples_44k):
             return {"status": False, "messages": [], "confidences": [], "error": "too short or silent"}
-        y = self._at_44k(audio, sample_rate)
+        limit = self.phase_window_samples_44k if thorough else self.window_samples_44k
+        if audio.numel() * SILENTCIPHER_SR > limit * sample_rate:
+            raise ValueError(f"decode reads at most {limit / SILENTCIPHER_SR:.2f} s of audio"
+                             f"{' with thorough' if thorough else ''}; use detect, which reads windows of longer audio")
+        return self._decode_44k(self._at_44k(audio, sample_rate), thorough)
+
+    def _decode_44k(self, y: torch.Tensor, thorough: bool) -> dict:
         with _SILENTCIPHER_LOCK:
             return self.model.decode_wav(y.cpu().numpy(), SILENTCIPHER_SR, phase_shift_decoding=thorough)
 
     def detect(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, thorough: bool = False) -> dict:
-        """For a "check watermark" button: {"watermarked", "matches_key", "message", "confidence"}.
+        """`detect_spans` on a mono waveform `audio` (S,) in memory."""
+        if audio.dim() != 1:
+            raise ValueError(f"expected a mono waveform of shape (S,), got {tuple(audio.shape)}")
+        return self.detect_spans(audio.numel(), lambda start, n: audio[start:start + n], sample_rate, thorough)
 
-        "watermarked" means silentcipher decoded some message (any key): it does so for most audio,
-        marked or not (any end symbol among its per-position votes counts), so only "matches_key",
-        that the message is ours, is evidence. "confidence" is the share of repeated messages
-        agreeing with the decoded one (silentcipher's).
+    @torch.no_grad()
+    def detect_spans(self, length: int, read: Callable[[int, int], torch.Tensor], sample_rate: int = SAMPLE_RATE,
+                     thorough: bool = False) -> dict:
+        """For a "check watermark" button: {"watermarked", "matches_key", "message", "confidence",
+        "windows", "seconds_checked", "seconds_total"} for a mono clip of `length` samples at
+        `sample_rate`, of which only a few seconds are read, by `read(start, n)` -> samples start ..
+        start + n (fewer past the end; `audio.open_upload_spans` reads them from a file alone).
+
+        Windows: at most MAX_WINDOWS of WINDOW_MESSAGES whole messages (2.93 s each), at the start,
+        middle and end of the clip; a clip under 8.8 s gets windows covering all of it but its last
+        hop (46 ms), one under 2.93 s a single window of all of it. Each starts a whole number of STFT
+        hops into the clip, where `apply`'s frames fell. Silent windows are skipped. So a check decodes
+        at most 8.8 s of audio whatever the clip's length: ~15 s of 2 CPU cores and ~160 MB.
+
+        Combining them: the key is found ("matches_key") as soon as one window decodes it; the rest
+        are skipped. One window, not a majority: a clip edited after marking (trimmed, spliced into
+        other audio) keeps the mark in some windows only, and a majority would miss it; while a false
+        match needs silentcipher to read our exact 40-bit key from unmarked audio, about 1 in 10^12 per
+        window if its readings were random, so three windows instead of one hardly add to that risk.
+
+        "watermarked": silentcipher decoded some message (any key) in some window. It does so for most
+        audio, marked or not (any end symbol among its per-position votes counts), so only
+        "matches_key", that the message is ours, is evidence. "message" and "confidence" are the
+        matching window's, else those of the window silentcipher was surest of; "confidence" is the
+        share of a window's repeated messages agreeing with its decoded one (silentcipher's).
+        "windows" counts the windows decoded, "seconds_checked" the audio they cover.
+
+        `thorough`: when no window matches, silentcipher's phase search (see `decode`) also runs on
+        the first 1.02 s of the first window, for audio cut or shifted after marking. It adds minutes
+        (205 decoder passes over that second), not memory.
         """
-        result = self.decode(audio, sample_rate, thorough)
+        total = length * SILENTCIPHER_SR // sample_rate  # the clip's length at 44.1 kHz
+        spans: list[tuple[int, int]] = []
+        answers: list[dict] = []
+        for start, n in self._windows(total):
+            y = self._read_44k(read, sample_rate, start, n)
+            if not bool(y.abs().amax() > 0):  # silent: nothing to read (and silentcipher would divide by 0)
+                continue
+            spans.append((start, n))
+            answers.append(self._answer(self._decode_44k(y, False)))
+            if answers[-1]["matches_key"]:
+                break
+        if thorough and spans and not answers[-1]["matches_key"]:
+            start = spans[0][0]
+            y = self._read_44k(read, sample_rate, start, min(self.phase_window_samples_44k, total - start))
+            answers.append(self._answer(self._decode_44k(y, True)))
+        read_some = [a for a in answers if a["watermarked"]]
+        match = next((a for a in read_some if a["matches_key"]), None)
+        best = match or max(read_some, key=lambda a: a["confidence"], default=self._answer({}))
+        covered = end = 0
+        for start, n in spans:  # in order of start; windows of a short clip may overlap
+            covered, end = covered + max(0, start + n - max(start, end)), max(end, start + n)
+        return {**best, "windows": len(spans), "seconds_checked": round(covered / SILENTCIPHER_SR, 2),
+                "seconds_total": round(total / SILENTCIPHER_SR, 2)}
+
+    def _windows(self, length: int) -> list[tuple[int, int]]:
+        """(start, n) of the windows `detect_spans` decodes, in 44.1 kHz samples of a clip of `length`."""
+        w = self.window_samples_44k
+        if length < self.min_decodable_samples_44k:
+            return []
+        if length <= w:
+            return [(0, length)]
+        count = min(MAX_WINDOWS, -(-length // w))
+        last = (length - w) // self.hop  # the latest start, in hops
+        return [(start, w) for start in sorted({round(i * last / (count - 1)) * self.hop for i in range(count)})]
+
+    def _read_44k(self, read: Callable[[int, int], torch.Tensor], sample_rate: int, start: int, n: int) -> torch.Tensor:
+        """Samples start .. start + n (44.1 kHz) of the clip, read at `sample_rate` and resampled: the
+        samples of the whole clip resampled, to rounding (read with a margin, from a resampler phase)."""
+        step = sample_rate // math.gcd(sample_rate, SILENTCIPHER_SR)  # clip samples that map to whole 44.1 kHz ones
+        first = max(0, (start * sample_rate // SILENTCIPHER_SR - _READ_MARGIN) // step * step)
+        stop = -(-(start + n) * sample_rate // SILENTCIPHER_SR) + _READ_MARGIN
+        y = self._at_44k(read(first, stop - first), sample_rate)
+        skip = start - first * SILENTCIPHER_SR // sample_rate  # exact: `first` is a multiple of `step`
+        y = y[skip:skip + n]
+        return torch.nn.functional.pad(y, (0, n - y.numel()))
+
+    def _answer(self, result: dict) -> dict:
+        """One silentcipher answer as {"watermarked", "matches_key", "message", "confidence"}."""
         found = bool(result.get("status")) and bool(result.get("messages"))
         message = [int(v) for v in result["messages"][0]] if found else None
         return {"watermarked": found, "matches_key": found and tuple(message) == self.key, "message": message,
                 "confidence": float(result["confidences"][0]) if found else None}
 
     def verify(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, thorough: bool = False) -> bool:
-        """True iff a message is decoded from `audio` and it equals the key."""
+        """True iff a window of `audio` decodes to the key (see `detect_spans`)."""
         return self.detect(audio, sample_rate, thorough)["matches_key"]

@@ -99,3 +99,21 @@ def test_save_voice_and_render_in_browser(app_url, page, tmp_path):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-render.png"), full_page=True)
+
+
+def test_an_error_with_markup_shows_as_text_on_the_page(app_url, page):
+    """Errors reach the page HTML-escaped (its notifications render HTML), so a name typed with
+    markup is shown as typed, not rendered; API callers get the same message as plain text
+    (tests/test_api_arguments.py)."""
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    page.get_by_role("tab", name="Voices").click()
+    profile = page.get_by_label("Profile", exact=True)
+    profile.fill("<b>Nobody</b>")
+    profile.press("Enter")
+    page.get_by_label("New name").fill("Somebody")
+    page.get_by_role("button", name="Rename").click()
+    toast = page.get_by_test_id("toast-body").filter(has_text="no profile named")
+    expect(toast).to_be_visible()
+    assert "'<b>Nobody</b>'" in toast.inner_text()
+    assert toast.locator("b").count() == 0  # shown as text, not rendered as bold

@@ -8,11 +8,21 @@ import soundfile as sf
 
 from csm_multi import loaders
 from csm_multi.cli import main
+from csm_multi.settings import SETTINGS
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setattr(loaders, "hub_reachable", lambda timeout=3.0: False)
+
+
+@pytest.fixture(autouse=True)
+def private_data_dir(tmp_path, monkeypatch):
+    """The default voice library lands in this test's folder, never in the real home; no CSM_* from outside."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    for s in SETTINGS.values():
+        monkeypatch.delenv(s.env, raising=False)
+    return tmp_path / "xdg" / "csm-multi" / "profiles"
 
 
 def _clip(path, freq, sr=16_000, seconds=2.0, channels=1):
@@ -98,6 +108,14 @@ def test_unknown_speakers_are_listed_with_their_lines(tmp_path, capsys):
     (["render", "{tmp}/s.txt", "--voice", "A=none", "--project", "{tmp}/afile/p.csmproj"], "may be in the way"),
     (["render", "{tmp}/s.txt", "--voice", "A=none", "--seed", "-3"], "seed must be a whole number from 0"),
     (["info", "--device", "bogus"], "unknown device 'bogus'"),
+    (["say", "Hi.", "--temperature", "0"], "--temperature 0: temperature must be > 0 and finite"),
+    (["say", "Hi.", "--topk", "0"], "--topk 0: topk must be a whole number >= 1"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--temperature", "-0.5"], "--temperature -0.5: temperature must"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--temperature", "nan"], "--temperature nan: temperature must"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--topk", "-2"], "--topk -2: topk must be a whole number >= 1"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--batch-size", "0"], "--batch-size 0: batch_size must be >= 1"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--pause-ms", "20000"], "--pause-ms 20000: pause_ms must be"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--max-line-s", "0"], "--max-line-s 0: max length per line"),
 ])
 def test_bad_paths_and_values_fail_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, expected):
     """Each of these is a one-line error with exit code 2, found before any model loads."""
@@ -148,3 +166,119 @@ def test_profiles_dir_is_accepted_before_or_after_the_action(tmp_path, capsys):
     assert "Alice" in capsys.readouterr().out
     assert main(["profiles", "--profiles-dir", store, "list"]) == 0
     assert "Alice" in capsys.readouterr().out
+
+
+def test_engine_settings_come_from_the_apps_environment_variables(tmp_path, capsys, monkeypatch):
+    """CSM_MODEL & co. mean to the CLI what they mean to the app; flags still win."""
+    seen = {}
+    monkeypatch.setattr(loaders, "build_engine", lambda model, **kw: seen.update(kw, model=model) or
+                        type("E", (), {"info": type("I", (), {})()})())
+    env = {"CSM_MODEL": "csm-1b", "CSM_CHECKPOINT": str(tmp_path / "ckpt"), "CSM_DEVICE": "cpu", "CSM_QUANTIZE": "int8",
+           "CSM_TOKENIZER_REPO": "unsloth/Llama-3.2-1B", "CSM_TRUST_TOKENIZER": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["info"]) == 0
+    assert seen == {"model": "csm-1b", "checkpoint": str(tmp_path / "ckpt"), "device": "cpu", "quantize": "int8",
+                    "tokenizer_repo": "unsloth/Llama-3.2-1B", "trust_tokenizer": True, "watermark": True}
+    assert main(["info", "--model", "tiny", "--device", "cuda"]) == 0
+    assert seen["model"] == "tiny" and seen["device"] == "cuda"
+    monkeypatch.setenv("CSM_TRUST_TOKENIZER", "maybe")
+    assert main(["info"]) == 2
+    assert "CSM_TRUST_TOKENIZER='maybe': use 1 (on) or 0 (off)" in capsys.readouterr().err
+    monkeypatch.delenv("CSM_TRUST_TOKENIZER")
+
+    heard = {}  # CSM_ASR_MODEL: the transcriber `profiles add` builds without --transcript
+    monkeypatch.setattr(loaders, "build_transcriber", lambda source: heard.setdefault("source", source) and None)
+    monkeypatch.setenv("CSM_ASR_MODEL", "./my-whisper")
+    assert main(["profiles", "add", "Alice", str(_clip(tmp_path / "a.wav", 200))]) == 2  # no transcriber: no words
+    assert heard["source"] == "./my-whisper"
+
+
+def test_default_library_is_the_apps_shared_one_in_any_folder(tmp_path, capsys, monkeypatch, private_data_dir):
+    """No --profiles-dir: CSM_PROFILES_DIR/shared, else ~/.local/share/csm-multi/profiles/shared, whatever the cwd."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["profiles", "add", "Alice", str(_clip(tmp_path / "a.wav", 200)), "--transcript", "hi"]) == 0
+    assert (private_data_dir / "shared" / "alice" / "profile.json").is_file()
+    assert not (tmp_path / "a" / "profiles").exists()
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["profiles", "list"]) == 0
+    assert "Alice" in capsys.readouterr().out
+    monkeypatch.setenv("CSM_PROFILES_DIR", str(tmp_path / "root"))
+    assert main(["profiles", "list"]) == 0
+    assert f"no profiles in {(tmp_path / 'root' / 'shared').resolve()}" in capsys.readouterr().out
+
+    monkeypatch.delenv("CSM_PROFILES_DIR")  # a ./profiles library from before is pointed out, not used
+    assert main(["profiles", "--profiles-dir", "profiles", "add", "Bob", str(_clip(tmp_path / "b.wav", 260)),
+                 "--transcript", "yo"]) == 0
+    capsys.readouterr()
+    assert main(["profiles", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert "Alice" in out and "Bob" not in out
+    assert "./profiles holds some too" in err and "--profiles-dir profiles" in err
+
+
+def test_a_bad_project_makes_no_folders(tmp_path, capsys):
+    """`project open` checks the archive before it makes -o, --script-out's folder or the library."""
+    junk = tmp_path / "junk.csmproj"
+    junk.write_bytes(b"PK not really a zip")
+    argv = ["project", "--profiles-dir", str(tmp_path / "voices"), "open", str(junk), "-o", str(tmp_path / "restored"),
+            "--script-out", str(tmp_path / "scripts" / "s.txt")]
+    assert main(argv) == 2
+    assert "not a readable .csmproj" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.csmproj"]
+
+
+def test_bad_sampling_values_make_no_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("csm_multi.cli._build", lambda args: pytest.fail("loaded a model"))
+    (tmp_path / "s.txt").write_text("A: Hi.\n")
+    assert main(["render", str(tmp_path / "s.txt"), "-o", str(tmp_path / "out" / "d.wav"), "--voice", "A=none",
+                 "--profiles-dir", str(tmp_path / "voices"), "--topk", "0"]) == 2
+    assert main(["say", "Hi.", "-o", str(tmp_path / "said" / "x.wav"), "--temperature", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --topk 0: topk must be a whole number >= 1, got 0" in err
+    assert "error: --temperature inf: temperature must be > 0 and finite, got inf" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["s.txt"]  # no output folders, no library
+
+
+def test_voice_names_match_exactly_before_by_folder_name(tmp_path, capsys):
+    """`--voice A=Alice` takes the profile named Alice; a profile that only shares its folder name
+    ("Ålice" is stored as alice) is used with a note saying so, and a clash names the other profile."""
+    store = str(tmp_path / "voices")
+    assert main(["profiles", "--profiles-dir", store, "add", "Ålice", str(_clip(tmp_path / "a.wav", 200)),
+                 "--transcript", "hello there"]) == 0
+    assert main(["profiles", "--profiles-dir", store, "add", "Alice", str(_clip(tmp_path / "b.wav", 300)),
+                 "--transcript", "good day"]) == 2
+    assert "'Alice' is stored as 'alice', which the profile 'Ålice' already uses" in capsys.readouterr().err
+    script = tmp_path / "s.txt"
+    script.write_text("A: Hi.\n")
+    render = ["render", str(script), "--profiles-dir", store, "--voice", "A=Alice", "--model", "tiny", "--no-watermark",
+              "--seed", "1", "--max-line-s", "0.16", "-q"]
+    assert main([*render, "-o", str(tmp_path / "one" / "d.wav")]) == 0
+    assert json.loads((tmp_path / "one" / "d.json").read_text())["lines"][0]["profile"] == "Ålice"
+    assert "note: --voice: no profile is named 'Alice'; using 'Ålice', whose folder name 'alice' is the same" in \
+        capsys.readouterr().err
+
+    # a library copied from elsewhere can hold both: the exact name wins, with no note
+    assert main(["profiles", "--profiles-dir", store, "add", "Someone", str(_clip(tmp_path / "b.wav", 300)),
+                 "--transcript", "good day"]) == 0
+    meta = tmp_path / "voices" / "someone" / "profile.json"
+    meta.write_text(meta.read_text().replace('"Someone"', '"Alice"'))
+    capsys.readouterr()
+    assert main([*render, "-o", str(tmp_path / "two" / "d.wav")]) == 0
+    [line] = json.loads((tmp_path / "two" / "d.json").read_text())["lines"]
+    assert line["profile"] == "Alice" and "note:" not in capsys.readouterr().err
+    from csm_multi.profiles import ProfileStore
+
+    assert ProfileStore(store).get("Alice").slug == "someone"  # what the renderer reads the voice from
+
+
+def test_debug_puts_the_traceback_in_the_log(tmp_path, capsys, caplog):
+    assert main(["info", "--device", "bogus", "--model", "tiny"]) == 2
+    assert "Traceback" not in caplog.text
+    assert main(["info", "--device", "bogus", "--model", "tiny", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: unknown device 'bogus'") == 2 and "Traceback" not in err
+    assert "Traceback" in caplog.text and "ValueError: unknown device" in caplog.text

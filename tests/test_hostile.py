@@ -376,7 +376,8 @@ def test_the_app_answers_hostile_calls_with_messages_and_keeps_serving(running_a
     assert "limit is 1000" in _api_error(client, key, "A: " + "y" * 1500, *args, api_name="/render_script")
 
     assert tree(app_root, skip=studio.profiles_root) == before  # the hostile calls wrote nothing of ours
-    assert [p.name for p in studio.library(key).root.iterdir()] == [".lock"]
+    root = studio.library(key).root  # made by the first save: refused saves may leave none at all
+    assert not root.exists() or [p.name for p in root.iterdir()] == [".lock"]
     assert not [p for p in app_root.rglob("*") if p.name == "passwd"]
 
     # still serving: an 8-channel 44.1 kHz clip under a right-to-left name, then one short line with it

@@ -140,6 +140,21 @@ def test_prepare_reference_rejects_unusable_clips(samples, message):
         prepare_reference(torch.from_numpy(samples))
 
 
+def test_a_constant_offset_is_no_sound_and_is_removed_from_a_voice():
+    """A DC offset passes for loudness: a clip of a constant 0.9 is refused as holding no sound, and
+    a real voice on an offset is kept with the offset removed (and not taken for clipping)."""
+    with pytest.raises(AudioInputError, match=r"holds no sound, only a constant offset of \+0\.90"):
+        prepare_reference(torch.full((3 * SAMPLE_RATE,), 0.9))
+    out = prepare_reference(torch.from_numpy(speech(3.0) + np.float32(0.5)))
+    assert abs(float(out.mean())) < 1e-3 and out.numel() >= 2.9 * SAMPLE_RATE
+
+
+def test_a_clip_just_under_the_minimum_says_by_how_much():
+    with pytest.raises(AudioInputError) as e:  # sound from start to end: nothing is trimmed
+        prepare_reference(torch.from_numpy(speech(0.9995)))
+    assert "only 0.999 s of sound" in str(e.value) and "1 ms short of the 1 s minimum" in str(e.value)
+
+
 # ---- uploads -----------------------------------------------------------------------------------
 def _corrupt(d: Path) -> Path:
     return put(d / "c.wav", b"RIFF\x10\x00\x00\x00WAVEfmt garbage" + os.urandom(2000))

@@ -1,5 +1,7 @@
 """The watermark wrapper on an untrained silentcipher (no download), plus a fake cipher whose mark
-can be read back, so the round trip through our resampling is tested too. CPU, ~1 s clips."""
+can be read back, so the round trip through our resampling is tested too; the check of long clips
+by windows (which silentcipher sees, early stop, combining) with fakes; reading spans of an upload.
+CPU, ~1 s clips for the real model."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import pytest
 import torch
 import torchaudio.functional as AF
 
-from csm_multi.errors import WatermarkUnavailableError
+from csm_multi.audio import MAX_UPLOAD_S, load_upload, open_upload_spans
+from csm_multi.errors import AudioInputError, WatermarkUnavailableError
 from csm_multi.watermark import (
     CSM_1B_GH_WATERMARK,
+    MAX_WINDOWS,
     MESSAGE_SDR_DB,
     SILENTCIPHER_44K_HPARAMS,
     SILENTCIPHER_SR,
@@ -116,7 +120,9 @@ def test_detect_on_marked_audio_reports_what_silentcipher_decodes(marker, cipher
     """An untrained decoder cannot read its own mark; detect must say so, consistently with a
     direct silentcipher call on the same 44.1 kHz audio."""
     report = marker.detect(marked, SR)
-    assert set(report) == {"watermarked", "matches_key", "message", "confidence"}
+    assert set(report) == {"watermarked", "matches_key", "message", "confidence", "windows", "seconds_checked",
+                           "seconds_total"}
+    assert (report["windows"], report["seconds_total"]) == (1, round(N / SR, 2))  # a short clip: one window, all of it
     direct = cipher.decode_wav(AF.resample(marked, SR, SILENTCIPHER_SR).numpy(), SILENTCIPHER_SR, False)
     assert report["watermarked"] == bool(direct["status"])
     assert report["message"] == (direct["messages"][0] if direct["status"] else None)
@@ -133,6 +139,7 @@ class ToneCipher:
 
     def __init__(self):
         self.calls = []
+        self.inputs = []  # what each decode was given
 
     def encode_wav(self, y, sr, message, message_sdr=None, calc_sdr=True):
         self.calls.append(("encode", type(y), y.dtype, sr, message_sdr))
@@ -143,6 +150,7 @@ class ToneCipher:
 
     def decode_wav(self, y, sr, phase_shift_decoding):
         self.calls.append(("decode", type(y), y.dtype, sr, phase_shift_decoding))
+        self.inputs.append(y.copy())
         mag = np.abs(np.fft.rfft(y))
         bins = np.round(self.FREQS * len(y) / sr).astype(int)
         level = np.array([mag[b - 2: b + 3].max() for b in bins])
@@ -160,20 +168,201 @@ def test_round_trip_through_resampling_reads_the_key():
     y = marker.apply(x, SR)
     assert y.shape == x.shape
     assert marker.verify(y, SR) is True
-    assert marker.detect(y, SR) == {"watermarked": True, "matches_key": True, "message": list(key), "confidence": 1.0}
+    assert marker.detect(y, SR) == {"watermarked": True, "matches_key": True, "message": list(key), "confidence": 1.0,
+                                    "windows": 1, "seconds_checked": 1.2, "seconds_total": 1.2}
     assert marker.verify(x, SR) is False  # unmarked
     assert Watermarker(fake, CSM_1B_GH_WATERMARK).verify(y, SR) is False  # another key
-    assert marker.verify(y, SR, thorough=True) is True
+    assert marker.verify(y, SR, thorough=True) is True  # found by the plain decode: no phase search
+    assert marker.verify(x, SR, thorough=True) is False  # a plain decode, then the phase search
     # silentcipher only ever sees numpy float32 at 44.1 kHz, marked at the reference strength
     assert fake.calls[0] == ("encode", np.ndarray, np.float32, SILENTCIPHER_SR, MESSAGE_SDR_DB)
     assert all(c[1] is np.ndarray and c[2] == np.float32 and c[3] == SILENTCIPHER_SR for c in fake.calls)
-    assert [c[4] for c in fake.calls if c[0] == "decode"] == [False, False, False, False, True]
+    assert [c[4] for c in fake.calls if c[0] == "decode"] == [False, False, False, False, False, False, True]
 
 
 def test_watermarker_rejects_malformed_keys():
     for bad in [(1, 2, 3), (1, 2, 3, 4, 256), (-1, 0, 0, 0, 0)]:
         with pytest.raises(ValueError, match="5 ints"):
             Watermarker(ToneCipher(), bad)
+
+
+# --- long clips: a few windows, early stop, any window with the key --------------------------------
+
+class Unreadable(ToneCipher):
+    """Reads no message from anything, like the untrained decoder: every check tries all its windows."""
+
+    def decode_wav(self, y, sr, phase_shift_decoding):
+        super().decode_wav(y, sr, phase_shift_decoding)
+        return {"messages": [], "confidences": [], "error": "Could not find message", "status": False}
+
+
+def noise(seconds: float, sr: int = SR, seed: int = 3) -> torch.Tensor:
+    return 0.05 * torch.randn(int(seconds * sr), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_long_clip_is_read_in_a_few_windows_on_the_hop_grid():
+    """Windows of whole messages at the start, middle and end, each a whole number of hops in, each
+    exactly those samples of the clip (at 44.1 kHz no resampling: a ramp tells where each began)."""
+    fake = Unreadable()
+    marker = Watermarker(fake)
+    total = 60 * SILENTCIPHER_SR
+    ramp = torch.arange(total, dtype=torch.float32) / 2**22  # exact in float32: sample i holds i / 2^22
+    report = marker.detect(ramp, SILENTCIPHER_SR)
+    w, hop = marker.window_samples_44k, marker.hop
+    starts = [round(float(y[0]) * 2**22) for y in fake.inputs]
+    assert len(starts) == MAX_WINDOWS == 3 and starts[0] == 0 and all(s % hop == 0 for s in starts)
+    assert 0 <= total - (starts[-1] + w) < hop and abs(starts[1] - (total - w) / 2) <= hop
+    assert all(torch.equal(torch.from_numpy(y), ramp[s:s + w]) for s, y in zip(starts, fake.inputs))
+    assert report == {"watermarked": False, "matches_key": False, "message": None, "confidence": None, "windows": 3,
+                      "seconds_checked": round(3 * w / SILENTCIPHER_SR, 2), "seconds_total": 60.0}
+    assert report["seconds_checked"] == 8.78
+
+
+@pytest.mark.parametrize("seconds, windows, checked", [(0.5, 0, 0.0), (2.0, 1, 2.0), (5.0, 2, 5.0), (9.0, 3, 8.78)])
+def test_short_clips_are_read_whole_or_nearly(seconds, windows, checked):
+    """Under one window: all of it; under three: windows covering it but for the last hop (46 ms)."""
+    fake = Unreadable()
+    report = Watermarker(fake).detect(noise(seconds), SR)
+    assert (report["windows"], len(fake.inputs)) == (windows, windows)
+    assert checked - 0.05 < report["seconds_checked"] <= checked and report["seconds_total"] == seconds
+
+
+def test_windows_read_at_24_khz_match_the_whole_clip_resampled():
+    """Each window is resampled on its own (read with a margin, from a resampler phase): the same
+    samples as the clip resampled whole, edges included."""
+    fake = Unreadable()
+    marker = Watermarker(fake)
+    clip = noise(20)
+    marker.detect(clip, SR)
+    whole = AF.resample(clip, SR, SILENTCIPHER_SR)
+    w = marker.window_samples_44k
+    assert [y.size for y in fake.inputs] == [w] * 3
+    candidates = torch.stack([whole[s:s + w] for s in range(0, whole.numel() - w + 1, marker.hop)])
+    errors = [(candidates - torch.from_numpy(y)).abs().amax(dim=1) for y in fake.inputs]  # per hop-grid start
+    assert [int(e.argmin()) * marker.hop for e in errors][::2] == [0, (whole.numel() - w) // marker.hop * marker.hop]
+    assert all(float(e.min()) < 1e-6 for e in errors)  # the same samples, to float rounding
+
+
+def test_the_first_window_with_the_key_ends_the_check():
+    fake = ToneCipher()
+    key = key_from_secret("early stop")
+    marker = Watermarker(fake, key)
+    report = marker.detect(marker.apply(noise(60), SR), SR)
+    assert report["matches_key"] and report["message"] == list(key) and report["confidence"] == 1.0
+    assert (report["windows"], report["seconds_checked"], len(fake.inputs)) == (1, 2.93, 1)
+
+
+def test_one_window_with_the_key_is_enough_for_an_edited_clip():
+    """A marked line spliced after unmarked audio: only the last window holds the mark, and it counts."""
+    fake = ToneCipher()
+    key = key_from_secret("spliced")
+    marker = Watermarker(fake, key)
+    spliced = torch.cat([noise(20), marker.apply(noise(10, seed=4), SR)])
+    report = marker.detect(spliced, SR)
+    assert report["matches_key"] and report["message"] == list(key) and report["windows"] == 3
+    unmarked = marker.detect(noise(30), SR)
+    assert not unmarked["matches_key"] and not unmarked["watermarked"] and unmarked["windows"] == 3
+    assert not Watermarker(fake, CSM_1B_GH_WATERMARK).detect(spliced, SR)["matches_key"]  # another key
+
+
+def test_silent_windows_are_skipped():
+    fake = Unreadable()
+    clip = torch.zeros(30 * SR)
+    clip[13 * SR:18 * SR] = noise(5)  # only the middle window has sound
+    report = Watermarker(fake).detect(clip, SR)
+    assert (report["windows"], report["seconds_checked"], len(fake.inputs)) == (1, 2.93, 1)
+    assert Watermarker(fake).detect(torch.zeros(30 * SR), SR)["windows"] == 0
+
+
+def test_thorough_adds_one_short_phase_search_only_when_no_window_matches():
+    fake = ToneCipher()
+    marker = Watermarker(fake, key_from_secret("thorough"))
+    assert marker.detect(marker.apply(noise(30), SR), SR, thorough=True)["matches_key"]
+    assert [c[4] for c in fake.calls if c[0] == "decode"] == [False]
+    fake.calls.clear()
+    fake.inputs.clear()
+    assert not marker.detect(noise(30), SR, thorough=True)["matches_key"]
+    assert [c[4] for c in fake.calls if c[0] == "decode"] == [False, False, False, True]
+    assert fake.inputs[-1].size == marker.phase_window_samples_44k  # 1.02 s: 205 decoder passes over that only
+    np.testing.assert_allclose(fake.inputs[-1], fake.inputs[0][:marker.phase_window_samples_44k], atol=1e-6)
+
+
+def test_decode_reads_at_most_one_window():
+    fake = Unreadable()
+    marker = Watermarker(fake)
+    with pytest.raises(ValueError, match="use detect"):
+        marker.decode(noise(4), SR)
+    with pytest.raises(ValueError, match="thorough"):
+        marker.decode(noise(1.5), SR, thorough=True)
+    assert marker.decode(noise(2.9), SR)["status"] is False and len(fake.inputs) == 1
+
+
+def test_studio_check_reads_only_windows_of_a_long_file(tmp_path, monkeypatch):
+    """A 2-minute 48 kHz stereo FLAC, marked (fake cipher): found in the first window, and the file's
+    reads add up to about that window, not the file."""
+    from types import SimpleNamespace
+
+    import soundfile as sf
+
+    from csm_multi.studio import Studio
+
+    key = key_from_secret("studio")
+    marker = Watermarker(ToneCipher(), key)
+    mono = marker.apply(noise(120, 48_000), 48_000)
+    path = tmp_path / "long.flac"
+    sf.write(str(path), torch.stack([mono, mono], dim=1).numpy(), 48_000)
+    studio = Studio(SimpleNamespace(watermarker=marker, device=torch.device("cpu")), tmp_path / "profiles",
+                    outputs_root=tmp_path / "out")
+    frames_read = []
+    original = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: frames_read.append(frames)
+                        or original(self, frames, *a, **k))
+    found = studio.check_watermark(path)
+    assert found["matches_key"] and found["windows"] == 1 and found["seconds_total"] == 120.0
+    assert 0 < sum(frames_read) < 3.5 * 48_000  # one 2.93 s window and its margins, of 5.76 M frames
+    frames_read.clear()
+    studio.engine.watermarker = Watermarker(Unreadable(), key)  # finds nothing: reads all three windows
+    assert studio.check_watermark(path)["windows"] == 3 and sum(frames_read) < 3 * 3.5 * 48_000
+
+
+# --- reading spans of an upload (audio.open_upload_spans, what the check reads files with) ----------
+
+@pytest.mark.parametrize("rate, channels, ext", [(48_000, 2, "flac"), (8_000, 1, "wav"), (44_100, 1, "mp3"),
+                                                 (44_101, 1, "wav")])
+def test_spans_of_an_upload_are_the_samples_load_upload_returns(tmp_path, rate, channels, ext):
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"clip.{ext}"
+    sf.write(str(path), (0.3 * rng.standard_normal((rate * 4, channels))).astype(np.float32), rate)
+    whole = load_upload(path)
+    with open_upload_spans(path) as (length, read):
+        assert length == whole.numel()
+        for start, n in [(0, 1000), (12_345, 54_321), (length - 500, 1000)]:
+            expect = torch.nn.functional.pad(whole[start:start + n], (0, max(0, start + n - length)))
+            torch.testing.assert_close(read(start, n), expect, atol=1e-6, rtol=0)
+        assert torch.equal(read(length + 10, 50), torch.zeros(50))  # past the end: zeros
+    with open_upload_spans(path.read_bytes()) as (length, read):  # bytes work too
+        torch.testing.assert_close(read(2000, 3000), whole[2000:5000], atol=1e-6, rtol=0)
+
+
+def test_spans_refuse_what_load_upload_refuses_before_decoding(tmp_path):
+    import soundfile as sf
+
+    too_long = tmp_path / "long.wav"
+    sf.write(str(too_long), np.zeros(4_000 * (MAX_UPLOAD_S + 1), dtype=np.int16), 4_000)
+    empty, named = tmp_path / "empty.wav", tmp_path / "clip.txt"
+    empty.write_bytes(b"")
+    named.write_bytes(b"RIFF")
+    garbage = tmp_path / "noise.wav"
+    garbage.write_bytes(b"not audio at all" * 10)
+    for bad in (too_long, empty, named, garbage, tmp_path / "missing.wav"):
+        with pytest.raises(AudioInputError) as expected:
+            load_upload(bad)
+        with pytest.raises(AudioInputError) as got:
+            with open_upload_spans(bad):
+                pass
+        assert str(got.value) == str(expected.value)
 
 
 # --- keys ------------------------------------------------------------------------------------------
