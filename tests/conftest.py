@@ -27,9 +27,6 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="module")
 def running_app(tmp_path_factory, tiny_model):
     """The Gradio app on the tiny preset (watermark off) on 127.0.0.1: yields (url, studio)."""
-    import socket
-
-    import app as app_module
     from csm_multi.codec import MimiCodec, build_mimi
     from csm_multi.engine import Engine, EngineInfo
     from csm_multi.studio import Studio
@@ -40,6 +37,18 @@ def running_app(tmp_path_factory, tiny_model):
                       codec="Mimi (random)", watermark="OFF", codec_id="mimi-random-0", untrained=True)
     engine = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False, info=info)
     studio = Studio(engine, root / "profiles", outputs_root=root / "out")
+    url, demo = launch(studio)
+    yield url, studio
+    demo.close()
+
+
+def launch(studio):
+    """`studio`'s app on a free port of 127.0.0.1, as main() serves it (queue of 8 here): (url, demo).
+    The caller closes the demo. Tests import it: `from conftest import launch`."""
+    import socket
+
+    import app as app_module
+
     demo = app_module.build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=8)
     with socket.socket() as s:
@@ -47,5 +56,4 @@ def running_app(tmp_path_factory, tiny_model):
         port = s.getsockname()[1]
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
+    return f"http://127.0.0.1:{port}/", demo

@@ -275,9 +275,8 @@ gradio_client = pytest.importorskip("gradio_client")
 @pytest.fixture(scope="module")
 def small_app(tmp_path_factory, tiny_model):
     """The app on the tiny preset with small limits: 2 voices per library, a 1 MB quota."""
-    import socket
+    from conftest import launch
 
-    import app as app_module
     from csm_multi.codec import MimiCodec, build_mimi
     from csm_multi.engine import Engine
     from csm_multi.text import ByteTokenizer
@@ -286,14 +285,8 @@ def small_app(tmp_path_factory, tiny_model):
     engine = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False)
     s = Studio(engine, root / "profiles", outputs_root=root / "out",
                limits=StudioLimits(voices_per_library=2, storage_quota_bytes=1_000_000))
-    demo = app_module.build_demo(s)
-    demo.queue(default_concurrency_limit=1, max_size=8)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                blocked_paths=[str(s.profiles_root)], allowed_paths=[str(s.outputs_root)])
-    yield f"http://127.0.0.1:{port}/", s
+    url, demo = launch(s)
+    yield url, s
     demo.close()
 
 
