@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import sys
 import threading
 from pathlib import Path
@@ -278,6 +279,14 @@ def status_markdown(info: dict) -> str:
     return "  \n".join(lines)
 
 
+def header_markdown(info: dict) -> str:
+    """The page header: one line (model, device, and the offline warning); the rest is on the Status tab."""
+    line = f"**{html.escape(str(info['model']))}** · {info['device']} ({info['dtype']})"
+    if info.get("untrained"):
+        line += " · ⚠️ Offline demo: random untrained weights — the output is noise, not speech."
+    return line + " · details: *Status* tab"
+
+
 def build_demo(studio: Studio):
     import gradio as gr
 
@@ -296,9 +305,13 @@ def build_demo(studio: Studio):
         return {cell(r[0]): (None if cell(r[1]) in ("", NONE) else cell(r[1])) for r in rows if len(r) >= 2 and cell(r[0])}
 
     # ---- voices ---------------------------------------------------------------------------
-    def library_view(key):
+    first = object()  # library_view's default selection: the first profile
+
+    def library_view(key, selected=first):
+        """The library table and the Profile dropdown, selecting `selected` (None: nothing)."""
         names = studio.profile_names(key)
-        return studio.profile_rows(key), gr.Dropdown(choices=names, value=names[0] if names else None)
+        value = (names[0] if names else None) if selected is first else selected if selected in names else None
+        return studio.profile_rows(key), gr.Dropdown(choices=names, value=value)
 
     def add_profile(key, audio_path, transcript, name):
         try:
@@ -307,7 +320,7 @@ def build_demo(studio: Studio):
             profile, transcribed = studio.add_profile(key, name or "", Path(audio_path), transcript)
         except (CsmError, ValueError) as e:
             fail(e)
-        rows, dropdown = library_view(key)
+        rows, dropdown = library_view(key, profile.name)
         note = f"Saved **{html.escape(profile.name)}** ({profile.duration_s:.1f} s)."
         if transcribed:
             note += (f" Transcript written automatically: “{html.escape(profile.transcript)}”. If it is wrong, "
@@ -330,17 +343,24 @@ def build_demo(studio: Studio):
         return 24_000, _int16(audio)
 
     def profile_transcript(key, name):
+        """The transcript box's text and the profile it was loaded for (update_transcript checks it)."""
         if not name:
-            return ""
+            return "", ""
         try:
-            return studio.library(key).get(name).transcript
+            return studio.library(key).get(name).transcript, name
         except CsmError:
-            return ""  # e.g. deleted meanwhile: the other handlers report it
+            return "", ""  # e.g. deleted meanwhile: the other handlers report it
 
-    def update_transcript(key, name, transcript):
+    def update_transcript(key, name, transcript, loaded_for=None):
+        """`loaded_for` (page state, hidden from the API): the profile whose transcript the box was
+        loaded with; None (an API call) means no check."""
         try:
             if not name:
                 raise CsmError("choose a profile first")
+            if loaded_for is not None and loaded_for != name:
+                raise CsmError(f"the transcript box does not hold {name!r}'s transcript yet (it was loaded for "
+                               f"{loaded_for or 'no profile'!r}); nothing was saved: check the text and press "
+                               "Save transcript again")
             profile = studio.library(key).update_transcript(name, transcript or "")
             return studio.profile_rows(key), f"Transcript of **{html.escape(profile.name)}** saved."
         except CsmError as e:
@@ -353,8 +373,10 @@ def build_demo(studio: Studio):
                 clean_name(new_name)
             except ProfileError as e:
                 raise ProfileError(f"New name: {e}") from None
-            studio.library(key).rename(name, new_name)
-            return (*library_view(key), f"Renamed to **{html.escape(new_name)}**.")
+            store = studio.library(key)
+            old = store.get(name).name
+            new = store.rename(name, new_name).name
+            return (*library_view(key, new), f"Renamed to **{html.escape(new)}**.", {old: new})
         except CsmError as e:
             fail(e)
 
@@ -364,7 +386,7 @@ def build_demo(studio: Studio):
         try:
             _chosen(name)
             studio.library(key).delete(name)
-            return (*library_view(key), f"Deleted **{html.escape(name)}**.", False)
+            return (*library_view(key, None), f"Deleted **{html.escape(name)}**.", False)
         except CsmError as e:
             fail(e)
 
@@ -380,20 +402,25 @@ def build_demo(studio: Studio):
             if not file:
                 raise CsmError("choose a .csmvoice file to import")
             profile = studio.library(key).import_file(file, name or None)
-            return (*library_view(key), f"Imported **{html.escape(profile.name)}**.")
+            return (*library_view(key, profile.name), f"Imported **{html.escape(profile.name)}**.")
         except CsmError as e:
             fail(e)
 
+    def follow_library(key, script, table, renamed=None):
+        """The mapping after the library changed (a rename followed once), and the rename consumed."""
+        return fill_mapping(key, script, table, renamed), None
+
     # ---- script ---------------------------------------------------------------------------
-    def fill_mapping(key, script, table=None):
+    def fill_mapping(key, script, table=None, renamed=None):
         """One row per script speaker: the profile already chosen in the table if it still exists
-        (so edits to the script, or an opened project, keep the map), else the same-name profile."""
+        (so edits to the script, the library, or an opened project keep the map; `renamed` old -> new
+        name follows a rename), else the same-name profile."""
         try:
             voices = studio.default_voices(key, script)
             names = set(studio.profile_names(key))
         except CsmError:
             return gr.skip()
-        chosen = mapping_dict(table)
+        chosen = {spk: (renamed or {}).get(prof, prof) for spk, prof in mapping_dict(table).items()}
         for spk in voices:
             if chosen.get(spk) in names:
                 voices[spk] = chosen[spk]
@@ -500,18 +527,20 @@ def build_demo(studio: Studio):
             if profile and profile != NONE:
                 store = studio.library(key)
                 context = [store.segment(profile, studio.engine.encode_reference, studio.engine.codec_id)]
-            sampling = SamplingConfig(temperature=float(temperature), topk=int(topk),
-                                      seed=_seed(seed),
+            seed = _seed(seed)
+            if seed is None:  # drawn here, not in the engine, so the message can show it
+                seed = secrets.randbits(31)
+            sampling = SamplingConfig(temperature=float(temperature), topk=int(topk), seed=seed,
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
             chunks = []
             for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig()):
                 chunks.append(chunk.audio)
-                yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s…"
+                yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
         except (CsmError, ValueError) as e:
             fail(e)
         if not chunks:
-            yield gr.skip(), gr.skip(), "The model ended the utterance at once; try another seed."
+            yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
         import torch
 
@@ -520,7 +549,7 @@ def build_demo(studio: Studio):
         except CsmError as e:
             fail(e)
         mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
-        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, {mark}."
+        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, seed {seed}, {mark}."
 
     def check_watermark(path):
         try:
@@ -536,12 +565,12 @@ def build_demo(studio: Studio):
         if studio.engine.info.untrained:
             caveat += "  \n_Offline demo: the watermarker has random weights, so this answer means nothing._"
         if found["matches_key"]:
-            return "✅ This audio carries **this deployment's** watermark." + caveat
+            return "✅ Yes: this audio carries **this deployment's** watermark." + caveat
         if found["watermarked"]:
-            return ("❌ No watermark with this deployment's key. The detector read another message "
+            return ("❌ No: no watermark with this deployment's key. The detector read another message "
                     f"(agreement {found['confidence']:.0%}): a watermark with another key, or none at all; "
                     "it cannot tell those apart." + caveat)
-        return "❌ No watermark from this deployment was found (short or heavily edited audio can lose it)." + caveat
+        return "❌ No: no watermark from this deployment was found (short or heavily edited audio can lose it)." + caveat
 
     def status(key):
         return status_markdown(studio.status(key))
@@ -554,7 +583,7 @@ def build_demo(studio: Studio):
         saved_key = gr.BrowserState(None, storage_key="csm-multi-library")
         key = gr.Textbox(visible=False, label="library_key")
         gr.Markdown("# csm-multi — multi-speaker dialogue with CSM-1B")
-        gr.Markdown(status_markdown(studio.status(None)))
+        gr.Markdown(header_markdown(studio.status(None)))
 
         with gr.Tab("Voices"):
             with gr.Row():
@@ -628,6 +657,8 @@ def build_demo(studio: Studio):
                 open_file = gr.File(label="Open project (.csmproj)", file_types=[".csmproj"], type="filepath")
             last_result = gr.State(None)
             last_voices = gr.State(None)
+        transcript_for = gr.State(None)  # the profile whose transcript the box holds (None: not loaded)
+        renamed = gr.State(None)  # the last rename, old -> new name, for the speaker map to follow
 
         with gr.Tab("Quick"):
             q_text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
@@ -651,26 +682,45 @@ def build_demo(studio: Studio):
             status_md = gr.Markdown()
             status_btn = gr.Button("Refresh")
 
-        def profile_choices(key):
+        def profile_choices(key, current=None):
             names = studio.profile_names(key)
-            return gr.Dropdown(choices=[NONE, *names], value=NONE)
+            return gr.Dropdown(choices=[NONE, *names], value=current if current in names else NONE)
+
+        def pick_row(evt: gr.SelectData):
+            """A click on a row of "Your voices" selects that profile."""
+            row = evt.row_value or []
+            return row[0] if row and row[0] else gr.skip()
+
+        pick_row.__annotations__["evt"] = gr.SelectData  # a real class: `gr` is not a module global here
+
+        def library_changed(event, follow_rename: bool = False):
+            """After the library changed: the Quick tab's choices, then the speaker map."""
+            event = event.then(profile_choices, [key, q_profile], [q_profile], api_name=False)
+            inputs = [key, script, mapping, renamed] if follow_rename else [key, script, mapping]
+            return event.then(follow_library, inputs, [mapping, renamed], api_name=False)
 
         demo.load(init_key, [saved_key], [key, saved_key], api_name=False).then(  # page set-up: not API endpoints
             list_profiles, [key], [library, chosen], api_name=False).then(
             profile_choices, [key], [q_profile], api_name=False).then(
             fill_mapping, [key, script], [mapping], api_name=False).then(status, [key], [status_md], api_name=False)
 
-        save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
-                       api_name="add_profile").then(profile_choices, [key], [q_profile], api_name=False)
+        library_changed(save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
+                                       api_name="add_profile"))
         chosen.change(preview_profile, [key, chosen], [preview], api_name="preview_profile")
-        rename_btn.click(rename_profile, [key, chosen, new_name], [library, chosen, voice_msg], api_name="rename_profile")
-        chosen.change(profile_transcript, [key, chosen], [edit_text], api_name=False)
-        edit_btn.click(update_transcript, [key, chosen, edit_text], [library, voice_msg], api_name="update_transcript")
-        delete_btn.click(delete_profile, [key, chosen, confirm], [library, chosen, voice_msg, confirm],
-                         api_name="delete_profile").then(profile_choices, [key], [q_profile], api_name=False)
+        library_changed(rename_btn.click(rename_profile, [key, chosen, new_name], [library, chosen, voice_msg, renamed],
+                                         api_name="rename_profile"), follow_rename=True)
+        # the box empties at once in the browser, so a Save pressed before the new transcript arrives
+        # cannot send the previous profile's text; transcript_for catches the rest
+        chosen.change(None, None, [edit_text], js="() => ''", api_name=False, queue=False)
+        chosen.change(profile_transcript, [key, chosen], [edit_text, transcript_for], api_name=False)
+        edit_btn.click(update_transcript, [key, chosen, edit_text, transcript_for], [library, voice_msg],
+                       api_name="update_transcript")
+        library.select(pick_row, None, [chosen], api_name=False)
+        library_changed(delete_btn.click(delete_profile, [key, chosen, confirm], [library, chosen, voice_msg, confirm],
+                                         api_name="delete_profile"))
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
-        import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
-                         api_name="import_profile")
+        library_changed(import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
+                                         api_name="import_profile"))
         refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
         script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
@@ -685,10 +735,11 @@ def build_demo(studio: Studio):
                         concurrency_id="gpu")
         project_btn.click(save_project, [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
                                          last_result], [project_file], api_name="save_project")
-        open_file.upload(open_project, [key, open_file],
-                         [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
-                          files, manifest, context_view, last_result, last_voices, library, chosen],
-                         api_name="open_project").then(profile_choices, [key], [q_profile], api_name=False)
+        open_event = open_file.upload(
+            open_project, [key, open_file],
+            [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
+             files, manifest, context_view, last_result, last_voices, library, chosen], api_name="open_project")
+        library_changed(open_event)
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")

@@ -157,22 +157,17 @@ def test_seed_minus_one_means_random():
 
 def test_watermark_check_says_how_much_of_a_long_clip_it_read(tmp_path):
     """The check reads a few windows spread over a long upload (bounded time and memory) and says so."""
-    import socket
+    from conftest import launch
 
-    import app as app_module
     from csm_multi.loaders import build_engine
     from csm_multi.studio import Studio
 
-    studio = Studio(build_engine("tiny"), tmp_path / "profiles", outputs_root=tmp_path / "out")
-    demo = app_module.build_demo(studio)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url, demo = launch(Studio(build_engine("tiny"), tmp_path / "profiles", outputs_root=tmp_path / "out"))
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client = Client(url, verbose=False)
         answer = client.predict(handle_file(_wav(tmp_path / "long.wav", 300, seconds=60.0)), api_name="/check_watermark")
         assert "Checked 3 windows: 8.8 s of the 60.0 s clip" in answer and "random weights" in answer
+        assert answer.startswith("❌ No: ")  # a text label too: the mark renders as a box in some fonts
         answer = client.predict(handle_file(_wav(tmp_path / "short.wav", 300, seconds=0.5)), api_name="/check_watermark")
         assert "Nothing could be checked" in answer
     finally:
