@@ -90,9 +90,16 @@ def load_audio(source: str | Path | bytes) -> torch.Tensor:
     except FileNotFoundError as e:
         raise AudioInputError(f"{name} does not exist") from e
     except (RuntimeError, TypeError, ValueError) as e:
-        detail = getattr(e, "error_string", None) or str(e)  # libsndfile's words, without the handle's repr
-        raise AudioInputError(f"could not read {name} as audio ({detail}); use a WAV, FLAC, OGG or MP3 file") from e
+        raise _unreadable(name, e) from e
     return prepare(data, sr)
+
+
+def _unreadable(name: str, e: Exception) -> AudioInputError:
+    """The error for a file that could not be read: the OS's reason, or libsndfile's words for its content."""
+    if isinstance(e, OSError):
+        return AudioInputError(f"could not read {name} ({e}); check that the file is readable")
+    detail = getattr(e, "error_string", None) or str(e)  # libsndfile's words, without the handle's repr
+    return AudioInputError(f"could not read {name} as audio ({detail}); use a WAV, FLAC, OGG or MP3 file")
 
 
 def _read_mono(f: sf.SoundFile, block: int = 1 << 20) -> np.ndarray:
@@ -171,7 +178,7 @@ def load_upload(source: str | Path | bytes) -> torch.Tensor:
     try:
         return load_audio(source)
     except OSError as e:  # e.g. permission denied; soundfile's own errors are mapped by load_audio
-        raise AudioInputError(f"could not read {name} ({e}); check that the file is readable") from e
+        raise _unreadable(name, e) from e
 
 
 def from_array(samples: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -310,16 +317,10 @@ def open_upload_spans(source: str | Path | bytes) -> Iterator[tuple[int, Callabl
 def _open_spans(source: str | Path | bytes, name: str) -> Iterator[tuple[int, Callable[[int, int], torch.Tensor]]]:
     """`open_upload_spans` without the upload checks (`name` names the file in messages)."""
 
-    def unreadable(e: Exception) -> AudioInputError:
-        if isinstance(e, OSError):
-            return AudioInputError(f"could not read {name} ({e}); check that the file is readable")
-        detail = getattr(e, "error_string", None) or str(e)  # libsndfile's words, without the handle's repr
-        return AudioInputError(f"could not read {name} as audio ({detail}); use a WAV, FLAC, OGG or MP3 file")
-
     try:
         f = sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except (RuntimeError, TypeError, ValueError, OSError) as e:
-        raise unreadable(e) from e
+        raise _unreadable(name, e) from e
     with f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         _check_header(name, rate, channels, frames)
@@ -339,7 +340,7 @@ def _open_spans(source: str | Path | bytes, name: str) -> Iterator[tuple[int, Ca
                     f.seek(lo)
                     got = f.read(hi - lo, dtype="float32", always_2d=True)  # fewer if the header's count is high
                 except (RuntimeError, TypeError, ValueError, OSError) as e:
-                    raise unreadable(e) from e
+                    raise _unreadable(name, e) from e
                 data[lo - first: lo - first + len(got)] = got
             x = prepare(data, rate)
             x = x[start - first * SAMPLE_RATE // rate:][:max(0, min(n, length - start))]  # exact: see `step`
