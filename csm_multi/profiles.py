@@ -459,7 +459,7 @@ class _CountingLRU(LRUCache):
 def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[str, str | None] | None = None,
                    notice: Callable[[str], None] | None = None) -> tuple[dict[str, str | None], list[str]]:
     """Script speakers -> profile names: an explicit `given` entry first (None = no reference voice;
-    a name is looked up by `find_profile`, ProfileError if unknown), else the profile of the same
+    a name is looked up by `find_profile`, ProfileError naming the speaker if unknown), else the profile of the same
     name (case-insensitive). Returns the mapping and the speakers that matched nothing. `notice`
     hears when a given name matched only by its folder name (default: logged)."""
     given = {speaker_key(str(k)): v for k, v in (given or {}).items()}
@@ -469,7 +469,10 @@ def resolve_voices(store: ProfileStore, speakers: Iterable[str], given: Mapping[
     for speaker in speakers:
         key = speaker_key(str(speaker))
         if key in given:
-            voices[speaker] = find_profile(store, str(given[key]), notice).name if given[key] else None
+            try:
+                voices[speaker] = find_profile(store, str(given[key]), notice).name if given[key] else None
+            except ProfileError as e:
+                raise ProfileError(f"the voice chosen for speaker {speaker!r}: {e}") from None
         elif key in known:
             voices[speaker] = known[key]
         else:

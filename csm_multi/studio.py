@@ -237,15 +237,11 @@ class Studio:
     def check_voices(self, key: str | None, voices: Mapping[str, str | None]) -> dict[str, str | None]:
         """Re-validate a speaker -> profile mapping that came from the browser: ProfileError naming
         the speaker whose profile is not in the library."""
-        store = self.library(key)
         given = {str(k): None if v in (None, "", NO_VOICE) else v for k, v in voices.items()}
-        for speaker, name in given.items():
-            if name is not None:
-                try:
-                    store.get(str(name))
-                except ProfileError as e:
-                    raise ProfileError(f"mapping: the voice chosen for speaker {speaker!r}: {e}") from None
-        return resolve_voices(store, given, given)[0]
+        try:
+            return resolve_voices(self.library(key), given, given)[0]
+        except ProfileError as e:  # the speaker is named by resolve_voices; the argument here
+            raise ProfileError(f"mapping: {e}") from None
 
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
