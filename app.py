@@ -17,23 +17,28 @@ import queue
 import secrets
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine
 from csm_multi.config import MAX_SEED
-from csm_multi.errors import ProfileError
-from csm_multi.loaders import ASR_MODEL, build_transcriber
+from csm_multi.errors import ProfileError, TranscriptionError
+from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
 from csm_multi.profiles import clean_name
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
+from csm_multi.script import speaker_key
 from csm_multi.settings import engine_flags, setting
 from csm_multi.studio import EXAMPLE_SCRIPT, LIBRARY_KEY, Studio, StudioLimits, new_library_key
+from csm_multi.takes import MAX_TAKES
 from csm_multi.tempdirs import release_torch_scratch, start_sweeper
+from csm_multi.views import TIMELINE_JS, context_bars_html, line_peaks, timeline_html
 
 log = logging.getLogger("csm_multi.app")
 NONE = "(none)"
 MAX_UPLOAD = "20mb"
+MAX_EDITOR_ROWS = 60  # lines the per-line editor shows (each is a dozen components); the rest are in the files
 
 
 def ensure_ffmpeg() -> str | None:
@@ -144,8 +149,8 @@ def argument_problem(block, value) -> str | None:
     elif isinstance(block, (gr.Radio, gr.Dropdown)):
         allowed = [v for _, v in block.choices]
         custom = isinstance(block, gr.Dropdown) and block.allow_custom_value
-        if not (value is None and isinstance(block, gr.Dropdown)) and not (
-                isinstance(value, str) and (custom or value in allowed)):
+        listed = any(value == v and type(value) is type(v) for v in allowed)  # 1 is not True, nor "1"
+        if not (value is None and isinstance(block, gr.Dropdown)) and not (isinstance(value, str) and custom or listed):
             rule = "a name (text)" if custom else "one of " + ", ".join(repr(v) for v in allowed)
     elif isinstance(block, gr.Textbox):
         rule = None if value is None or isinstance(value, str) else "text"
@@ -169,6 +174,17 @@ def _parameters(block_fn) -> list[str]:
     return names + [f"input {i + 1}" for i in range(len(names), len(block_fn.inputs))]
 
 
+def _defaults(block_fn) -> dict[int, object]:
+    """Input position -> the handler's default for it (`takes=1`: API callers may leave it out)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(block_fn.fn).parameters.values())[: len(block_fn.inputs)]
+    except (TypeError, ValueError):
+        return {}
+    return {i: p.default for i, p in enumerate(params) if p.default is not inspect.Parameter.empty}
+
+
 def _checked_blocks():
     """gr.Blocks whose events check their arguments first: a missing or wrong argument gets a
     message naming it and the allowed values, instead of Gradio's message-less error."""
@@ -177,6 +193,12 @@ def _checked_blocks():
     class CheckedBlocks(gr.Blocks):
         def validate_inputs(self, block_fn, inputs):
             names = [n for n, b in zip(_parameters(block_fn), block_fn.inputs) if not b.stateful]
+            defaults = _defaults(block_fn)
+            while len(inputs) < len(block_fn.inputs):  # trailing arguments with a default may be left out
+                block = block_fn.inputs[len(inputs)]
+                if not (block.stateful or len(inputs) in defaults):
+                    break
+                inputs.append(None if block.stateful else defaults[len(inputs)])
             if len(inputs) < len(block_fn.inputs):
                 given = len(inputs) - (len(block_fn.inputs) - len(names))
                 missing = names[max(given, 0):]
@@ -194,6 +216,12 @@ def _checked_blocks():
                     raise gr.Error(f"{shown}: {problem}", print_exception=False)
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
+        def __exit__(self, exc_type=None, *args):
+            super().__exit__(exc_type, *args)
+            for block_fn in self.fns.values():  # every event's handler, once the layout is complete
+                if exc_type is None and block_fn.fn is not None and not getattr(block_fn.fn, "answers_in_place", 0):
+                    block_fn.fn = _answered_in_place(block_fn.fn, block_fn.outputs)
+
         async def call_function(self, block_fn, *args, **kwargs):
             # A handler that fails in a way it did not foresee (a bug) still answers with a message,
             # not Gradio's empty error; the traceback goes to the log.
@@ -210,17 +238,71 @@ def _checked_blocks():
     return CheckedBlocks
 
 
-def for_the_caller(message: str) -> str:
-    """An error message as plain text for API callers, and HTML-escaped for the page, whose
-    notifications render HTML (the page's requests say `x-gradio-user: app`)."""
+class Refused(Exception):
+    """An action the handler will not do, with the message for the caller (see `_answered_in_place`)."""
+
+
+NOTE = "csm-note"  # elem_classes of an action's message text, where a refusal is also written
+
+
+def _from_page() -> bool:
+    """Whether the current request comes from the app's own page (it says `x-gradio-user: app`)."""
     try:
         from gradio.context import LocalContext
 
         request = LocalContext.request.get(None)
-    except ImportError:  # pragma: no cover - another Gradio layout: plain text is the safe side for API callers
+    except ImportError:  # pragma: no cover - another Gradio layout: treat as an API caller
         request = None
     headers = getattr(request, "headers", None) or {}
-    return html.escape(message, quote=False) if headers.get("x-gradio-user") == "app" else message
+    return headers.get("x-gradio-user") == "app"
+
+
+def _answered_in_place(fn, outputs):
+    """`fn` with its `Refused` answered without an error state on the page.
+
+    Gradio marks every output of a failed event with an "Error" overlay that stays and blocks those
+    components (the library table, a dropdown, a checkbox). So for the page a refusal is a warning
+    toast plus the message in the event's note (`NOTE`), and every other output is left as it was.
+    API callers still get an error (gradio_client raises it)."""
+    import functools
+    import inspect
+
+    import gradio as gr
+
+    outs = [] if outputs is None else list(outputs) if isinstance(outputs, (list, tuple, set)) else [outputs]
+
+    def refusal(e: Refused):
+        if not _from_page():
+            raise gr.Error(str(e), print_exception=False) from None
+        gr.Warning(str(e), title="Not done")
+        values = [f"⚠️ **Not done:** {e}" if NOTE in (getattr(o, "elem_classes", None) or []) else gr.skip()
+                  for o in outs]
+        return values[0] if len(values) == 1 else tuple(values)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Refused as e:
+                yield refusal(e)
+        generator.answers_in_place = True
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Refused as e:
+            return refusal(e)
+    function.answers_in_place = True
+    return function
+
+
+def for_the_caller(message: str) -> str:
+    """An error message as plain text for API callers, and HTML-escaped for the page, whose
+    notifications render HTML (the page's requests say `x-gradio-user: app`)."""
+    return html.escape(message, quote=False) if _from_page() else message
 
 
 def zero_gpu() -> bool:
@@ -239,6 +321,10 @@ def _gpu(fn):
     return spaces.GPU(duration=300)(fn)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def _seed(value) -> int | None:
     """Seeds from the page: a number >= 0, or -1 / empty for a random one."""
     if value in (None, ""):
@@ -253,10 +339,21 @@ def _chosen(name) -> str:
     return name
 
 
-def _render_config(temperature, topk, seed, max_line_s, pause_ms, mode) -> RenderConfig:
+def _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes=1) -> RenderConfig:
     """The Script tab's settings as a RenderConfig (ValueError for impossible values)."""
     return RenderConfig(pause_ms=int(pause_ms), temperature=float(temperature), topk=int(topk), seed=_seed(seed),
-                        max_line_ms=float(max_line_s) * 1000, mode=mode)
+                        max_line_ms=float(max_line_s) * 1000, mode=mode, takes=int(takes))
+
+
+def _take_label(clip) -> str:
+    """A take in words: its number, seed and, when scored, what the ranking saw."""
+    text = f"take {clip.take + 1} · seed {clip.seed}"
+    score = clip.score
+    if score is not None:
+        heard = "words not checked" if score.wer is None else f"word errors {score.wer:.0%}"
+        ending = "cut off" if score.cut_off else "silent" if score.silent else f"tail {score.tail_s:.1f} s"
+        text += f" · {heard} · {ending}"
+    return text
 
 
 def status_markdown(info: dict) -> str:
@@ -279,6 +376,16 @@ def status_markdown(info: dict) -> str:
     return "  \n".join(lines)
 
 
+PAGE_CSS = """
+.csm-title h1 { margin-bottom: 0.2em; }
+.csm-title h1 small { font-size: 0.55em; font-weight: 500; opacity: 0.75; }
+@media (max-width: 640px) {  /* a phone: the title on one line, all five tabs in view (no "..." menu) */
+  .csm-title h1 { font-size: 1.4rem; }
+  .tab-wrapper button { padding-left: 7px !important; padding-right: 7px !important; font-size: 0.92rem; }
+}
+"""
+
+
 def header_markdown(info: dict) -> str:
     """The page header: one line (model, device, and the offline warning); the rest is on the Status tab."""
     line = f"**{html.escape(str(info['model']))}** · {info['device']} ({info['dtype']})"
@@ -293,16 +400,20 @@ def build_demo(studio: Studio):
     ensure_ffmpeg()
 
     def fail(e: Exception):
-        raise gr.Error(for_the_caller(str(e)), print_exception=False) from None
+        raise Refused(for_the_caller(str(e))) from None
 
     def cell(value) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
 
-    def mapping_dict(table) -> dict[str, str | None]:
-        """The speaker -> profile table (Gradio hands it over as a pandas DataFrame); rows without a
-        speaker are skipped, an empty profile cell or (none) is "no reference voice"."""
+    def mapping_cells(table) -> dict[str, str]:
+        """The speaker -> profile table as given (Gradio hands it over as a pandas DataFrame): speaker
+        -> its cell, "" for "no voice chosen yet", NONE for "no reference voice" chosen on purpose."""
         rows = [] if table is None else table.values.tolist()
-        return {cell(r[0]): (None if cell(r[1]) in ("", NONE) else cell(r[1])) for r in rows if len(r) >= 2 and cell(r[0])}
+        return {cell(r[0]): cell(r[1]) for r in rows if len(r) >= 2 and cell(r[0])}
+
+    def mapping_dict(table) -> dict[str, str | None]:
+        """The table as a voice mapping: an empty cell or (none) is "no reference voice"."""
+        return {spk: None if c in ("", NONE) else c for spk, c in mapping_cells(table).items()}
 
     # ---- voices ---------------------------------------------------------------------------
     first = object()  # library_view's default selection: the first profile
@@ -318,6 +429,9 @@ def build_demo(studio: Studio):
             if not audio_path:
                 raise CsmError("upload or record a reference clip first")
             profile, transcribed = studio.add_profile(key, name or "", Path(audio_path), transcript)
+        except TranscriptionError as e:  # what the operator can change goes to the log, not the page
+            log.warning("automatic transcript failed: %s (%s)", e, e.operator_hint or "no hint")
+            fail(e)
         except (CsmError, ValueError) as e:
             fail(e)
         rows, dropdown = library_view(key, profile.name)
@@ -412,28 +526,84 @@ def build_demo(studio: Studio):
 
     # ---- script ---------------------------------------------------------------------------
     def fill_mapping(key, script, table=None, renamed=None):
-        """One row per script speaker: the profile already chosen in the table if it still exists
-        (so edits to the script, the library, or an opened project keep the map; `renamed` old -> new
-        name follows a rename), else the same-name profile."""
+        """One row per script speaker: the profile already chosen in the table if it still exists, or
+        (none) if that was chosen (so edits to the script, the library, or an opened project keep the
+        map; `renamed` old -> new name follows a rename), else the same-name profile, else "" (no voice
+        chosen yet: Render asks first)."""
         try:
             voices = studio.default_voices(key, script)
             names = set(studio.profile_names(key))
         except CsmError:
             return gr.skip()
-        chosen = {spk: (renamed or {}).get(prof, prof) for spk, prof in mapping_dict(table).items()}
-        for spk in voices:
-            if chosen.get(spk) in names:
-                voices[spk] = chosen[spk]
-        return [[spk, prof or NONE] for spk, prof in voices.items()]
+        chosen = {speaker_key(spk): (renamed or {}).get(c, c) for spk, c in mapping_cells(table).items()}
+        rows = []
+        for spk, default in voices.items():
+            c = chosen.get(speaker_key(spk), "")
+            rows.append([spk, c if c == NONE or c in names else default or ""])
+        return rows
 
-    def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                      progress=gr.Progress()):
+    def speaker_map(table, voices_table):
+        """The Script tab's speaker map: a voice dropdown per script speaker, choices from the library."""
+        rows = mapping_cells(table)
+        names = [cell(r[0]) for r in ([] if voices_table is None else voices_table.values.tolist()) if r and cell(r[0])]
+        if not rows:
+            gr.Markdown("_The speakers of the script appear here, each with a voice to choose._")
+            return
+        choices = [("— choose a voice —", ""), (f"{NONE} no reference voice", NONE), *((n, n) for n in names)]
+        for spk, value in rows.items():
+            box = gr.Dropdown(choices=choices, value=value if value == NONE or value in names else "",
+                              label=f"Voice for {spk}", interactive=True, min_width=160)
+            box.input(partial(set_voice, spk), [mapping, box], [mapping], api_name=False, queue=False,
+                      show_progress="hidden")
+
+    def set_voice(speaker, table, value):
+        return [[spk, value if spk == speaker else c] for spk, c in mapping_cells(table).items()]
+
+    def without_voice(voices, table) -> list[str]:
+        """The speakers that would be rendered without a reference voice although nobody chose (none)."""
+        cells = {speaker_key(spk): c for spk, c in mapping_cells(table).items()}
+        return [spk for spk, v in voices.items() if v is None and cells.get(speaker_key(spk)) != NONE]
+
+    def stage_text(item, started: float, lines_done: list[float]) -> str:
+        """A progress line: line, speaker, stage, and the time left from the lines finished so far."""
+        import time as _time
+
+        stage = getattr(item, "stage", "generating")
+        what = f"frame {item.frame}" if stage == "generating" else stage
+        text = f"line {item.line + 1}/{item.lines} · {item.speaker} · {what}"
+        elapsed = _time.monotonic() - started
+        if lines_done:  # seconds per line so far, times the lines left (the current one half done)
+            per_line = lines_done[-1] / len(lines_done)
+            left = max(per_line * (item.lines - item.line) - (elapsed - lines_done[-1]), 1.0)
+            text += f" · about {_duration(left)} left"
+        return text
+
+    def busy():
+        return gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(visible=False)
+
+    def idle():
+        return gr.Button(interactive=True), gr.Button(interactive=True)
+
+    def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes=1,
+                      asked=None, progress=gr.Progress()):
+        """`asked` (page state, hidden from the API): False on the Render button, True on "Render anyway"."""
+        import time as _time
+
         try:
-            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
+            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
             studio.parse(script)  # script problems first, with line numbers
             voices = studio.check_voices(key, studio.voices_for(key, script, mapping_dict(mapping)))
         except (CsmError, ValueError) as e:
             fail(e)
+        silent = without_voice(voices, mapping)
+        if silent and asked is False and _from_page():
+            who = ", ".join(silent)
+            question = (f"**{html.escape(who)}** {'has' if len(silent) == 1 else 'have'} no voice yet. Choose one "
+                        f"under *Voice for {html.escape(silent[0])}* (or {NONE} for no reference voice), or render "
+                        "anyway without one.")
+            anyway = gr.Button(value=f"Render {who} without a reference voice", visible=True)
+            yield gr.skip(), question, *[gr.skip()] * 6, anyway, *[gr.skip()] * 3
+            return
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
@@ -446,40 +616,60 @@ def build_demo(studio: Studio):
                 events.put(("error", e))
 
         threading.Thread(target=work, daemon=True).start()
-        pause = np.zeros(int(24_000 * config.pause_ms / 1000), dtype=np.int16)
-        first = True
+        started, lines_done = _time.monotonic(), []
         try:
             while True:
                 item = events.get()
                 if not isinstance(item, tuple):  # a Progress event
-                    progress(item.fraction, desc=f"line {item.line + 1}/{item.lines} · {item.speaker} · frame {item.frame}")
+                    progress(item.fraction, desc=stage_text(item, started, lines_done))
                     continue
                 kind, payload = item
                 if kind == "clip":
-                    chunk = _int16(payload.audio) if first else np.concatenate([pause, _int16(payload.audio)])
-                    first = False
-                    note = f"Rendered line {payload.line.number} ({html.escape(payload.line.speaker)})…"
-                    yield (24_000, chunk), note, *[gr.skip()] * 6
+                    lines_done.append(_time.monotonic() - started)
+                    pause = np.zeros(24_000 * config.pause_before_ms(payload.line, payload.index) // 1000, np.int16)
+                    chunk = np.concatenate([pause, _int16(payload.audio)])
+                    note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
+                    yield (24_000, chunk), note, *[gr.skip()] * 10
                 elif kind == "error":
                     fail(payload)
                 else:
+                    progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
                     try:
-                        finished = _finished(payload)
+                        note, *shown = _finished(payload, key, (script, voices, config))
                     except CsmError as e:  # e.g. the disk is full
                         fail(e)
-                    yield (*finished, voices)
+                    yield (gr.skip(), note, *shown[:5], voices, gr.skip(), *shown[5:])
                     return
         finally:
             stop.set()  # cancelled or closed: the worker stops at its next frame
 
-    def _finished(result: RenderResult):
-        paths = studio.write_outputs(result)
-        files = [str(p) for p in paths.values()]
+    def _finished(result: RenderResult, key=None, draft=None, title: str | None = None):
+        """What the page shows of a rendering: (note, dialogue, files, manifest rows, context rows,
+        result, zip, timeline, context bars). `draft` (script, voices, config) makes it this library's
+        last rendering, which a reloaded page can reopen."""
+        paths = studio.write_outputs(result, title)
+        bundle = str(paths.pop("zip"))
+        files = [str(p) for p in paths.values()]  # the dialogue first
         rows = [[m["line"], m["speaker"], m["profile"] or NONE, m["text"], m["start_s"], m["duration_s"], m["seed"]]
                 for m in result.manifest()]
         note = (f"Done: {len(result.clips)} lines, {result.audio.numel() / 24_000:.1f} s"
                 f"{'' if all(c.watermarked for c in result.clips) else ' (NOT watermarked)'}.")
-        return gr.skip(), note, (24_000, _int16(result.audio)), files, rows, studio.context_rows(result), result
+        if draft is not None:
+            studio.remember(key, *draft, result)
+            studio.remember_audio(key, paths["dialogue"])
+        timeline, bars = pictures(result, paths["dialogue"])
+        return (note, (24_000, _int16(result.audio)), files, rows, studio.context_rows(result), result, bundle,
+                timeline, bars)
+
+    def pictures(result: RenderResult, dialogue_path) -> tuple[str, str]:
+        """The timeline (click a line to play from there) and the context bars of a rendering."""
+        from urllib.parse import quote
+
+        manifest = result.manifest()
+        peaks = [line_peaks(c.audio.numpy(), 120) for c in result.clips]
+        url = "gradio_api/file=" + quote(str(dialogue_path))  # relative: works under a path prefix too
+        return (timeline_html(manifest, peaks, url, result.audio.numel() / result.sample_rate),
+                context_bars_html(manifest, window=studio.engine.config.max_seq_len))
 
     def regenerate_line(key, result, voices, line_number, seed):
         if result is None:
@@ -487,10 +677,131 @@ def build_demo(studio: Studio):
         try:
             line = None if line_number is None else int(line_number)
             new = studio.rerender(key, result, line, voices or {}, _seed(seed))
-            _, note, dialogue, files, rows, context, new = _finished(new)
+            return _finished(new, key, studio_draft(key, new))
         except (CsmError, ValueError) as e:
             fail(e)
-        return note, dialogue, files, rows, context, new
+
+    # ---- the per-line editor: each rendered line's takes, text and pause -----------------------
+    def line_editor(result, voices):
+        """One row per rendered line (numbered 1..N as in the manifest's order): what was said, by whom,
+        how long, its takes to switch between, a new take, its text to edit and re-render, its pause."""
+        if result is None:
+            gr.Markdown("_After a render each line appears here, to play, re-take, edit or re-time._")
+            return
+        if result.stale:
+            rows = ", ".join(str(i + 1) for i in result.stale)
+            gr.Markdown(f"⚠️ Line{'s' * (len(result.stale) > 1)} {rows} heard an earlier version of a line "
+                        "that changed (conversational mode: each line is conditioned on the lines before it).")
+            gr.Button(f"Re-render line{'s' * (len(result.stale) > 1)} {rows}", size="sm").click(
+                editor_actions["rerender_stale"], [key, last_result, last_voices], shown,
+                api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+        shown_rows = result.clips[:MAX_EDITOR_ROWS]
+        for i, clip in enumerate(shown_rows):
+            takes = result.candidates(i)
+            with gr.Group():
+                with gr.Row(equal_height=True):
+                    gr.Markdown(f"**{i + 1}** · {html.escape(clip.line.speaker)} → {html.escape(clip.profile or NONE)}"
+                                f" · {clip.duration_s:.1f} s · {_take_label(clip)}", elem_classes=["csm-line-head"])
+                    gr.Audio(value=(24_000, _int16(clip.audio)), type="numpy", show_label=False, interactive=False,
+                             label=f"Line {i + 1}", scale=2, buttons=[])
+                with gr.Row(equal_height=True):
+                    text = gr.Textbox(value=clip.line.text, label=f"Text of line {i + 1}", scale=4, max_lines=4,
+                                      interactive=True)
+                    pause = gr.Number(value=result.pause_before_ms(i) / 1000, label="Pause before (s)", minimum=0,
+                                      maximum=10, step=0.1, min_width=90, scale=1, interactive=True)
+                with gr.Row():
+                    row = gr.State(i)
+                    gr.Button("Re-render with this text", size="sm").click(
+                        editor_actions["edit_line"], [key, last_result, last_voices, row, text],
+                        shown, api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+                    gr.Button("New take", size="sm").click(
+                        editor_actions["new_take"], [key, last_result, last_voices, row], shown,
+                        api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+                    pause.submit(editor_actions["set_pause"], [key, last_result, row, pause], shown,
+                                 api_name=False, show_progress="hidden")
+                if len(takes) > 1:
+                    pick = gr.Radio([(_take_label(c), c.take + 1) for c in takes], value=clip.take + 1,
+                                    label=f"Takes of line {i + 1} (the best was chosen; switch to keep another)",
+                                    interactive=True)
+                    pick.input(editor_actions["choose_take"], [key, last_result, row, pick], shown,
+                               api_name=False, show_progress="hidden")
+        if len(result.clips) > MAX_EDITOR_ROWS:
+            gr.Markdown(f"_Lines {MAX_EDITOR_ROWS + 1}–{len(result.clips)} are in the manifest and the files; the "
+                        "editor shows the first {MAX_EDITOR_ROWS}._")
+
+    def _row(row) -> int:
+        """A 0-based clip index from the page (already 0-based) or the API (1..N, as `row`)."""
+        return int(row)
+
+    def one_line(progress):
+        """Progress events of a one-line action as Gradio progress: the line, its stage, its frames."""
+        def report(item):
+            stage = getattr(item, "stage", "generating")
+            progress(min(item.frame / max(item.max_frames, 1), 1.0),
+                     desc=f"line {item.line + 1} · {item.speaker} · {f'frame {item.frame}' if stage == 'generating' else stage}")
+        return report
+
+    def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        try:
+            new = studio.edit_line(key, result, _row(row), text, voices, progress=one_line(progress))
+            return _shown(key, new, f"Line {_row(row) + 1} re-rendered with the new text")
+        except (CsmError, ValueError) as e:
+            fail(e)
+
+    def new_take(key, result, voices, row, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        try:
+            new = studio.new_takes(key, result, _row(row), voices, 1, progress=one_line(progress))
+            return _shown(key, new, f"New take of line {_row(row) + 1}")
+        except (CsmError, ValueError) as e:
+            fail(e)
+
+    def rerender_stale(key, result, voices, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        try:
+            stale = ", ".join(str(i + 1) for i in (result.stale if result else ()))
+            new = studio.rerender_stale(key, result, voices, progress=one_line(progress))
+            return _shown(key, new, f"Re-rendered line(s) {stale}")
+        except (CsmError, ValueError) as e:
+            fail(e)
+
+    def choose_take(key, result, row, take):
+        try:
+            if take is None:
+                raise CsmError("take: give the number of the take to keep (1 = the first)")
+            take = int(take) - 1
+            return _shown(key, studio.choose_take(result, _row(row), take), f"Line {_row(row) + 1}: take {take + 1} kept")
+        except (CsmError, ValueError, TypeError) as e:
+            fail(e)
+
+    def set_pause(key, result, row, seconds):
+        try:
+            return _shown(key, studio.set_pause(result, _row(row), seconds), f"Pause before line {_row(row) + 1} set")
+        except (CsmError, ValueError) as e:
+            fail(e)
+
+    def _shown(key, result, what: str):
+        note, *rest = _finished(result, key, studio_draft(key, result))
+        return (f"{what}. {note}", *rest)
+
+    # API versions of the editor's actions: `line` is 1..N, the line's place in the manifest
+    def api_new_take(key, result, voices, line):
+        return new_take(key, result, voices, _api_row(line))
+
+    def api_edit_line(key, result, voices, line, text):
+        return edit_line(key, result, voices, _api_row(line), text)
+
+    def api_choose_take(key, result, line, take):
+        return choose_take(key, result, _api_row(line), take)
+
+    def api_set_pause(key, result, line, pause_s):
+        return set_pause(key, result, _api_row(line), pause_s)
+
+    def _api_row(line) -> int:
+        return -1 if line is None else int(line) - 1
+
+    def studio_draft(key, result):
+        """The script, voices and settings of this library's last rendering (None if there is none)."""
+        last = studio.last_rendering(key)
+        return None if last is None else last[:3]
 
     # ---- projects -------------------------------------------------------------------------
     def save_project(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, result):
@@ -507,14 +818,32 @@ def build_demo(studio: Studio):
             if not path:
                 raise CsmError("Open project: choose a .csmproj file to open")
             project = studio.open_project(key, path)
-            rendered = _finished(project.result)[1:] if project.result else ("No rendering saved.", None, None, [], [], None)
+            title = Path(path).stem
+            rendered = (_finished(project.result, key, (project.script, project.voices, project.config), title)
+                        if project.result else ("No rendering saved.", None, None, [], [], None, None, "", ""))
         except CsmError as e:
             fail(e)
         c = project.config
         note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
         mapping_rows = [[spk, prof or NONE] for spk, prof in project.voices.items()]
         return (project.script, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
-                c.max_line_ms / 1000, c.pause_ms, c.mode, note, *rendered[1:], project.voices, *library_view(key))
+                c.max_line_ms / 1000, c.pause_ms, c.mode, note, *rendered[1:6], project.voices, *library_view(key),
+                *rendered[6:])
+
+    def reopen_last(key):
+        """This library's last rendering (kept in the server's memory), back on the Script tab."""
+        try:
+            last = studio.last_rendering(key)
+            if last is None:
+                raise CsmError("there is no rendering of this library since the server started: render the script")
+            script_text, voices, c, result = last
+            rendered = _finished(result)
+        except CsmError as e:
+            fail(e)
+        mapping_rows = [[spk, prof or NONE] for spk, prof in voices.items()]
+        return (script_text, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
+                c.max_line_ms / 1000, c.pause_ms, c.mode, f"Reopened the last rendering: {rendered[0]}",
+                *rendered[1:6], voices, *rendered[6:])
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
@@ -546,6 +875,7 @@ def build_demo(studio: Studio):
 
         try:
             path = studio.write_clip(torch.cat(chunks), "say")
+            studio.remember_audio(key, path)
         except CsmError as e:
             fail(e)
         mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
@@ -572,17 +902,51 @@ def build_demo(studio: Studio):
                     "it cannot tell those apart." + caveat)
         return "❌ No: no watermark from this deployment was found (short or heavily edited audio can lose it)." + caveat
 
+    def check_last(key):
+        """The watermark check on this library's last dialogue (Script) or utterance (Quick)."""
+        try:
+            path = studio.last_audio(key)
+        except CsmError as e:
+            fail(e)
+        if path is None:
+            fail(CsmError("nothing was rendered with this voice library in the last hour: render a script or use "
+                          "Quick first (or upload the file above)"))
+        return f"Checked the last render ({html.escape(path.name)}).  \n" + check_watermark(str(path))
+
     def status(key):
         return status_markdown(studio.status(key))
+
+    # ---- drafts: the Script tab kept in the browser, per library ------------------------------
+    def save_draft(key, drafts, *values):
+        """The Script tab's script, map and settings into the browser's drafts (the 3 newest libraries)."""
+        if not isinstance(key, str) or not LIBRARY_KEY.fullmatch(key):
+            return gr.skip()
+        values = [v.values.tolist() if hasattr(v, "values") and hasattr(v, "columns") else v for v in values]
+        kept = {k: v for k, v in (drafts if isinstance(drafts, dict) else {}).items() if k != key}
+        return {**dict(list(kept.items())[-2:]), key: values}
+
+    def restore_draft(key, drafts):
+        """The draft this browser kept for this library; each value checked as if typed (else left)."""
+        draft = drafts.get(key) if isinstance(drafts, dict) and isinstance(key, str) else None
+        if not isinstance(draft, list) or len(draft) != len(draft_inputs):
+            return [gr.skip()] * len(draft_inputs)
+        out = []
+        for block, value in zip(draft_inputs, draft):
+            if block is mapping:
+                value = {"headers": ["speaker", "profile"], "data": value}
+            out.append(gr.skip() if argument_problem(block, value) else value["data"] if block is mapping else value)
+        return out
 
     def init_key(saved):
         key = saved if isinstance(saved, str) and LIBRARY_KEY.fullmatch(saved) else new_library_key()
         return key, key
 
     with _checked_blocks()(title="csm-multi", delete_cache=(1800, 3600)) as demo:
-        saved_key = gr.BrowserState(None, storage_key="csm-multi-library")
+        secret = studio.browser_secret()
+        saved_key = gr.BrowserState(None, storage_key="csm-multi-library", secret=secret)
+        drafts = gr.BrowserState({}, storage_key="csm-multi-drafts", secret=secret)
         key = gr.Textbox(visible=False, label="library_key")
-        gr.Markdown("# csm-multi — multi-speaker dialogue with CSM-1B")
+        gr.Markdown("# csm-multi <small>multi-speaker dialogue with CSM-1B</small>", elem_classes=["csm-title"])
         gr.Markdown(header_markdown(studio.status(None)))
 
         with gr.Tab("Voices"):
@@ -591,11 +955,12 @@ def build_demo(studio: Studio):
                     ref_audio = gr.Audio(label="Reference clip (1-30 s of one voice)", sources=["upload", "microphone"],
                                          type="filepath")
                     ref_text = gr.Textbox(label="Transcript (exactly what the clip says)",
-                                          placeholder="leave empty to transcribe automatically" if studio.transcriber
-                                          else "type what the clip says, word for word")
+                                          placeholder="leave empty to have it transcribed automatically"
+                                          if studio.transcriber else "type what the clip says, word for word "
+                                          "(automatic transcripts are not available on this server)")
                     ref_name = gr.Textbox(label="Profile name", placeholder="Alice")
                     save_btn = gr.Button("Save voice profile", variant="primary")
-                    voice_msg = gr.Markdown()
+                    voice_msg = gr.Markdown(elem_classes=[NOTE])
                 with gr.Column():
                     library = gr.Dataframe(headers=["name", "seconds", "transcript", "created"], label="Your voices",
                                            interactive=False)
@@ -623,8 +988,14 @@ def build_demo(studio: Studio):
             with gr.Row():
                 with gr.Column(scale=3):
                     script = gr.Textbox(label="Script", value=EXAMPLE_SCRIPT, lines=12, max_lines=40)
-                    mapping = gr.Dataframe(headers=["speaker", "profile"], label=f"Speaker → voice profile ({NONE} = no reference)",
-                                           datatype=["str", "str"], interactive=True, column_count=(2, "fixed"))
+                    gr.Markdown("<small>One line per utterance: `Name: text` (or `[Name] text`); `#` starts a "
+                                "comment; `[pause 1.5s]` on its own line or inside a line adds a pause.</small>")
+                    # the speaker map's value: what the API takes; the page shows one dropdown per speaker
+                    mapping = gr.Dataframe(headers=["speaker", "profile"], label="speaker map",
+                                           datatype=["str", "str"], interactive=True, column_count=(2, "fixed"),
+                                           visible="hidden")
+                    gr.Markdown("**Speaker → voice**", elem_classes=["csm-label"])
+                    gr.render(inputs=[mapping, library], concurrency_limit=None, show_progress="hidden")(speaker_map)
                 with gr.Column(scale=2):
                     temperature = gr.Slider(*studio.limits.temperature, value=0.9, step=0.05, label="Temperature")
                     topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
@@ -635,28 +1006,51 @@ def build_demo(studio: Studio):
                                          label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",
                                     info="fast: lines conditioned on voices only, rendered in batches")
+                    takes = gr.Slider(1, MAX_TAKES, value=1, step=1, precision=0, label="Takes per line",
+                                      info="candidates made together per line; the best is kept, the others stay "
+                                           "to switch to" + (" (ranked by a speech recogniser and clean endings)"
+                                                             if studio.transcriber else " (ranked by clean endings)"))
                     with gr.Row():
                         render_btn = gr.Button("Render", variant="primary")
                         cancel_btn = gr.Button("Cancel", variant="stop")
-            render_msg = gr.Markdown()
+                    render_anyway = gr.Button("Render anyway", visible=False, size="sm")
+                    render_msg = gr.Markdown(elem_classes=[NOTE])
             live = gr.Audio(label="Playing while rendering", streaming=True, autoplay=True, interactive=False)
             dialogue = gr.Audio(label="Dialogue", type="numpy", interactive=False)
-            files = gr.File(label="Clips and manifest", file_count="multiple")
-            manifest = gr.Dataframe(headers=["line", "speaker", "profile", "text", "start s", "seconds", "seed"],
-                                    label="Manifest", interactive=False)
-            context_view = gr.Dataframe(headers=["line", "speaker", "context positions", "kept", "dropped"],
-                                        label="Context budget (what each line heard, of the 2048-position window)",
-                                        interactive=False)
             with gr.Row():
-                regen_line = gr.Number(label="Script line to regenerate", precision=0, maximum=MAX_LINES)
-                regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                regen_btn = gr.Button("Regenerate line")
+                bundle = gr.File(label="Download all (.zip): dialogue, stems, clips, manifest, subtitles", scale=3)
+                reopen_btn = gr.Button("Reopen the last rendering", size="sm", scale=1)
+            timeline = gr.HTML("", js_on_load=TIMELINE_JS, apply_default_css=False, elem_id="timeline")
+            last_result = gr.State(None)
+            last_voices = gr.State(None)
+            gr.Markdown("**Lines** — play, take again, edit the text or the pause of any line", elem_classes=["csm-label"])
+            gr.render(inputs=[last_result, last_voices], triggers=[last_result.change], concurrency_limit=None,
+                      show_progress="hidden")(line_editor)
+            context_bars = gr.HTML("", js_on_load=None, apply_default_css=False, max_height=480, elem_id="context-bars")
+            with gr.Accordion("All files and tables", open=False):
+                files = gr.File(label="Clips and manifest", file_count="multiple")
+                manifest = gr.Dataframe(headers=["line", "speaker", "profile", "text", "start s", "seconds", "seed"],
+                                        label="Manifest", interactive=False)
+                context_view = gr.Dataframe(headers=["line", "speaker", "context positions", "kept", "dropped"],
+                                            label="Context budget (what each line heard, of the 2048-position window)",
+                                            interactive=False)
+            # the API's regenerate_line; the page uses each line's own buttons
+            regen_line = gr.Number(label="Script line to regenerate", precision=0, maximum=MAX_LINES, visible="hidden")
+            regen_seed = gr.Number(label="New seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
+                                   visible="hidden")
+            regen_btn = gr.Button("Regenerate line", visible="hidden")
+            # the API's per-line actions (the page has buttons on each line): line = 1..N, as in the manifest
+            api_row = gr.Number(label="line", precision=0, minimum=1, maximum=MAX_LINES, visible="hidden")
+            api_text = gr.Textbox(label="text", visible="hidden")
+            api_take = gr.Number(label="take", precision=0, minimum=1, maximum=16, visible="hidden")
+            api_pause = gr.Number(label="pause_s", minimum=0, maximum=10, visible="hidden")
+            api_buttons = {name: gr.Button(name, visible="hidden")
+                           for name in ("new_take", "edit_line", "choose_take", "set_pause", "rerender_stale")}
             with gr.Row():
                 project_btn = gr.Button("Save project")
                 project_file = gr.File(label="Project (.csmproj): script, voices, settings, rendering")
                 open_file = gr.File(label="Open project (.csmproj)", file_types=[".csmproj"], type="filepath")
-            last_result = gr.State(None)
-            last_voices = gr.State(None)
+            ask, dont_ask = gr.State(False), gr.State(True)  # render_script's `asked`
         transcript_for = gr.State(None)  # the profile whose transcript the box holds (None: not loaded)
         renamed = gr.State(None)  # the last rename, old -> new name, for the speaker map to follow
 
@@ -671,12 +1065,14 @@ def build_demo(studio: Studio):
             q_btn = gr.Button("Speak", variant="primary")
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
             q_file = gr.File(label="Download")
-            q_msg = gr.Markdown()
+            q_msg = gr.Markdown(elem_classes=[NOTE])
 
-        with gr.Tab("Watermark check"):
+        with gr.Tab("Watermark"):
             wm_file = gr.File(label="Audio to check (WAV, FLAC, OGG, MP3)", type="filepath")
-            wm_btn = gr.Button("Check")
-            wm_msg = gr.Markdown()
+            with gr.Row():
+                wm_btn = gr.Button("Check")
+                wm_last_btn = gr.Button("Check the last render (Script or Quick)")
+            wm_msg = gr.Markdown(elem_classes=[NOTE])
 
         with gr.Tab("Status"):
             status_md = gr.Markdown()
@@ -699,7 +1095,9 @@ def build_demo(studio: Studio):
             inputs = [key, script, mapping, renamed] if follow_rename else [key, script, mapping]
             return event.then(follow_library, inputs, [mapping, renamed], api_name=False)
 
+        draft_inputs = [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes]
         demo.load(init_key, [saved_key], [key, saved_key], api_name=False).then(  # page set-up: not API endpoints
+            restore_draft, [key, drafts], draft_inputs, api_name=False, queue=False).then(
             list_profiles, [key], [library, chosen], api_name=False).then(
             profile_choices, [key], [q_profile], api_name=False).then(
             fill_mapping, [key, script], [mapping], api_name=False).then(status, [key], [status_md], api_name=False)
@@ -724,25 +1122,53 @@ def build_demo(studio: Studio):
         refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
         script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
-        render_event = render_btn.click(
-            _gpu(render_script), [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode],
-            [live, render_msg, dialogue, files, manifest, context_view, last_result, last_voices],
-            api_name="render_script",
-            concurrency_id="gpu")
-        cancel_btn.click(lambda: "Cancelled.", None, [render_msg], cancels=[render_event], api_name=False)
+        for block in draft_inputs:
+            block.change(save_draft, [key, drafts, *draft_inputs], [drafts], api_name=False, queue=False,
+                         show_progress="hidden")
+        # Render and Regenerate are off while a render runs (Cancel stays); a refusal turns them back on too
+        render_inputs = [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes]
+        shown = [render_msg, dialogue, files, manifest, context_view, last_result, bundle, timeline, context_bars]
+        render_outputs = [live, *shown[:6], last_voices, render_anyway, *shown[6:]]
+        # the per-line editor's handlers, wrapped once here (ZeroGPU registers its GPU functions at start-up),
+        # since events made inside gr.render at run time are not wrapped by CheckedBlocks
+        editor_actions = {name: _answered_in_place(_gpu(fn) if gpu else fn, shown) for name, fn, gpu in (
+            ("rerender_stale", rerender_stale, True), ("edit_line", edit_line, True), ("new_take", new_take, True),
+            ("set_pause", set_pause, False), ("choose_take", choose_take, False))}
+        render_event = render_btn.click(busy, None, [render_btn, regen_btn, render_anyway], api_name=False,
+                                        queue=False).then(
+            _gpu(render_script), [*render_inputs, ask], render_outputs, api_name="render_script",
+            concurrency_id="gpu", show_progress_on=[render_msg])
+        render_event.then(idle, None, [render_btn, regen_btn], api_name=False, queue=False)
+        anyway_event = render_anyway.click(busy, None, [render_btn, regen_btn, render_anyway], api_name=False,
+                                           queue=False).then(
+            _gpu(render_script), [*render_inputs, dont_ask], render_outputs, api_name=False,
+            concurrency_id="gpu", show_progress_on=[render_msg])
+        anyway_event.then(idle, None, [render_btn, regen_btn], api_name=False, queue=False)
+        cancel_btn.click(lambda: ("Cancelled.", *idle()), None, [render_msg, render_btn, regen_btn],
+                         cancels=[render_event, anyway_event], api_name=False, queue=False)
         regen_btn.click(_gpu(regenerate_line), [key, last_result, last_voices, regen_line, regen_seed],
-                        [render_msg, dialogue, files, manifest, context_view, last_result], api_name="regenerate_line",
-                        concurrency_id="gpu")
+                        shown, api_name="regenerate_line",
+                        concurrency_id="gpu", show_progress_on=[render_msg])
+        for name, fn, inputs in (("new_take", api_new_take, [key, last_result, last_voices, api_row]),
+                                 ("edit_line", api_edit_line, [key, last_result, last_voices, api_row, api_text]),
+                                 ("choose_take", api_choose_take, [key, last_result, api_row, api_take]),
+                                 ("set_pause", api_set_pause, [key, last_result, api_row, api_pause]),
+                                 ("rerender_stale", rerender_stale, [key, last_result, last_voices])):
+            api_buttons[name].click(_gpu(fn), inputs, shown, api_name=name, concurrency_id="gpu")
         project_btn.click(save_project, [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
                                          last_result], [project_file], api_name="save_project")
         open_event = open_file.upload(
             open_project, [key, open_file],
             [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
-             files, manifest, context_view, last_result, last_voices, library, chosen], api_name="open_project")
+             files, manifest, context_view, last_result, last_voices, library, chosen, *shown[6:]],
+            api_name="open_project")
+        reopen_btn.click(reopen_last, [key], [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
+                                              *shown[:6], last_voices, *shown[6:]], api_name="reopen_last")
         library_changed(open_event)
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
+        wm_last_btn.click(check_last, [key], [wm_msg], api_name="check_last_render")
         status_btn.click(status, [key], [status_md], api_name="status")
     return demo
 
@@ -799,6 +1225,10 @@ def serve(argv: list[str]) -> None:
     # On ZeroGPU the GPU exists only inside spaces.GPU calls, and saving a voice is not one: ASR on CPU.
     asr_device = "cpu" if zero_gpu() else engine.device
     transcriber = build_transcriber(args.asr_model, device=asr_device)  # loads on first use
+    why = transcriber and whisper_unavailable(args.asr_model)
+    if why:  # the page says at once that transcripts must be typed; the fix is the operator's
+        log.warning("automatic transcripts are off: %s; %s", why, ASR_HINT)
+        transcriber = None
     studio = Studio(engine, args.profiles_dir, shared_library=args.shared_library,
                     limits=StudioLimits(libraries_in_memory=args.libraries_in_memory,
                                         voices_per_library=args.max_voices_per_library,
@@ -807,7 +1237,7 @@ def serve(argv: list[str]) -> None:
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=16)
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"),
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
                 allowed_paths=[str(studio.outputs_root)])
 

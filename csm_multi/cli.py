@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         clean_temp_dir()
         return args.func(args)
     except (CsmError, ValueError) as e:
-        return _fail(str(e), e)
+        hint = getattr(e, "operator_hint", "")
+        return _fail(f"{e} ({hint})" if hint else str(e), e)
     except OSError as e:  # a file or folder the command was pointed at (checked up front where possible)
         where = f" ({e.filename})" if e.filename else ""
         return _fail(f"{e.strerror or e}{where}", e)

@@ -20,6 +20,10 @@ from .frames import Segment, audio_frames, concat_frames, format_text, text_fram
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
 
+# What a call is doing, for progress displays (`on_stage`): frames first, then these two
+GENERATING, DECODING, WATERMARKING = "generating", "decoding", "watermarking"
+StageCallback = Callable[[str], None]
+
 
 @dataclass
 class Utterance:
@@ -191,6 +195,17 @@ class Engine:
     def _watermark(self, audio: torch.Tensor) -> torch.Tensor:
         return self.watermarker.apply(audio, SAMPLE_RATE) if self.watermarker else audio
 
+    def _finish(self, codes: Sequence[torch.Tensor], on_stage: StageCallback | None) -> list[torch.Tensor]:
+        """(K, T) codes per utterance -> their waveforms, decoded then watermarked, each stage announced."""
+        if on_stage:
+            on_stage(DECODING)
+        audio = [self.decode(c) for c in codes]
+        if self.watermarker is None:
+            return audio
+        if on_stage:
+            on_stage(WATERMARKING)
+        return [self._watermark(a) for a in audio]
+
     @torch.inference_mode()
     def generate_codes(self, text: str, speaker: int, context: Sequence[Segment] = (),
                        sampling: SamplingConfig = SamplingConfig(),
@@ -217,10 +232,15 @@ class Engine:
         return self.codec.decode(codes.to(self.codec.device)).float().cpu()
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-                 sampling: SamplingConfig = SamplingConfig(), on_frame: Callable[[], None] | None = None) -> Utterance:
-        """Speak `text` as `speaker` after `context`; returns watermarked audio unless disabled."""
+                 sampling: SamplingConfig = SamplingConfig(), on_frame: Callable[[], None] | None = None,
+                 on_stage: StageCallback | None = None) -> Utterance:
+        """Speak `text` as `speaker` after `context`; returns watermarked audio unless disabled.
+
+        `on_stage` hears "decoding" before Mimi decodes the frames and "watermarking" before the
+        watermark is applied (only when there is a watermarker).
+        """
         codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling, on_frame)
-        audio = self._watermark(self.decode(codes))
+        [audio] = self._finish([codes], on_stage)
         return Utterance(audio=audio, codes=codes.cpu(), seed=seed, watermarked=self.watermarker is not None,
                          prompt_positions=n_prompt)
 
@@ -258,13 +278,15 @@ class Engine:
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[tuple[str, int, Sequence[Segment]]],
                        sampling: SamplingConfig = SamplingConfig(),
-                       seeds: Sequence[int | None] | None = None) -> list[Utterance]:
+                       seeds: Sequence[int | None] | None = None, on_frame: Callable[[], None] | None = None,
+                       on_stage: StageCallback | None = None) -> list[Utterance]:
         """Several independent utterances as one batch (left-padded prompts, per-row EOS).
 
         Row i samples with its own seed: `seeds[i]` (None: random), by default `sampling.seed + i`
         (random per row when `sampling.seed` is None). A row draws what `generate` draws alone with
         its seed, so it can be regenerated alone: the same codes up to the float rounding of
-        batched products (identical on the tiny preset: tests/test_engine.py).
+        batched products (identical on the tiny preset: tests/test_engine.py). `on_frame` and
+        `on_stage` as in `generate`: once per batch frame, once per stage for the whole batch.
         """
         if seeds is None:
             seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(requests))]
@@ -287,13 +309,14 @@ class Engine:
                                            sampling.max_frames, pad, graph):
             for row in alive.nonzero().flatten().tolist():
                 per_row[row].append(codes[row])
-        out = []
+            if on_frame:
+                on_frame()
         k = self.config.audio_num_codebooks
-        for row, frames in enumerate(per_row):
-            codes = torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long)
-            out.append(Utterance(audio=self._watermark(self.decode(codes)), codes=codes.cpu(), seed=row_seeds[row],
-                                 watermarked=self.watermarker is not None, prompt_positions=prompts[row][0].size(0)))
-        return out
+        codes = [torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long) for frames in per_row]
+        audio = self._finish(codes, on_stage)
+        return [Utterance(audio=a, codes=c.cpu(), seed=seed, watermarked=self.watermarker is not None,
+                          prompt_positions=prompt[0].size(0))
+                for a, c, seed, prompt in zip(audio, codes, row_seeds, prompts)]
 
 
 def _check_speaker(speaker) -> None:

@@ -37,4 +37,11 @@ class ProfileError(CsmError):
 
 
 class TranscriptionError(CsmError):
-    """Automatic transcription is unavailable (model not loadable) or heard no words: type the transcript."""
+    """Automatic transcription is unavailable (model not loadable) or heard no words: type the transcript.
+
+    `operator_hint`: what whoever runs the server or the command line can change (flags, environment);
+    the command line prints it, the web page only logs it."""
+
+    def __init__(self, message: str, operator_hint: str = ""):
+        super().__init__(message)
+        self.operator_hint = operator_hint

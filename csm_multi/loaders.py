@@ -195,9 +195,29 @@ def load_whisper(source: str, device: str | torch.device, dtype: torch.dtype, to
                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise TranscriptionError(
             f"could not load the speech recognition model {source} ({why}). Type what the clip says as its "
-            "transcript; or set --asr-model (CSM_ASR_MODEL) to a Whisper model you can load (hub id or local "
-            "folder), or to 'none' to turn automatic transcription off.") from e
+            "transcript.", ASR_HINT) from e
     return model.to(device).eval(), processor
+
+
+ASR_HINT = ("set --asr-model (CSM_ASR_MODEL) to a Whisper model you can load (hub id or local folder), or to "
+            "'none' to turn automatic transcription off")
+
+
+def whisper_unavailable(source: str) -> str | None:
+    """Why the Whisper model `source` cannot be loaded here, or None when it can (a local folder, a hub
+    repo in the local cache, or a reachable hub). Cheap: reads no weights, so a server can tell its
+    visitors at start-up whether an empty transcript will be written for them."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return None if (folder / "config.json").is_file() else f"{source} has no config.json (not a Whisper model)"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None
+    except ValueError:  # a malformed id (HFValidationError): the hub cannot have it either
+        return f"{source} is not a valid hub id"
+    return None if hub_reachable() else "the Hugging Face hub is unreachable and it is not in the local cache"
 
 
 def build_transcriber(source: str | None = ASR_MODEL, device: str | torch.device | None = None,

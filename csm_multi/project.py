@@ -4,9 +4,14 @@ A project is a zip of:
 
     project.json              {"schema": 1, script, voices (speaker -> profile or null), config
                               (RenderConfig fields), profiles [{name, file, audio_sha256, transcript}],
-                              render: null | {config, sample_rate, lines: manifest rows + audio, codes}}
+                              render: null | {config, sample_rate, lines: manifest rows + audio, codes,
+                              pause_before_ms (the line's own pause: null = the default)}}
     profiles/<slug>.csmvoice  each voice used, exactly as `ProfileStore.export` writes it
     clips/NNN.wav, NNN.npy    each rendered line: 24 kHz 16-bit PCM, and its (K, T) Mimi codes (uint16)
+
+Of a line rendered with several takes only the chosen one is saved (its score with it; the row's
+`scores` list them all for reference): an opened project has one take per line, numbered 0.
+Projects written before pauses and takes existed open with default pauses and unscored clips.
 
 `read_project` checks a file as untrusted input and touches nothing: member names from a fixed
 pattern (no paths to escape through), sizes bounded before and while reading, every field typed,
@@ -40,7 +45,8 @@ from .errors import AudioInputError, CsmError, ProfileError
 from .profiles import (EXPORT_SUFFIX, MAX_IMPORT_BYTES, MAX_NAME_CHARS, ProfileStore, clean_name, read_zip_member,
                        slugify)
 from .render import Clip, RenderConfig, RenderResult
-from .script import ScriptLine
+from .script import MAX_PAUSE_MS, ScriptLine
+from .takes import TakeScore
 
 PROJECT_SUFFIX = ".csmproj"
 SCHEMA = 1
@@ -113,7 +119,8 @@ def save_project(path: str | Path, script: str, voices: Mapping[str, str | None]
             lines = []
             for i, (clip, row) in enumerate(zip(result.clips, result.manifest()), start=1):
                 row = {**row, "profile": clip.profile and store.get(clip.profile).name,
-                       "audio": f"clips/{i:03d}.wav", "codes": f"clips/{i:03d}.npy"}
+                       "audio": f"clips/{i:03d}.wav", "codes": f"clips/{i:03d}.npy",
+                       "pause_before_ms": clip.line.pause_before_ms}
                 zf.writestr(row["audio"], _wav_bytes(clip.audio))
                 zf.writestr(row["codes"], _npy_bytes(clip.codes))
                 lines.append(row)
@@ -351,14 +358,52 @@ def _read_render(render: object, members: dict[str, bytes], profiles: Mapping, w
             raise ProjectError(f"{at}: 'context' and 'dropped' must be lists of labels")
         if _get(row, "index", int, at) != i:
             raise ProjectError(f"{at}: lines must be stored in order")
-        line = ScriptLine(_get(row, "line", int, at), _get(row, "speaker", str, at), _get(row, "text", str, at))
+        pause = row.get("pause_before_ms")  # absent from older projects: the default
+        if pause is not None and not _whole(pause, 0, MAX_PAUSE_MS):
+            raise ProjectError(f"{at}: its pause must be a whole number of ms from 0 to {MAX_PAUSE_MS} or null")
+        line = ScriptLine(_get(row, "line", int, at), _get(row, "speaker", str, at), _get(row, "text", str, at), pause)
         clips.append(Clip(index=i, line=line, speaker_id=_get(row, "speaker_id", int, at), profile=profile, audio=audio,
                           codes=codes, seed=_get(row, "seed", int, at), watermarked=_get(row, "watermarked", bool, at),
                           context=labels[0], dropped=labels[1],
                           context_positions=_get(row, "context_positions", int, at),
                           model_text=_get(row, "model_text", str, at),
-                          generated_frames=round(_get(row, "generated_s", (int, float), at) * 1000 / FRAME_MS)))
+                          generated_frames=round(_get(row, "generated_s", (int, float), at) * 1000 / FRAME_MS),
+                          score=_chosen_score(row, at), context_split=_split(row, at)))
     return RenderResult(clips, _config(render.get("config"), f"{where}: render"))
+
+
+def _split(row: dict, at: str) -> dict[str, int]:
+    """A line's `context_split` (absent from older projects: empty)."""
+    split = row.get("context_split") or {}
+    if not isinstance(split, dict) or not all(k in ("voices", "lines", "text", "speak") and _whole(v, 0, 10**6)
+                                              for k, v in split.items()):
+        raise ProjectError(f"{at}: 'context_split' must map voices/lines/text/speak to whole numbers of positions")
+    return dict(split)
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _chosen_score(row: dict, at: str) -> TakeScore | None:
+    """The score of a saved line's chosen take: `scores[take]` of its row (None where not saved)."""
+    scores, take = row.get("scores"), row.get("take", 0)
+    if scores is None:
+        return None
+    if not isinstance(scores, list) or not _whole(take, 0, len(scores) - 1):
+        raise ProjectError(f"{at}: 'scores' must list its takes' scores and 'take' the chosen one")
+    entry = scores[take]
+    if entry is None:
+        return None
+    wer = entry.get("wer") if isinstance(entry, dict) else None
+    if (not isinstance(entry, dict) or not (wer is None or _number(wer)) or not _number(entry.get("tail_s"))
+            or not isinstance(entry.get("cut_off"), bool) or not isinstance(entry.get("silent", False), bool)):
+        raise ProjectError(f"{at}: its take score must hold wer (a number or null), cut_off, tail_s and silent")
+    return TakeScore(wer=wer, cut_off=entry["cut_off"], tail_s=entry["tail_s"], silent=entry.get("silent", False))
 
 
 def _wav_frames(data: bytes) -> int:

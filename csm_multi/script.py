@@ -1,10 +1,14 @@
 """Dialogue scripts: text as people write it -> numbered `ScriptLine`s (speaker, text).
 
 One utterance per line, `Name: text`, `[Name] text` or `[Name]: text`; blank lines and lines
-starting with `#` are ignored. Every problem is collected and reported at once with its source line
-number and a hint. Speakers compare case-insensitively and display with their first spelling.
-Control characters are dropped from the text and refused in names, as are bidi overrides (which can
-disguise a name); right-to-left scripts are ordinary text.
+starting with `#` are ignored. Pause tags (`[pause 1.5s]`, `[pause 300ms]`) set the silence before
+an utterance: on a line of their own or at the start of a text, before that utterance; at the end of
+a text, before the next one; in the middle, they split the line into two utterances of the same
+speaker and source line number. Consecutive tags add up (at most `MAX_PAUSE_MS` in all).
+Every problem is collected and reported at once with its source line number and a hint. Speakers
+compare case-insensitively and display with their first spelling. Control characters are dropped
+from the text and refused in names, as are bidi overrides (which can disguise a name); right-to-left
+scripts are ordinary text.
 This module knows nothing about torch, models, audio or voice profiles: it only reads text.
 """
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from .errors import ScriptError
 
 MAX_NAME_CHARS = 40
+MAX_PAUSE_MS = 10_000  # one pause, all its tags together
 MAX_LISTED_PROBLEMS = 20
 _MAX_LISTED_LINES = 10  # line numbers shown per unknown speaker
 
@@ -26,15 +31,22 @@ _COLONS = ":\uff1a"  # ASCII and full-width (CJK) colon
 # Bidi embeddings, overrides and isolates: in a name they make "Alice" and "\u202eecilA" look alike
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # terminal colour/cursor codes pasted from a console
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# `[pause ...]`: the word "pause" (any case) not followed by a letter, then the duration up to "]"
+_PAUSE_TAG = re.compile(r"\[\s*pause(?![^\W\d_])([^\[\]]*)\]", re.IGNORECASE)
+_PAUSE_OPEN = re.compile(r"\[\s*pause(?![^\W\d_])", re.IGNORECASE)  # what is left of a tag missing its "]"
+_UNCLOSED = "`[pause` without its closing `]` — write `[pause 1.5s]` or `[pause 300ms]`"
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|milliseconds?|s|secs?|seconds?)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ScriptLine:
-    """One utterance: 1-based source line `number`, `speaker` (display spelling), `text`."""
+    """One utterance: 1-based source line `number`, `speaker` (display spelling), `text` (no pause
+    tags), and `pause_before_ms`, the silence before it (None: the render's default)."""
 
     number: int
     speaker: str
     text: str
+    pause_before_ms: int | None = None
 
 
 class ScriptProblems(ScriptError):
@@ -62,29 +74,61 @@ def parse_script(text: str, *, max_lines: int = 500, max_chars_per_line: int = 1
     lines: list[ScriptLine] = []
     display: dict[str, str] = {}  # speaker key -> first spelling
     previous = 0  # number of the last utterance line, for continuation hints
+    pending, pending_line = None, 0  # the pause waiting for the next utterance, and where its last tag is
     for number, raw in enumerate(_LINE_BREAK.split(text.removeprefix("\ufeff")), start=1):
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        parsed = _parse_line(stripped, previous)
+        parsed = _line_events(stripped, previous)
         if isinstance(parsed, str):
             problems.append((number, parsed))
+            pending = None  # it was meant for this line
             continue
-        name, said = parsed
-        previous = number
-        if len(said) > max_chars_per_line:
-            problems.append((number, f"the text is {len(said)} characters, the limit is {max_chars_per_line}"
-                                     f" — split it into several lines for {name}"))
-            continue
-        lines.append(ScriptLine(number, display.setdefault(speaker_key(name), name), said))
+        name, events = parsed
+        for event in events:
+            if isinstance(event, int):
+                over = pending is not None and pending > MAX_PAUSE_MS
+                pending, pending_line = (pending or 0) + event, number
+                if pending > MAX_PAUSE_MS and not over:
+                    problems.append((number, (f"the pauses here add up to {pending / 1000:g} s, the limit is"
+                                             f" {MAX_PAUSE_MS / 1000:g} s — shorten or remove some")))
+                continue
+            previous = number
+            if len(event) > max_chars_per_line:
+                problems.append((number, (f"the text is {len(event)} characters, the limit is {max_chars_per_line}"
+                                         f" — split it into several lines for {name}")))
+            else:
+                lines.append(ScriptLine(number, display.setdefault(speaker_key(name), name), event, pending))
+            pending = None
+    if pending is not None:
+        problems.append((pending_line, ("a pause after the last line has nothing to come before — delete it, or"
+                                       " write the line it comes before")))
     if len(lines) > max_lines:
-        problems.append((lines[max_lines].number, f"the script has {len(lines)} lines to speak, the limit is"
-                                                  f" {max_lines} — split it into parts of at most {max_lines}"))
+        problems.append((lines[max_lines].number, (f"the script has {len(lines)} lines to speak, the limit is"
+                                                  f" {max_lines} — split it into parts of at most {max_lines}")))
     if not lines and not problems:
         problems.append((0, "the script is empty — write one line per utterance, e.g. `Alice: Hello there.`"))
     if problems:
         raise ScriptProblems(problems, "The script could not be read")
     return lines
+
+
+def clean_line_text(text: str, max_chars_per_line: int = 1000) -> str:
+    """A line's edited text as `parse_script` would keep it (control characters dropped, stripped).
+
+    Raises `ScriptProblems` when it is empty, longer than `max_chars_per_line`, or holds a pause
+    tag: an edited line stays one utterance, and its pause is set apart from its text.
+    """
+    said = _clean_text(text) if isinstance(text, str) else ""
+    if not said:
+        problem = "the new text is empty — write what the line should say"
+    elif _PAUSE_OPEN.search(said):
+        problem = "the new text holds a pause tag — set the line's pause on its own, or edit the script"
+    elif len(said) > max_chars_per_line:
+        problem = f"the new text is {len(said)} characters, the limit is {max_chars_per_line} — shorten it"
+    else:
+        return said
+    raise ScriptProblems([(0, problem)], "The line's text cannot be used")
 
 
 def speakers(lines: Iterable[ScriptLine]) -> list[str]:
@@ -116,8 +160,8 @@ def check_speakers(lines: Iterable[ScriptLine], known: Iterable[str] | Mapping[s
     names = [known] if isinstance(known, str) else list(known)
     known_keys = {speaker_key(n) for n in names}
     choices = ", ".join(sorted(set(names), key=str.casefold)) if names else "none are set up yet"
-    problems = [(numbers[0], f"unknown speaker {name!r} ({lines_label(numbers)}) — add a voice for {name!r} or use"
-                             f" a known speaker ({choices})")
+    problems = [(numbers[0], (f"unknown speaker {name!r} ({lines_label(numbers)}) — add a voice for {name!r} or use"
+                             f" a known speaker ({choices})"))
                 for key, (name, numbers) in speaker_lines(lines).items() if key not in known_keys]
     if not problems:
         return
@@ -125,8 +169,29 @@ def check_speakers(lines: Iterable[ScriptLine], known: Iterable[str] | Mapping[s
 
 
 # ---- internals ------------------------------------------------------------------------------
-def _parse_line(line: str, previous: int) -> tuple[str, str] | str:
-    """A stripped, non-comment line -> (speaker, text), or a problem message with a hint."""
+def _line_events(line: str, previous: int) -> tuple[str | None, list[int | str]] | str:
+    """A stripped, non-comment line -> (speaker or None, its pauses (ms) and texts in order), or a
+    problem message. Pause tags before the speaker count as if written at the start of the text."""
+    lead: list[int | str] = []
+    while match := _PAUSE_TAG.match(line):
+        ms = _pause_ms(match, at_start=not lead)
+        if isinstance(ms, str):
+            return ms
+        lead.append(ms)
+        line = line[match.end():].lstrip()
+    if not line:
+        return None, lead  # pauses on a line of their own
+    if _PAUSE_OPEN.match(line):
+        return _UNCLOSED
+    parsed = _parse_line(line, previous)
+    if isinstance(parsed, str):
+        return parsed
+    name, events = parsed
+    return name, lead + events
+
+
+def _parse_line(line: str, previous: int) -> tuple[str, list[int | str]] | str:
+    """A stripped, non-comment line -> (speaker, its texts and pauses), or a problem message with a hint."""
     if line.startswith("["):
         end = line.find("]")
         if end < 0:
@@ -151,10 +216,73 @@ def _parse_line(line: str, previous: int) -> tuple[str, str] | str:
                 f" name{hint}")
     if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name):
         return f"the speaker name {name!r} contains control characters — retype the name"
+    if _PAUSE_OPEN.search(name):
+        return f"the speaker name {name!r} holds a pause tag — put the pause in the text: `Name: [pause 1s] text`"
     said = _clean_text(rest)
     if not said:
         return f"nothing to say after {marker} — write the text, or delete the line"
-    return name, said
+    events = _split_pauses(said)
+    if isinstance(events, str):
+        return events
+    if not any(isinstance(e, str) for e in events):
+        return f"nothing to say after {marker} but a pause — write the text, or put the pause on a line of its own"
+    return name, events
+
+
+def _split_pauses(text: str) -> list[int | str] | str:
+    """A line's text -> its pieces (stripped, non-empty) and pauses (ms) in order, or a problem.
+
+    Punctuation cut off by a tag stays with its words ("Wait [pause 1s]." -> "Wait.", then the
+    pause), so no utterance is only a full stop or a quote mark.
+    """
+    events: list[int | str] = []
+    tags = list(_PAUSE_TAG.finditer(text))
+    texts = [text[a.end() if a else 0:b.start() if b else len(text)] for a, b in zip([None, *tags], [*tags, None])]
+    for part, tag in zip(texts, [*tags, None]):  # text, tag, text, tag, ..., text
+        if _PAUSE_OPEN.search(part):
+            return _UNCLOSED
+        if part := part.strip():
+            events.append(part)
+        if tag is not None:
+            ms = _pause_ms(tag)
+            if isinstance(ms, str):
+                return ms
+            events.append(ms)
+    worded = [i for i, e in enumerate(events) if isinstance(e, str) and _has_words(e)]
+    if not worded:
+        return events
+    loose = [i for i, e in enumerate(events) if isinstance(e, str) and i not in worded]
+    for i in loose:  # after the words before it, else before the words after it
+        before = [j for j in worded if j < i]
+        if before:
+            events[before[-1]] += events[i]
+    leading = "".join(events[i] for i in loose if i < worded[0])
+    events[worded[0]] = leading + events[worded[0]]
+    return [e for i, e in enumerate(events) if i not in loose]
+
+
+def _pause_ms(tag: re.Match, at_start: bool = False) -> int | str:
+    """A matched `[pause ...]` tag -> milliseconds, or a problem message with a hint."""
+    spec, written = tag[1].strip(), tag[0] if len(tag[0]) <= 40 else tag[0][:36] + "...]"
+    found = _DURATION.fullmatch(spec)
+    if found is None:
+        if spec.startswith("-"):
+            return f"{written} is negative — a pause is a duration such as `[pause 1.5s]` or `[pause 300ms]`"
+        if re.fullmatch(r"[0-9.]+", spec):
+            return f"{written} has no unit — write `[pause {spec}s]` or `[pause {spec}ms]`"
+        name = " ".join(tag[0][1:-1].split())
+        hint = ""
+        if at_start and not any(c.isdigit() for c in spec) and len(name) <= MAX_NAME_CHARS:  # `[Pause Man] Hi`
+            hint = f"; for a speaker named {name!r}, write `{name}: text`"
+        return f"{written} is not a duration — write `[pause 1.5s]` or `[pause 300ms]`{hint}"
+    ms = float(found[1]) * (1 if found[2].lower().startswith("m") else 1000)
+    if not ms <= MAX_PAUSE_MS:
+        return f"{written} is longer than the limit of {MAX_PAUSE_MS / 1000:g} s — use a shorter pause"
+    return round(ms)
+
+
+def _has_words(text: str) -> bool:
+    return any(c.isalnum() for c in text)
 
 
 def _clean_text(text: str) -> str:

@@ -60,6 +60,27 @@ def _shown(setting: str, value: float) -> str:
     return {"max_line_ms": f"{value / 1000:g} s", "pause_ms": f"{value:g} ms"}.get(setting, f"{value:g}")
 
 
+def bundle_name(title: str | None, result: RenderResult, now: float | None = None) -> str:
+    """A download's name: the title (a project's) or the first line's first words, and the time:
+    `alice-hey-did-you-get-2026-12-01-1204`."""
+    words = re.findall(r"[^\W_]+", title or "") or [
+        w for c in result.clips[:1] for w in re.findall(r"[^\W_]+", f"{c.line.speaker} {c.line.text}")]
+    slug = "-".join(words[:6]).lower()[:48].strip("-") or "dialogue"
+    return f"{slug}-{time.strftime('%Y-%m-%d-%H%M', time.localtime(now))}"
+
+
+def zip_files(path: Path, root: Path, files, top: str) -> Path:
+    """`files` (under `root`) in a zip at `path`, inside one folder `top`; audio is stored, not
+    deflated (it does not shrink), text is deflated."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for f in dict.fromkeys(Path(p) for p in files):
+            packed = zipfile.ZIP_DEFLATED if f.suffix in (".json", ".csv", ".srt") else zipfile.ZIP_STORED
+            z.write(f, f"{top}/{f.relative_to(root).as_posix()}", compress_type=packed)
+    return path
+
+
 def new_library_key() -> str:
     return secrets.token_hex(16)
 
@@ -114,6 +135,8 @@ class Studio:
         self.outputs_root = Path(outputs_root or tempfile.gettempdir()) / "csm-multi-outputs"
         self.outputs_root.mkdir(parents=True, exist_ok=True)
         self._stores: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)
+        self._last: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> its last rendering
+        self._last_audio: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> its last audio file
         self._lock = threading.Lock()
         self.memory = CudaMemoryManager(engine.device)
         quota = limits.storage_quota_bytes
@@ -246,7 +269,7 @@ class Studio:
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
         source = partial(store.segment, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
-        return ScriptRenderer(self.engine, source, on_frame=self.memory.step)
+        return ScriptRenderer(self.engine, source, on_frame=self.memory.step, transcriber=self.transcriber)
 
     def render(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
                progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
@@ -272,6 +295,67 @@ class Studio:
                               f"rendered script lines are: {numbers}")
         voices, result = self.follow_voices(key, voices, result)
         return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
+
+    # ---- one line of a rendering: takes, text, pause (`row`: 0-based clip index) ----------------
+    def _row(self, result: RenderResult | None, row) -> int:
+        if result is None:
+            raise ScriptError("render the script first: then each line can get new takes, new text or a pause")
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(result.clips):
+            raise ScriptError(f"there is no line {row if not isinstance(row, int) else row + 1} in the last rendering; "
+                              f"its lines are 1 to {len(result.clips)}")
+        return row
+
+    def _line_voices(self, key, voices, result: RenderResult) -> tuple[dict, RenderResult]:
+        voices, result = self.follow_voices(key, voices or {c.line.speaker: c.profile for c in result.clips}, result)
+        return self.check_voices(key, voices), result
+
+    def new_takes(self, key, result: RenderResult, row: int, voices, n: int = 1, seed: int | None = None,
+                  progress=None, cancel=None) -> RenderResult:
+        """`n` more candidates of line `row` in one batch (take t of `seed`: seed + t); the best is chosen."""
+        row = self._row(result, row)
+        voices, result = self._line_voices(key, voices, result)
+        seeds = None if seed is None else [seed + t for t in range(n)]
+        return self.renderer(key).new_takes(result, row, voices, n, seeds, progress, cancel)
+
+    def edit_line(self, key, result: RenderResult, row: int, text: str, voices, progress=None,
+                  cancel=None) -> RenderResult:
+        """Line `row` said with new `text` (same speaker and pause), with fresh takes; in conversational
+        mode the later lines that heard it are listed in the result's `stale`."""
+        row = self._row(result, row)
+        if not isinstance(text, str) or not text.strip():
+            raise ScriptError(f"text of line {row + 1}: write what {result.clips[row].line.speaker} should say")
+        if len(text) > self.limits.max_line_chars:
+            raise ScriptError(f"text of line {row + 1}: {len(text)} characters, the limit is "
+                              f"{self.limits.max_line_chars}")
+        voices, result = self._line_voices(key, voices, result)
+        return self.renderer(key).rerender_line(result, row, voices, None, progress, cancel, text=text)
+
+    def rerender_stale(self, key, result: RenderResult, voices, progress=None, cancel=None) -> RenderResult:
+        """Re-render, in order, the lines that heard a line which changed since (`result.stale`)."""
+        self.library(key)  # the key is checked first
+        if result is None or not result.stale:
+            raise ScriptError("no line needs re-rendering: every line heard the lines before it as they are now")
+        voices, result = self._line_voices(key, voices, result)
+        renderer = self.renderer(key)
+        while result.stale:
+            result = renderer.rerender_line(result, min(result.stale), voices, None, progress, cancel)
+        return result
+
+    def choose_take(self, result: RenderResult, row: int, take: int) -> RenderResult:
+        row = self._row(result, row)
+        try:
+            return result.choose_take(row, take)
+        except ValueError as e:
+            raise ScriptError(f"take: {e}") from None
+
+    def set_pause(self, result: RenderResult, row: int, seconds: float | None) -> RenderResult:
+        """The silence before line `row`, in seconds (None: the script's default); nothing is regenerated."""
+        row = self._row(result, row)
+        ms = None if seconds is None else round(float(seconds) * 1000)
+        try:
+            return result.with_pause(row, ms)
+        except ValueError as e:
+            raise ScriptError(f"pause before line {row + 1}: {e}") from None
 
     def follow_voices(self, key, voices: Mapping[str, str | None], result: RenderResult | None,
                       ) -> tuple[dict[str, str | None], RenderResult | None]:
@@ -338,16 +422,77 @@ class Studio:
                                      "(this server's limit)")
         return project
 
+    def browser_secret(self) -> str:
+        """The key that encrypts what this app keeps in visitors' browsers (their library key, drafts).
+
+        Kept beside the libraries (`.browser-secret`, owner-only) so a restart can still read what
+        browsers saved before it: Gradio's default, a new random key per start, would cut every
+        visitor off from their voice library at each restart."""
+        path = self.profiles_root / ".browser-secret"
+        with disk_full_errors(CsmError):
+            self.profiles_root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                secret = path.read_text(encoding="ascii").strip()
+                if len(secret) >= 32:
+                    return secret
+                raise CsmError(f"{path} holds no usable secret: delete it (visitors' saved pages then start "
+                               "afresh) and start again") from None
+            secret = secrets.token_urlsafe(32)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(secret + "\n")
+        return secret
+
+    # ---- the last rendering of each library -----------------------------------------------
+    def remember(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
+                 result: RenderResult) -> None:
+        """Keep `result` (with its script, voices and settings) as this library's last rendering, so a
+        reloaded page can reopen it: one per library, in memory, `limits.libraries_in_memory` at most."""
+        folder = self._folder(key)
+        with self._lock:
+            self._last[folder] = (script, dict(voices), config, result)
+
+    def remember_audio(self, key, path: str | Path) -> None:
+        """`path` (a fresh output file) as this library's last rendered audio, for the watermark check."""
+        folder = self._folder(key)
+        with self._lock:
+            self._last_audio[folder] = Path(path)
+
+    def last_audio(self, key) -> Path | None:
+        """This library's last rendered dialogue or utterance, while its file is kept (an hour)."""
+        folder = self._folder(key)
+        with self._lock:
+            path = self._last_audio.get(folder)
+        return path if path is not None and path.is_file() else None
+
+    def last_rendering(self, key) -> tuple[str, dict, RenderConfig, RenderResult] | None:
+        folder = self._folder(key)
+        with self._lock:
+            return self._last.get(folder)
+
+    def _folder(self, key) -> str:
+        self.library(key)  # checks the key
+        return SHARED if self.shared else f"visitor-{key}"
+
     def fresh_dir(self, prefix: str) -> Path:
         """A new private folder for one response's files (folders older than an hour are pruned)."""
         self._prune_outputs()
         with disk_full_errors(CsmError):
             return Path(tempfile.mkdtemp(prefix=prefix, dir=self.outputs_root))
 
-    def write_outputs(self, result: RenderResult) -> dict[str, Path]:
-        """Dialogue (WAV, FLAC, MP3), per-speaker stems, clips, manifest (JSON, CSV) and SRT subtitles
-        in a fresh folder. On a full disk: CsmError, and no partial folder is left."""
-        return self._write_fresh("render-", partial(result.save, formats=("wav", "flac", "mp3"), stems=True))
+    def write_outputs(self, result: RenderResult, title: str | None = None) -> dict[str, Path]:
+        """Dialogue (WAV, FLAC, MP3), per-speaker stems, clips, manifest (JSON, CSV), SRT subtitles and
+        all of them in one zip (key "zip", named after `title` or the first line, and the time) in a
+        fresh folder. On a full disk: CsmError, and no partial folder is left."""
+
+        def write(folder: Path) -> dict[str, Path]:
+            paths = result.save(folder, formats=("wav", "flac", "mp3"), stems=True)
+            name = f"{bundle_name(title, result)}.zip"
+            paths["zip"] = zip_files(folder / name, folder, paths.values(), top=name[:-4])
+            return paths
+
+        return self._write_fresh("render-", write)
 
     def write_clip(self, audio: torch.Tensor, stem: str = "clip") -> Path:
         return self._write_fresh("say-", lambda folder: save_audio(folder / f"{stem}.wav", audio))

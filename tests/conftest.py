@@ -54,6 +54,6 @@ def launch(studio):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app_module.PAGE_CSS,
                 blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
     return f"http://127.0.0.1:{port}/", demo

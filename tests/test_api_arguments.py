@@ -106,6 +106,13 @@ def _working(api: str, files: dict) -> list:
     """Arguments (the API-visible ones, in order) that make `api` succeed on a fresh copy of the template."""
     render = [SCRIPT, MAPPING, 0.9, 50, 1, 1, 0, "conversational"]
     return {
+        "new_take": [1],
+        "edit_line": [1, "New words."],
+        "choose_take": [1, 1],
+        "set_pause": [1, 0.5],
+        "rerender_stale": [],
+        "reopen_last": [],
+        "check_last_render": [],
         "add_profile": [files["clip"], "Carol says hello", "Carol"],
         "list_profiles": [],
         "preview_profile": ["Alice"],
@@ -114,7 +121,7 @@ def _working(api: str, files: dict) -> list:
         "delete_profile": ["Bob", True],
         "export_profile": ["Alice"],
         "import_profile": [files["voice"], "Imported"],
-        "render_script": render,
+        "render_script": [*render, 1],
         "regenerate_line": [1, 7],
         "save_project": render,
         "open_project": [files["project"]],
@@ -122,6 +129,9 @@ def _working(api: str, files: dict) -> list:
         "check_watermark": [files["clip"]],
         "status": [],
     }[api]
+
+
+ON_LAST_RENDERING = {"regenerate_line", "new_take", "edit_line", "choose_take", "set_pause", "rerender_stale"}
 
 
 def _fresh_key(studio) -> str:
@@ -145,7 +155,9 @@ def test_every_argument_of_every_endpoint_gets_a_named_answer(app):
     endpoints = {name.lstrip("/"): spec["parameters"] for name, spec in info.items()}
     assert set(endpoints) == {"add_profile", "list_profiles", "preview_profile", "rename_profile", "update_transcript",
                               "delete_profile", "export_profile", "import_profile", "render_script",
-                              "regenerate_line", "save_project", "open_project", "say", "check_watermark", "status"}
+                              "regenerate_line", "save_project", "open_project", "say", "check_watermark", "status",
+                              "new_take", "edit_line", "choose_take", "set_pause", "rerender_stale", "reopen_last",
+                              "check_last_render"}
     app_root = studio.profiles_root.parent
     before = _tree(app_root, studio.profiles_root, studio.outputs_root)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -160,7 +172,7 @@ def test_every_argument_of_every_endpoint_gets_a_named_answer(app):
                 key = _fresh_key(studio)
                 args = [key if has_key and j == 0 else v for j, v in enumerate(template)]
                 session = uuid.uuid4().hex
-                if api == "regenerate_line":  # it regenerates a line of this session's last rendering
+                if api in ON_LAST_RENDERING:  # these act on this session's last rendering
                     assert _post(url, "render_script", [key, *_working("render_script", files)], session)[0] == "complete"
                 args = args[:i] if case == "missing" else [*args[:i], value, *args[i + 1:]]
                 kind, out = _post(url, api, args, session)

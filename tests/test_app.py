@@ -1,5 +1,7 @@
 """The Gradio app on the tiny preset, on 127.0.0.1, driven through gradio_client like an API user."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -130,7 +132,8 @@ def test_only_the_documented_actions_are_api_endpoints(app_url):
     assert endpoints == {f"/{name}" for name in (
         "add_profile", "list_profiles", "preview_profile", "rename_profile", "update_transcript", "delete_profile",
         "export_profile", "import_profile", "render_script", "regenerate_line", "save_project", "open_project", "say",
-        "check_watermark", "status")}
+        "check_watermark", "status", "new_take", "edit_line", "choose_take", "set_pause", "rerender_stale",
+        "reopen_last", "check_last_render")}
 
 
 def test_watermark_check_without_a_watermarker_says_so(app_url, tmp_path):
@@ -172,3 +175,73 @@ def test_watermark_check_says_how_much_of_a_long_clip_it_read(tmp_path):
         assert "Nothing could be checked" in answer
     finally:
         demo.close()
+
+
+# ---- Studio v2: the per-line editor's actions, reopening, downloads -------------------------------------
+def test_takes_text_edits_pauses_and_stale_lines_through_the_api(app_url, tmp_path):
+    """Render with 2 takes per line, then on line 1: a new take (3 kept), switch takes, edit its text
+    (line 2 heard the old line 1: it is stale until re-rendered), and a per-line pause that changes
+    the dialogue's length by exactly that much without regenerating anything."""
+    import json
+
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-editor-77"
+    client.predict(key, handle_file(_wav(tmp_path / "a.wav", 200)), "hello there", "Alice", api_name="/add_profile")
+    script = "Alice: Hi Bob.\n[pause 0.5s]\nBob: Hello Alice!"
+    out = client.predict(key, script, {"headers": ["speaker", "profile"], "data": [["Alice", "Alice"], ["Bob", ""]]},
+                         0.9, 50, 5, 1, 200, "conversational", 2, api_name="/render_script")
+    note, files, bundle = out[1], out[3], out[-3]
+    assert note.startswith("Done: 2 lines") and bundle.endswith(".zip") and "alice-hi-bob-" in bundle
+    manifest = json.loads(next(Path(f).read_text(encoding="utf-8") for f in files if f.endswith("dialogue.json")))
+    first, second = manifest["lines"]
+    assert first["takes"] == 2 and second["pause_before_s"] == 0.5
+    assert second["start_s"] == pytest.approx(first["duration_s"] + 0.5, abs=1e-3)  # the tag's pause, not 200 ms
+    assert sf.info(files[0]).frames == round((second["start_s"] + second["duration_s"]) * 24_000)
+    assert sorted(s["seed"] for s in first["scores"]) == sorted({s["seed"] for s in first["scores"]})  # distinct
+
+    def lines(result_files):
+        return json.loads(next(Path(f).read_text(encoding="utf-8") for f in result_files if f.endswith(".json")))["lines"]
+
+    out = client.predict(key, 1, api_name="/new_take")
+    assert out[0].startswith("New take of line 1") and lines(out[2])[0]["takes"] == 3
+    chosen = lines(out[2])[0]["take"]
+    other = 1 if chosen != 0 else 2  # 1-based take number of one not chosen
+    out = client.predict(key, 1, other, api_name="/choose_take")
+    after = lines(out[2])
+    assert after[0]["take"] == other - 1 and after[1]["seed"] == second["seed"]  # line 2 is not regenerated
+    with pytest.raises(Exception, match="take"):
+        client.predict(key, 1, 9, api_name="/choose_take")
+
+    out = client.predict(key, 1, "Hi there Bob.", api_name="/edit_line")
+    edited = lines(out[2])
+    assert edited[0]["text"] == "Hi there Bob." and edited[1]["text"] == "Hello Alice!"
+    out = client.predict(key, api_name="/rerender_stale")  # line 2 heard the old line 1
+    assert out[0].startswith("Re-rendered line(s) 2") and lines(out[2])[1]["seed"] != edited[1]["seed"]
+    with pytest.raises(Exception, match="no line needs re-rendering"):
+        client.predict(key, api_name="/rerender_stale")
+
+    length = sf.info(out[2][0]).frames
+    out = client.predict(key, 2, 2.0, api_name="/set_pause")
+    assert lines(out[2])[1]["pause_before_s"] == 2.0 and sf.info(out[2][0]).frames == length + 36_000  # 1.5 s more
+    for bad, message in (((0, 1.0), "line: expected a whole number from 1"), ((3, 1.0), "no line 3.*lines are 1 to 2"),
+                           ((2, 11), "pause_s: expected a number from 0 to 10")):
+        with pytest.raises(Exception, match=message):
+            client.predict(key, *bad, api_name="/set_pause")
+
+
+def test_the_last_rendering_reopens_and_its_watermark_is_checked_without_upload(app_url, tmp_path):
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-reopen-88"
+    with pytest.raises(Exception, match="no rendering of this library"):
+        client.predict(key, api_name="/reopen_last")
+    with pytest.raises(Exception, match="nothing was rendered with this voice library"):
+        client.predict(key, api_name="/check_last_render")
+    client.predict(key, "Alice: Hi.", {"headers": ["speaker", "profile"], "data": [["Alice", "(none)"]]},
+                   0.9, 50, 5, 1, 0, "conversational", 1, api_name="/render_script")
+    out = Client(url, verbose=False).predict(key, api_name="/reopen_last")  # a new session: a reloaded page
+    assert out[0] == "Alice: Hi." and out[1]["data"] == [["Alice", "(none)"]] and out[4] == 5 and out[5] == 1
+    assert out[8].startswith("Reopened the last rendering: Done: 1 lines")
+    with pytest.raises(Exception, match="without a watermark model"):  # the fixture's engine has none
+        client.predict(key, api_name="/check_last_render")

@@ -26,6 +26,7 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 expect = sync_api.expect
 
+CHOOSE = "— choose a voice —"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -83,8 +84,7 @@ def test_save_voice_and_render_in_browser(app_url, page, tmp_path):
     page.get_by_role("tab", name="Script").click()
     script = page.get_by_label("Script", exact=True)
     script.fill("Alice: Hello.\nAlice: Bye.")
-    mapping = page.get_by_role("grid", name="Speaker → voice profile ((none) = no reference)")
-    expect(mapping.get_by_role("row", name="Alice Alice", exact=True)).to_be_visible()  # speaker Alice -> profile Alice
+    expect(page.get_by_label("Voice for Alice")).to_have_value("Alice")  # speaker Alice -> profile Alice
     max_s = page.get_by_label("number input for Max seconds per line")
     max_s.fill("1")
     max_s.press("Enter")
@@ -93,6 +93,7 @@ def test_save_voice_and_render_in_browser(app_url, page, tmp_path):
     expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
     dialogue = _block(page, "Dialogue")
     expect(dialogue.locator("audio, a[download]").first).to_be_attached()
+    page.get_by_role("button", name="All files and tables").click()
     manifest = page.get_by_role("grid", name="Manifest")
     expect(manifest.get_by_role("gridcell", name="Hello.", exact=True)).to_be_visible()
     expect(manifest.get_by_role("gridcell", name="Bye.", exact=True)).to_be_visible()
@@ -151,23 +152,101 @@ def test_the_speaker_map_follows_the_library(app_url, page, tmp_path):
     _open(page, app_url)
     _save_voice(page, tmp_path, "Alice")
     page.get_by_role("tab", name="Script").click()
-    mapping = page.get_by_role("grid", name="Speaker → voice profile ((none) = no reference)")
-    expect(mapping.get_by_role("row", name="Alice Alice", exact=True)).to_be_visible()
-    expect(mapping.get_by_role("row", name="Bob (none)", exact=True)).to_be_visible()
+    alice, bob = page.get_by_label("Voice for Alice"), page.get_by_label("Voice for Bob")
+    expect(alice).to_have_value("Alice")
+    expect(bob).to_have_value(CHOOSE)
 
     page.get_by_role("tab", name="Voices").click()
     page.get_by_label("New name").fill("Alicia")
     page.get_by_role("button", name="Rename").click()
     expect(page.get_by_text("Renamed to Alicia.")).to_be_visible()
     page.get_by_role("tab", name="Script").click()
-    expect(mapping.get_by_role("row", name="Alice Alicia", exact=True)).to_be_visible()
+    expect(alice).to_have_value("Alicia")
 
     page.get_by_role("tab", name="Voices").click()
     page.get_by_label("Yes, delete it").check()
     page.get_by_role("button", name="Delete", exact=True).click()
     expect(page.get_by_text("Deleted Alicia.")).to_be_visible()
     page.get_by_role("tab", name="Script").click()
-    expect(mapping.get_by_role("row", name="Alice (none)", exact=True)).to_be_visible()
+    expect(alice).to_have_value(CHOOSE)
+
+
+def _choose(page, label: str, option: str):
+    """Pick `option` in the dropdown labelled `label` (Gradio's dropdown is a combobox with a list)."""
+    box = page.get_by_label(label)
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
+
+
+def test_speaker_voices_are_chosen_from_the_library_and_render_asks_first(app_url, page, tmp_path):
+    """The map offers only the library's profiles; a speaker nobody gave a voice is asked about before
+    rendering, and (none) chosen on purpose renders without asking."""
+    _open(page, app_url)
+    _save_voice(page, tmp_path, "Alice")
+    _save_voice(page, tmp_path, "Carol")
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Alice: Hi.\nBob: Hello.")
+    bob = page.get_by_label("Voice for Bob")
+    expect(bob).to_have_value(CHOOSE)
+    bob.click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert [o.replace("✓", "").strip() for o in options] == [CHOOSE, "(none) no reference voice", "Alice", "Carol"]
+    page.keyboard.press("Escape")
+    page.get_by_label("number input for Max seconds per line").fill("1")
+
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile("Bob has no voice yet"))).to_be_visible()
+    expect(page.get_by_role("button", name="Render Bob without a reference voice")).to_be_visible()
+    expect(page.get_by_role("button", name="Render", exact=True)).to_be_enabled()  # nothing is running
+
+    _choose(page, "Voice for Bob", "Carol")
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
+    page.get_by_role("button", name="All files and tables").click()
+    manifest = page.get_by_role("grid", name="Manifest")
+    expect(manifest.get_by_role("row").filter(has_text="Hello.")).to_contain_text("Carol")
+    context = page.get_by_role("grid", name=re.compile("^Context budget"))
+    expect(context.get_by_role("row").filter(has_text="Bob")).to_contain_text("profile:Carol")  # her voice was heard
+    page.get_by_role("button", name="All files and tables").click()
+
+    _choose(page, "Voice for Bob", "(none) no reference voice")
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
+    expect(page.get_by_text(re.compile("has no voice yet"))).to_have_count(0)
+
+
+def test_an_error_leaves_the_page_usable(app_url, page, tmp_path):
+    """A refused action is a warning and a note; no output is covered by an error overlay."""
+    _open(page, app_url)
+    _save_voice(page, tmp_path, "Alice")
+    page.get_by_role("button", name="Delete", exact=True).click()  # without ticking "Yes, delete it"
+    expect(page.get_by_test_id("toast-body").filter(has_text="tick 'Yes, delete it' first")).to_be_visible()
+    expect(page.get_by_text(re.compile("Not done: tick 'Yes, delete it' first"))).to_be_visible()
+    expect(page.locator(".error")).to_have_count(0)
+    page.get_by_label("Yes, delete it").check(timeout=5_000)  # clickable: nothing lies over it
+    expect(page.get_by_role("grid", name="Your voices").get_by_role("gridcell", name="Alice", exact=True)).to_be_visible()
+    page.get_by_label("Yes, delete it").uncheck()
+    page.get_by_label("New name").fill("")
+    page.get_by_role("button", name="Rename").click()
+    expect(page.get_by_test_id("toast-body").filter(has_text="New name")).to_be_visible()
+    expect(page.locator(".error")).to_have_count(0)
+    _shot(page, "studio-error-1280.png")
+
+
+def test_render_shows_its_stage_and_is_off_while_busy(app_url, page, tmp_path):
+    _open(page, app_url)
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Alice: one two three.\nAlice: four five six.")
+    _choose(page, "Voice for Alice", "(none) no reference voice")
+    page.get_by_label("number input for Max seconds per line").fill("4")
+    render = page.get_by_role("button", name="Render", exact=True)
+    render.click()
+    expect(render).to_be_disabled()
+    expect(page.get_by_role("button", name="Cancel")).to_be_enabled()
+    expect(page.get_by_text(re.compile(r"line [12]/2 · Alice · (frame \d+|decoding|watermarking)"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
+    expect(render).to_be_enabled()
 
 
 def test_the_profile_selection_stays_where_the_tester_acted(app_url, page, tmp_path):
@@ -248,9 +327,11 @@ def test_the_header_is_one_short_line(app_url, page, size):
     _shot(page, f"studio-voices-{width}.png")
     page.get_by_role("tab", name="Script").click()
     _shot(page, f"studio-script-{width}.png")
-    if width > 600:  # on a phone the Status tab sits in the tabs' overflow menu
-        page.get_by_role("tab", name="Status").click()
-        expect(page.get_by_text("Tokenizer:")).to_be_visible()
+    title = page.get_by_role("heading", level=1)
+    assert title.bounding_box()["height"] < 60  # one line, on a phone too
+    expect(page.get_by_role("button", name="More tabs")).to_be_hidden()  # every tab in view, none in a "..." menu
+    page.get_by_role("tab", name="Status").click()
+    expect(page.get_by_text("Tokenizer:")).to_be_visible()
 
 
 def test_quick_says_which_seed_it_used(app_url, page):
@@ -263,3 +344,73 @@ def test_quick_says_which_seed_it_used(app_url, page):
     page.get_by_role("button", name="Speak").click()
     expect(page.get_by_text(re.compile(r"s, seed \d+, NOT watermarked\."))).to_be_visible(timeout=120_000)
     _shot(page, "studio-quick-1440.png")
+
+
+def _render_two_lines(page, script: str, takes: int = 1):
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill(script)
+    for speaker in ("Alice", "Bob"):
+        _choose(page, f"Voice for {speaker}", "(none) no reference voice")
+        page.wait_for_timeout(300)
+    page.get_by_label("number input for Max seconds per line").fill("1")
+    page.get_by_label("number input for Takes per line").fill(str(takes))
+    page.get_by_label("number input for Takes per line").press("Enter")
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
+
+
+def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
+    """The per-line editor: takes to switch between, a new take, a text edit re-rendered on its own,
+    a pause typed for one line; the timeline follows, and a click on a line plays from there."""
+    url, studio = running_app
+    _open(page, url, 1440, 900)
+    _render_two_lines(page, "Alice: Hello there.\n[pause 1s]\nBob: Hi.", takes=2)
+    takes = page.locator(".block").filter(has=page.get_by_text(re.compile("^Takes of line 1"))).last
+    expect(takes.get_by_role("radio")).to_have_count(2)
+    expect(page.get_by_label("Pause before (s)").nth(1)).to_have_value("1")
+
+    page.get_by_role("button", name="New take").first.click()
+    expect(page.get_by_text(re.compile(r"^New take of line 1"))).to_be_visible(timeout=120_000)
+    expect(takes.get_by_role("radio")).to_have_count(3)
+    takes.get_by_role("radio").nth(2).check()
+    expect(page.get_by_text(re.compile(r"^Line 1: take 3 kept"))).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(re.compile(r"Line 2 heard an earlier version"))).to_be_visible()
+    page.get_by_role("button", name="Re-render line 2").click()
+    expect(page.get_by_text(re.compile(r"^Re-rendered line\(s\) 2"))).to_be_visible(timeout=120_000)
+
+    page.get_by_label("Text of line 2").fill("Hi there, Alice.")
+    page.get_by_role("button", name="Re-render with this text").nth(1).click()
+    expect(page.get_by_text(re.compile(r"^Line 2 re-rendered with the new text"))).to_be_visible(timeout=120_000)
+    pause = page.get_by_label("Pause before (s)").nth(1)
+    pause.fill("2")
+    pause.press("Enter")
+    expect(page.get_by_text(re.compile(r"^Pause before line 2 set"))).to_be_visible()
+    result = next(last[3] for last in list(studio._last.values()) if "[pause 1s]" in last[0])  # this page's
+    assert result.clips[1].line.text == "Hi there, Alice." and result.pause_before_ms(1) == 2000
+    assert result.clips[0].take == 2
+
+    blocks = page.locator(".csmv-b")
+    expect(blocks).to_have_count(2)
+    audio = page.locator("audio.csmv-audio")
+    blocks.nth(1).click()
+    page.wait_for_function("() => document.querySelector('audio.csmv-audio').currentTime > 2.5")
+    assert audio.evaluate("a => !a.paused") or audio.evaluate("a => a.currentTime") > 2.5
+    _shot(page, "studio-editor-1440.png")
+
+
+def test_a_reload_keeps_the_script_and_reopens_the_last_rendering(app_url, page):
+    _open(page, app_url, 1440, 900)
+    _render_two_lines(page, "Alice: Kept after a reload.\nBob: Me too.")
+    page.get_by_label("number input for Temperature").fill("0.7")
+    page.get_by_label("number input for Temperature").press("Enter")
+    page.wait_for_timeout(500)
+    page.reload()
+    expect(page.get_by_label("Profile", exact=True)).to_be_attached()
+    page.get_by_role("tab", name="Script").click()
+    expect(page.get_by_label("Script", exact=True)).to_have_value("Alice: Kept after a reload.\nBob: Me too.")
+    expect(page.get_by_label("number input for Temperature")).to_have_value("0.7")
+    expect(page.get_by_label("Voice for Bob")).to_have_value("(none) no reference voice")
+    page.get_by_role("button", name="Reopen the last rendering").click()
+    expect(page.get_by_text(re.compile(r"^Reopened the last rendering: Done: 2 lines"))).to_be_visible()
+    expect(page.get_by_label("Text of line 2")).to_have_value("Me too.")
+    expect(page.get_by_text(re.compile(r"kept-after-a-reload-.*\.zip"))).to_be_visible()

@@ -114,6 +114,39 @@ def test_every_output_goes_through_the_watermark(tiny_model, codec):
     assert all(c.watermarked for c in chunks) and len(spy.calls) == 1 + len(chunks)
 
 
+def test_stages_are_announced_before_decoding_and_watermarking(tiny_model, codec):
+    """`on_stage` hears "decoding" after the last frame, then "watermarking" (only with a watermarker);
+    a batch announces each stage once, and its `on_frame` runs once per batch frame."""
+    spy = SpyWatermarker()
+    marked = Engine(tiny_model, ByteTokenizer(), codec, spy)
+    plain = Engine(tiny_model, ByteTokenizer(), codec, watermark=False)
+    events = []
+
+    def frame():
+        events.append(("frame", len(spy.calls)))
+
+    def stage(name):
+        events.append((name, len(spy.calls)))
+
+    utt = marked.generate("Hi.", 0, sampling=SHORT, on_frame=frame, on_stage=stage)
+    frames = utt.codes.shape[1]
+    assert events == [("frame", 0)] * frames + [("decoding", 0), ("watermarking", 0)] and len(spy.calls) == 1
+    events.clear()
+    again = plain.generate("Hi.", 0, sampling=SHORT, on_stage=stage)
+    assert events == [("decoding", 1)] and torch.equal(again.codes, utt.codes)  # stages change nothing drawn
+    events.clear()
+    reqs = [("A fairly long first line.", 0, []), ("Short.", 1, [])]
+    batch = marked.generate_batch(reqs, SHORT, on_frame=frame, on_stage=stage)
+    longest = max(u.codes.shape[1] for u in batch)
+    assert events[-2:] == [("decoding", 1), ("watermarking", 1)] and len(spy.calls) == 3
+    assert events[:-2] == [("frame", 1)] * longest
+    assert all(u.watermarked for u in batch)
+    plain_batch = plain.generate_batch(reqs, SHORT)
+    for a, b in zip(batch, plain_batch):
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(a.audio, b.audio + 0.5)  # every row marked once, after its own decode
+
+
 def test_batch_rows_sample_with_their_own_seeds(engine):
     """Sampled (not greedy) batches: row i uses seed + i, and regenerating it alone with that seed
     gives the same codes."""

@@ -174,6 +174,12 @@ BAD = {
     "codes-range": (lambda m: {**m, "clips/001.npy": npy(np.full((32, 3), 4000, np.uint16))}, "outside"),
     "pickled-codes": (lambda m: {**m, "clips/001.npy": npy(np.array([{"x": 1}], dtype=object))}, "unreadable"),
     "bad-audio": (lambda m: {**m, "clips/001.wav": b"RIFF junk"}, "unreadable"),
+    "bad-pause": (lambda m: edit_json(m, lambda d: d["render"]["lines"][0].update(pause_before_ms=-5)),
+                  "its pause must be"),
+    "bad-score": (lambda m: edit_json(m, lambda d: d["render"]["lines"][1].update(scores=[{"wer": "low"}])),
+                  "take score must"),
+    "bad-take": (lambda m: edit_json(m, lambda d: d["render"]["lines"][1].update(take=3)), "'take' the chosen one"),
+    "bad-takes": (lambda m: edit_json(m, lambda d: d["config"].update(takes=9)), "render settings are invalid"),
 }
 
 
@@ -196,6 +202,64 @@ def test_a_bad_voice_inside_rolls_back_the_others(saved, tmp_path):
     with pytest.raises(ProjectError, match="voice 'Bob' cannot be imported.*unsafe member path"):
         load_project(bad, store=store)
     assert store.list() == [] and not (tmp_path / "escape.json").exists()
+
+
+def scored_result():
+    """A hand-made rendering: line 2 chose take 2 of three and has its own pause, line 3 an explicit 0."""
+    from csm_multi.render import Clip, RenderResult
+    from csm_multi.script import ScriptLine
+    from csm_multi.takes import TakeScore
+
+    config = RenderConfig(pause_ms=200, seed=5, takes=3)
+
+    def clip(i, pause, take=0, score=None):
+        return Clip(index=i, line=ScriptLine(i + 1, "AB"[i % 2], f"Line {i}.", pause), speaker_id=i % 2, profile=None,
+                    audio=torch.full((2400,), 0.05 * (take + 1)), codes=torch.full((32, 2), take, dtype=torch.long),
+                    seed=10 * i + take, watermarked=False, model_text=f"Line {i}. ...", generated_frames=4, take=take,
+                    score=score)
+
+    scores = [TakeScore(0.0, True, 0.1), TakeScore(0.5, False, 0.2), TakeScore(0.25, False, 1.5)]
+    takes = [clip(1, 1500, t, scores[t]) for t in range(3)]
+    result = RenderResult([clip(0, None, score=scores[1]), takes[2], clip(2, 0)], config, takes={1: takes})
+    return "A: Line 0.\n[pause 1.5s]\nB: Line 1.\nA: [pause 0s] Line 2.", result
+
+
+def test_pauses_and_the_chosen_take_survive_save_and_open(tmp_path):
+    script, result = scored_result()
+    store = ProfileStore(tmp_path / "lib")
+    path = save_project(tmp_path / "takes", script, {"A": None, "B": None}, result.config, result, store=store)
+    rows = json.loads(members(path)[PROJECT_FILE])["render"]["lines"]
+    assert [r["pause_before_ms"] for r in rows] == [None, 1500, 0] and [len(r["scores"]) for r in rows] == [1, 3, 1]
+    loaded = read_project(path).result
+    assert [c.line.pause_before_ms for c in loaded.clips] == [None, 1500, 0]
+    assert torch.equal(loaded.clips[1].codes, result.clips[1].codes)  # the chosen take's codes, not take 0's
+    assert loaded.clips[1].score == result.clips[1].score and loaded.clips[0].score == result.clips[0].score
+    assert loaded.clips[2].score is None
+    assert loaded.takes == {} and [c.take for c in loaded.clips] == [0, 0, 0]  # only the chosen take is kept
+    assert loaded.config.takes == 3
+    assert [m["pause_before_s"] for m in loaded.manifest()] == [m["pause_before_s"] for m in result.manifest()] == [
+        0.0, 1.5, 0.0]
+    assert loaded.audio.numel() == result.audio.numel()
+
+
+def test_projects_from_before_pauses_and_takes_still_open(tmp_path):
+    script, result = scored_result()
+    path = save_project(tmp_path / "new", script, {"A": None, "B": None}, result.config, result,
+                        store=ProfileStore(tmp_path / "lib"))
+
+    def older(data):
+        for row in data["render"]["lines"]:
+            for key in ("pause_before_ms", "pause_before_s", "take", "takes", "scores"):
+                row.pop(key)
+        for config in (data["config"], data["render"]["config"]):
+            config.pop("takes")
+
+    old = rezip(tmp_path / "old.csmproj", edit_json(members(path), older))
+    loaded = read_project(old)
+    assert loaded.config.takes == 1 and loaded.result.config.takes == 1
+    assert [c.line.pause_before_ms for c in loaded.result.clips] == [None, None, None]
+    assert all(c.score is None for c in loaded.result.clips)
+    assert [m["pause_before_s"] for m in loaded.result.manifest()] == [0.0, 0.2, 0.2]
 
 
 def test_not_a_zip_and_oversized_files(tmp_path, monkeypatch, saved):
@@ -268,7 +332,7 @@ def test_app_saves_a_project_and_another_library_opens_it(running_app, tmp_path)
     assert [row[0] for row in opened[13]["data"]] == ["Alice"]  # the voice is in the guest's library now
     assert [p.name for p in studio.library("project-guest-0002").list()] == ["Alice"]
     # the restored rendering can be regenerated line by line
-    _, _, _, manifest, _ = guest.predict("project-guest-0002", 2, 99, api_name="/regenerate_line")
+    _, _, _, manifest, *_ = guest.predict("project-guest-0002", 2, 99, api_name="/regenerate_line")
     assert manifest["data"][0] == rendered[4]["data"][0] and manifest["data"][1][6] == 99
     with pytest.raises(Exception, match="not a readable .csmproj"):
         junk = tmp_path / "junk.csmproj"

@@ -2,10 +2,10 @@
 errors that keep finished clips, regenerating one line, the batched fast mode, and line endings
 (padded text, extra length, trimmed silence) with an engine that returns a known waveform."""
 
+import itertools
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -70,7 +70,7 @@ def test_dialogue_length_is_clips_plus_pauses(rendered, tmp_path):
     manifest = json.loads(paths["manifest"].read_text())["lines"]
     assert [m["line"] for m in manifest] == [2, 3, 4, 5]
     assert [m["seed"] for m in manifest] == [100, 101, 102, 103]
-    for prev, cur in zip(manifest, manifest[1:]):
+    for prev, cur in itertools.pairwise(manifest):
         assert cur["start_s"] == pytest.approx(prev["start_s"] + prev["duration_s"] + 0.25, abs=2e-3)
     assert len(list((tmp_path / "clips").glob("*.wav"))) == 4
 
@@ -94,6 +94,27 @@ def test_progress_per_line_and_per_frame(rendered):
     assert frames_line0[0] == 0 and frames_line0[-1] == result.clips[0].generated_frames
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+
+
+def test_progress_names_the_stage_of_each_line(rendered, tiny_model, profiles):
+    """Frames are "generating"; after the last one comes "decoding", then "watermarking" when the
+    engine marks its output."""
+    result, events = rendered
+    for i, clip in enumerate(result.clips):
+        mine = [(e.stage, e.frame) for e in events if e.line == i]
+        assert mine[-1] == ("decoding", clip.generated_frames)
+        assert {stage for stage, _ in mine[:-1]} == {"generating"}
+
+    class Marker:
+        def apply(self, audio, sample_rate):
+            return audio
+
+    marked = Engine(tiny_model, ByteTokenizer(), MimiCodec(build_mimi(None, seed=0)), Marker())
+    seen = []
+    ScriptRenderer(marked, profiles).render("Alice: Hi.", VOICES, RenderConfig(seed=1, max_line_ms=160, extra_ms=0),
+                                            progress=seen.append)
+    assert [e.stage for e in seen][-2:] == ["decoding", "watermarking"]
+    assert [e.stage for e in seen][:-2] == ["generating"] * (len(seen) - 2)
 
 
 def test_same_seeds_reproduce_the_render(rendered, engine, profiles):
@@ -157,8 +178,14 @@ def test_rerender_one_line_keeps_the_others(rendered, engine, profiles):
 
 def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
     config = RenderConfig(pause_ms=100, seed=5, max_line_ms=320, mode=FAST, batch_size=3, extra_ms=0)
-    result = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, config)
+    events = []
+    result = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, config, progress=events.append)
     assert [c.line.number for c in result.clips] == [2, 3, 4, 5]
+    # a batch reports its frames and stages for the lines it covers, and the fraction only grows
+    assert [(e.line, e.span) for e in events if e.stage == "decoding"] == [(0, 3), (3, 1)]
+    assert max(e.frame for e in events if e.line == 0) == max(c.generated_frames for c in result.clips[:3])
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert not any(ctx.startswith("line") for c in result.clips for ctx in c.context)
     assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + 3 * 2400
     # the batch agrees with rendering each line alone under greedy sampling
@@ -167,6 +194,15 @@ def test_fast_mode_batches_lines_with_profile_context_only(engine, profiles):
     a = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, greedy)
     b = ScriptRenderer(engine, profiles).render(SCRIPT, VOICES, single)
     assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.clips, b.clips))
+
+
+def test_fast_mode_can_be_cancelled_during_a_batch(engine, profiles):
+    config = RenderConfig(pause_ms=0, seed=5, max_line_ms=320, mode=FAST, batch_size=2, extra_ms=0)
+    frames = []
+    with pytest.raises(RenderCancelled, match="during line 4") as e:
+        ScriptRenderer(engine, profiles, on_frame=lambda: frames.append(1)).render(
+            SCRIPT, VOICES, config, cancel=lambda: len(frames) > 4)  # the first batch has at most 4 frames
+    assert [c.line.number for c in e.value.partial.clips] == [2, 3]
 
 
 def test_fast_mode_keeps_seed_per_line_and_a_line_regenerates_from_its_seed(engine, profiles):
@@ -267,11 +303,11 @@ class KnownWaveform:
         return Utterance(audio=audio, codes=torch.arange(1, 16).repeat(32, 1), seed=sampling.seed or 0,
                          watermarked=False, prompt_positions=0)
 
-    def generate(self, text, speaker, context, sampling, on_frame=None):
+    def generate(self, text, speaker, context, sampling, on_frame=None, on_stage=None):
         self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
         return self._utterance(sampling)
 
-    def generate_batch(self, requests, sampling, seeds):
+    def generate_batch(self, requests, sampling, seeds, on_frame=None, on_stage=None):
         for text, _, context in requests:
             self.calls.append((text, [(s.text, s.codes.shape[1]) for s in context], sampling.max_frames))
         return [self._utterance(sampling.with_(seed=seed)) for seed in seeds]
@@ -337,3 +373,76 @@ def test_render_config_leaves_room_for_a_seed_per_line():
     for bad in (0, 79, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="max length per line"):
             RenderConfig(max_line_ms=bad)
+
+
+# ---- pauses ------------------------------------------------------------------------------------
+def hand_made(pauses, config=None):
+    """A result of clips 0.1 s long, of value 0.1 * (i + 1), by speakers A, B, A, B..., with these pauses."""
+    from csm_multi.render import Clip, RenderResult
+    from csm_multi.script import ScriptLine
+
+    clips = [Clip(index=i, line=ScriptLine(i + 1, "AB"[i % 2], f"Line {i}.", pause), speaker_id=i % 2, profile=None,
+                  audio=torch.full((2400,), 0.1 * (i + 1)), codes=torch.zeros(32, 2, dtype=torch.long), seed=i,
+                  watermarked=False) for i, pause in enumerate(pauses)]
+    return RenderResult(clips, config or RenderConfig(pause_ms=100))
+
+
+def test_each_line_keeps_its_own_pause_in_audio_manifest_subtitles_and_stems():
+    result = hand_made([None, 500, None, 0])  # the first line defaults to 0, the third to pause_ms
+    starts = [0, 2400 + 12_000, 2400 + 12_000 + 2400 + 2400, 2400 + 12_000 + 2400 + 2400 + 2400]
+    audio = result.audio
+    assert audio.numel() == starts[-1] + 2400
+    for i, at in enumerate(starts):
+        assert torch.allclose(audio[at:at + 2400], torch.tensor(0.1 * (i + 1)))
+    assert float(audio[2400:starts[1]].abs().max()) == 0 and float(audio[starts[1] + 2400:starts[2]].abs().max()) == 0
+    rows = result.manifest()
+    assert [r["pause_before_s"] for r in rows] == [0.0, 0.5, 0.1, 0.0]
+    assert [r["start_s"] for r in rows] == [at / 24_000 for at in starts]
+    assert result.srt().split("\n\n")[1].splitlines()[1] == "00:00:00,600 --> 00:00:00,700"
+    stems = result.stems()
+    assert all(s.numel() == audio.numel() for s in stems.values())
+    assert torch.allclose(stems["A"] + stems["B"], audio) and float(stems["A"][starts[1]:starts[1] + 2400].abs().max()) == 0
+    lead = hand_made([1000, None]).audio  # a pause before the first line is silence at the start
+    assert lead.numel() == 24_000 + 2400 + 2400 + 2400 and float(lead[:24_000].abs().max()) == 0
+
+
+def test_a_lines_pause_can_be_changed_without_regenerating():
+    result = hand_made([None, None, None])
+    longer = result.with_pause(1, 2000)
+    assert [r["pause_before_s"] for r in longer.manifest()] == [0.0, 2.0, 0.1]
+    assert longer.manifest()[2]["start_s"] - result.manifest()[2]["start_s"] == pytest.approx(1.9)
+    assert longer.clips[1].codes is result.clips[1].codes and longer.clips[1].line.pause_before_ms == 2000
+    assert result.clips[1].line.pause_before_ms is None  # the original is untouched
+    assert longer.with_pause(1, None).audio.numel() == result.audio.numel()  # None: back to the default
+    assert longer.with_pause(0, 0).audio.numel() == longer.audio.numel()  # an explicit 0 is kept as 0
+    for bad in (-1, 10_001, 1.5, True):
+        with pytest.raises(ValueError, match="a pause must be"):
+            result.with_pause(1, bad)
+
+
+def test_pause_tags_shape_the_dialogue_and_never_reach_the_model(engine, profiles):
+    fake = KnownWaveform(engine)
+    script = "Alice: Hi Bob. [pause 1s] Are you there?\n[pause 250ms]\nBob: Yes. [pause 2s]\n[Carol] Me too."
+    result = ScriptRenderer(fake, profiles).render(script, VOICES, RenderConfig(pause_ms=300, seed=1, max_line_ms=400))
+    assert [call[0] for call in fake.calls] == [t + FILLER for t in ("Hi Bob.", "Are you there?", "Yes.", "Me too.")]
+    assert [(c.line.number, c.line.speaker) for c in result.clips] == [(1, "Alice"), (1, "Alice"), (3, "Bob"),
+                                                                       (4, "Carol")]
+    assert [m["pause_before_s"] for m in result.manifest()] == [0.0, 1.0, 0.25, 2.0]
+    assert result.audio.numel() == sum(c.audio.numel() for c in result.clips) + int(3.25 * 24_000)
+    assert ("Hi Bob.", 9) in fake.calls[1][1]  # the second half hears the first as context
+    assert result.clips[1].context[-1] == "line 1" and {"line 1", "line 1 part 2"} <= set(result.clips[2].context)
+    assert result.affected_by(0) == [1, 2, 3] and result.affected_by(1) == [2, 3]
+    assert result.manifest()[1]["seed"] == 2  # a split line's halves are lines of their own: seed + index
+
+
+def test_each_line_says_how_its_context_window_was_spent(rendered):
+    """voices + earlier lines = the context positions kept; the new text and the room to speak are
+    what the line reserved (tests/test_views.py draws it; projects keep it)."""
+    result, _ = rendered
+    rows = result.manifest()
+    for row in rows:
+        split = row["context_split"]
+        assert split["voices"] + split["lines"] == row["context_positions"]
+        assert split["speak"] == CONFIG.sampling(0).max_frames and split["text"] > len(row["text"])
+    assert rows[0]["context_split"]["lines"] == 0 and rows[0]["context_split"]["voices"] > 0  # Alice's voice only
+    assert rows[2]["context_split"]["lines"] > 0  # Carol heard the lines before hers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -9,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csm_multi.errors import ScriptError
-from csm_multi.script import ScriptLine, ScriptProblems, check_speakers, parse_script, speakers
+from csm_multi.script import ScriptLine, ScriptProblems, check_speakers, clean_line_text, parse_script, speakers
+
+MAX_PAUSE_MS = 10_000  # the documented limit of one pause
 
 
 def problems(text: str, **limits) -> list[tuple[int, str]]:
@@ -22,7 +25,8 @@ def test_module_does_not_import_torch():
     import csm_multi.script as mod
 
     assert "torch" not in mod.__dict__
-    assert "import torch" not in open(mod.__file__).read()
+    with open(mod.__file__) as f:
+        assert "import torch" not in f.read()
 
 
 def test_all_three_syntaxes():
@@ -152,6 +156,91 @@ def test_script_error_is_a_csm_error():
     assert issubclass(ScriptProblems, ScriptError) and issubclass(ScriptProblems, CsmError)
 
 
+# ---- pause tags ------------------------------------------------------------------------------
+def pauses(text: str) -> list[tuple[int, str, str, int | None]]:
+    return [(line.number, line.speaker, line.text, line.pause_before_ms) for line in parse_script(text)]
+
+
+def test_pause_on_its_own_line_sets_the_next_utterance():
+    assert pauses("Alice: Hi.\n[pause 1.5s]\nBob: Hello.\nAlice: Bye.") == [
+        (1, "Alice", "Hi.", None), (3, "Bob", "Hello.", 1500), (4, "Alice", "Bye.", None)]
+
+
+def test_pause_units_spellings_and_case():
+    for tag, ms in [("[pause 300ms]", 300), ("[pause 2 s]", 2000), ("[PAUSE 0.25S]", 250), ("[Pause .5 sec]", 500),
+                    ("[pause 1 second]", 1000), ("[ pause 40 MS ]", 40), ("[pause 0s]", 0), ("[pause1s]", 1000)]:
+        assert parse_script(f"A: one\n{tag}\nB: two")[1].pause_before_ms == ms, tag
+
+
+def test_pause_at_the_start_of_a_text_sets_that_line_and_at_the_end_the_next():
+    assert pauses("Alice: [pause 1s] Well.\nBob: Fine. [pause 700ms]\nAlice: Good.") == [
+        (1, "Alice", "Well.", 1000), (2, "Bob", "Fine.", None), (3, "Alice", "Good.", 700)]
+    # before the speaker counts as the start of the text
+    assert pauses("A: x\n[pause 2s] [Bob] Late.") == [(1, "A", "x", None), (2, "Bob", "Late.", 2000)]
+
+
+def test_pause_in_the_middle_splits_the_line_keeping_speaker_and_number():
+    assert pauses("Intro: Hi.\n[Alice] Wait. [pause 1s] Did you hear that? [pause 300ms] No?") == [
+        (1, "Intro", "Hi.", None), (2, "Alice", "Wait.", None), (2, "Alice", "Did you hear that?", 1000),
+        (2, "Alice", "No?", 300)]
+
+
+def test_consecutive_pauses_add_up():
+    text = "A: one [pause 1s]\n[pause 500ms][pause 250ms]\n\n# a comment between\n[pause 1s]\nB: [pause 0.25s] two"
+    assert parse_script(text)[1].pause_before_ms == 1000 + 500 + 250 + 1000 + 250
+
+
+def test_punctuation_cut_off_by_a_tag_stays_with_its_words():
+    assert pauses('A: Wait [pause 1s].\nB: "[pause 500ms] Hi," she said.') == [
+        (1, "A", "Wait.", None), (2, "B", '"Hi," she said.', 1500)]
+
+
+def test_speaker_brackets_still_work_and_a_pause_is_never_a_speaker():
+    assert pauses("[Alice] hi\n[pause 1s]\n[Bob]: yo") == [(1, "Alice", "hi", None), (3, "Bob", "yo", 1000)]
+    assert pauses("Pause: I am a speaker called Pause.") == [(1, "Pause", "I am a speaker called Pause.", None)]
+    lines = parse_script("[pause 1s] [Carol] hi\nDan: [pause 2s] ok")
+    assert speakers(lines) == ["Carol", "Dan"]
+
+
+def test_pause_problems_are_reported_with_line_numbers_and_hints():
+    text = ("Alice: hi\n[pause abc]\nBob: x [pause 5 minutes] y\n[pause -1s]\nA: x\n[pause 2]\nA: x\n"
+            "A: far [pause 6s][pause 6s] too long\nB: [pause 1s]\nPause Man [pause 1s]: hi\nA: last\n[pause 1s]")
+    found = problems(text)
+    assert [n for n, _ in found] == [2, 3, 4, 6, 8, 9, 10, 12]
+    for unclosed in ("A: wait [pause 1s", "[pause [B] hi", "A: [pause"):
+        [(number, msg)] = problems(unclosed)
+        assert number == 1 and "without its closing" in msg, unclosed
+    msgs = dict(found)
+    assert "[pause abc] is not a duration" in msgs[2] and "pause abc: text" in msgs[2]  # in case it names a speaker
+    assert "[pause 5 minutes] is not a duration" in msgs[3] and "speaker" not in msgs[3]
+    assert "negative" in msgs[4]
+    assert "no unit" in msgs[6] and "[pause 2s]" in msgs[6]
+    assert "add up to 12 s" in msgs[8] and "limit is 10 s" in msgs[8]
+    assert "nothing to say after B: but a pause" in msgs[9]
+    assert "holds a pause tag" in msgs[10]
+    assert "after the last line" in msgs[12]
+    assert all(" — " in m for m in msgs.values())
+
+
+def test_one_pause_longer_than_the_limit_is_a_problem_however_it_is_written():
+    [(number, msg)] = problems("A: x\n[pause 10.001s]\nB: y")
+    assert number == 2 and "longer than the limit of 10 s" in msg
+    assert parse_script(f"A: x\n[pause {MAX_PAUSE_MS}ms]\nB: y")[1].pause_before_ms == MAX_PAUSE_MS
+    [(number, msg)] = problems("A: x [pause " + "9" * 400 + "s] y")  # no float overflow
+    assert number == 1 and "longer than the limit" in msg and len(msg) < 200
+
+
+def test_a_pause_before_the_first_line_is_kept_for_it():
+    assert pauses("[pause 2s]\nA: late start") == [(2, "A", "late start", 2000)]
+
+
+def test_an_edited_line_text_is_cleaned_and_checked():
+    assert clean_line_text("  new\x07 words  ") == "new words"
+    for bad, message in [("   ", "empty"), ("a [pause 1s] b", "pause tag"), ("x" * 11, "11 characters")]:
+        with pytest.raises(ScriptError, match=message):
+            clean_line_text(bad, max_chars_per_line=10)
+
+
 # ---- properties -------------------------------------------------------------------------------
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=400), st.text(alphabet="ab :：[]#\n\r\t\x00\x07\x1cé\u200f👩", max_size=200)))
@@ -163,17 +252,33 @@ def test_fuzz_parse_returns_lines_or_raises_script_error(text):
         assert str(e)
     else:
         assert 1 <= len(lines) <= 20
-        assert [line.number for line in lines] == sorted({line.number for line in lines})
+        assert [line.number for line in lines] == sorted(line.number for line in lines)  # a split line repeats
         for line in lines:
             assert line.text and line.text == line.text.strip() and len(line.text) <= 50
             assert 1 <= len(line.speaker) <= 40
             assert not any(ord(c) < 32 and c != "\t" for c in line.text)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["A: ", "[B] ", "hi", " ", "\n", "[pause ", "[Pause", "1", "0.5", "s", "ms", "]", ".",
+                                 "-", "x", "12"]), max_size=40).map("".join))
+def test_fuzz_scripts_full_of_pause_tags(text):
+    try:
+        lines = parse_script(text, max_chars_per_line=50)
+    except ScriptError as e:
+        assert e.problems and all(isinstance(n, int) and n >= 0 and " — " in m for n, m in e.problems)
+    else:
+        for line in lines:
+            assert line.text.strip() and not re.search(r"\[\s*pause(?![a-z])", line.text.casefold())  # "[Pauses" is text
+            name = line.speaker.casefold()  # "[pause 1s]" never reads as a speaker; "[PauseA] hi" may
+            assert not re.match(r"pause(?![a-z])", name) and not re.search(r"\[\s*pause(?![a-z])", name)
+            assert line.pause_before_ms is None or line.pause_before_ms <= MAX_PAUSE_MS
+
+
 names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="[]:：#"),
                 min_size=1, max_size=40).map(lambda s: " ".join(s.split())).filter(lambda s: s and len(s) <= 40)
 texts = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=80).map(
-    str.strip).filter(lambda s: s and s[0] not in ":：")  # `[A] : x` reads as `[A]: x`, by design
+    str.strip).filter(lambda s: s and s[0] not in ":：" and "pause" not in s.casefold())  # `[A] : x` reads as `[A]: x`
 
 
 @settings(max_examples=200, deadline=None)

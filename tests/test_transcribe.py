@@ -225,8 +225,8 @@ def test_app_transcript_placeholder_follows_the_configuration(tmp_path):
         (box,) = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label.startswith("Transcript (")]
         return box.placeholder
 
-    assert placeholder(FakeTranscriber()) == "leave empty to transcribe automatically"
-    assert "type what the clip says" in placeholder(None)
+    assert placeholder(FakeTranscriber()) == "leave empty to have it transcribed automatically"
+    assert "type what the clip says" in placeholder(None) and "not available on this server" in placeholder(None)
 
 
 @pytest.mark.parametrize("space", [False, True])
@@ -258,3 +258,50 @@ def test_app_runs_speech_recognition_on_cpu_on_zerogpu(space, tmp_path, monkeypa
         monkeypatch.delenv("SPACE_ID", raising=False)
     app_module.main(["--model", "tiny", "--profiles-dir", str(tmp_path / "voices")])
     assert str(asked["device"]) == ("cpu" if space else "meta")
+
+
+# ---- knowing at start-up whether automatic transcripts work ----------------------------------------
+def test_whisper_availability_is_known_without_loading_it(offline, tmp_path):
+    assert "not in the local cache" in loaders.whisper_unavailable("nobody/no-such-whisper")
+    folder = tmp_path / "whisper"
+    folder.mkdir()
+    assert "no config.json" in loaders.whisper_unavailable(str(folder))
+    (folder / "config.json").write_text("{}")
+    assert loaders.whisper_unavailable(str(folder)) is None
+
+
+def test_the_app_knows_at_start_that_transcripts_must_be_typed(offline, tmp_path, monkeypatch, caplog):
+    """An unloadable speech recogniser is found at start-up: the studio gets none (the page asks for typed
+    transcripts from the start), and the flags to change it go to the log, never to the page."""
+    import app as app_module
+    from csm_multi import CsmError
+
+    given = {}
+
+    def stop(*args, transcriber=None, **kwargs):
+        given["transcriber"] = transcriber
+        raise CsmError("stopped by the test")
+
+    monkeypatch.setattr(app_module, "build_engine", lambda model, **kw: type("E", (), {"device": "cpu"})())
+    monkeypatch.setattr(app_module, "Studio", stop)
+    with caplog.at_level("WARNING"):
+        assert app_module.main(["--asr-model", "nobody/no-such-whisper"]) == 2
+    assert given["transcriber"] is None
+    assert "automatic transcripts are off" in caplog.text and "--asr-model" in caplog.text
+
+
+def test_a_failed_load_tells_the_page_what_to_do_and_the_operator_how_to_fix_it(running_app, tmp_path, caplog):
+    from gradio_client import Client, handle_file
+
+    url, studio = running_app
+    saved = studio.transcriber
+    studio.transcriber = FakeTranscriber(TranscriptionError("could not load the speech recognition model x. Type "
+                                                            "what the clip says as its transcript.", loaders.ASR_HINT))
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(Exception) as e:
+            Client(url, verbose=False).predict("visitor-asr-9999", handle_file(str(_wav(tmp_path / "a.wav"))), "",
+                                               "Alice", api_name="/add_profile")
+    finally:
+        studio.transcriber = saved
+    assert "Type what the clip says" in str(e.value) and "--asr-model" not in str(e.value)
+    assert "--asr-model" in caplog.text
