@@ -9,6 +9,7 @@ Every action has an api_name, so `gradio_client` can drive it (README has an exa
 from __future__ import annotations
 
 import argparse
+import contextvars
 import html
 import logging
 import math
@@ -208,12 +209,17 @@ def _checked_blocks():
 
         async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
             self.validate_inputs(block_fn, inputs)
-            for name, block, value in zip(_parameters(block_fn), block_fn.inputs, inputs):
+            for i, (name, block, value) in enumerate(zip(_parameters(block_fn), block_fn.inputs, inputs)):
                 problem = None if block.stateful else argument_problem(block, value)
                 if problem:
                     label = getattr(block, "label", None)
                     shown = f"{name} ({label})" if label and label != name else name
-                    raise gr.Error(f"{shown}: {problem}", print_exception=False)
+                    if not (_from_page() and getattr(block_fn.fn, "answers_in_place", False)):
+                        raise gr.Error(f"{shown}: {problem}", print_exception=False)
+                    # On the page, refused like the handler's own refusals (no error overlay): the
+                    # handler's wrapper answers with this message instead of running.
+                    _PAGE_PROBLEM.set(for_the_caller(f"{shown}: {problem}"))
+                    inputs[i] = block.value
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
         def __exit__(self, exc_type=None, *args):
@@ -222,11 +228,22 @@ def _checked_blocks():
                 if exc_type is None and block_fn.fn is not None and not getattr(block_fn.fn, "answers_in_place", 0):
                     block_fn.fn = _answered_in_place(block_fn.fn, block_fn.outputs)
 
+        async def process_api(self, block_fn, inputs, state=None, request=None, *args, **kwargs):
+            # the request's headers for preprocess_data, which Gradio gives no request
+            token = _PAGE_REQUEST.set(request)
+            try:
+                return await super().process_api(block_fn, inputs, state, request, *args, **kwargs)
+            finally:
+                _PAGE_REQUEST.reset(token)
+
         async def call_function(self, block_fn, *args, **kwargs):
             # A handler that fails in a way it did not foresee (a bug) still answers with a message,
             # not Gradio's empty error; the traceback goes to the log.
             try:
-                return await super().call_function(block_fn, *args, **kwargs)
+                try:
+                    return await super().call_function(block_fn, *args, **kwargs)
+                finally:
+                    _PAGE_PROBLEM.set(None)
             except (gr.Error, StopIteration, StopAsyncIteration):
                 raise
             except Exception as e:
@@ -242,6 +259,8 @@ class Refused(Exception):
     """An action the handler will not do, with the message for the caller (see `_answered_in_place`)."""
 
 
+_PAGE_PROBLEM: contextvars.ContextVar[str | None] = contextvars.ContextVar("csm_page_problem", default=None)
+_PAGE_REQUEST: contextvars.ContextVar = contextvars.ContextVar("csm_page_request", default=None)
 NOTE = "csm-note"  # elem_classes of an action's message text, where a refusal is also written
 
 
@@ -250,9 +269,11 @@ def _from_page() -> bool:
     try:
         from gradio.context import LocalContext
 
-        request = LocalContext.request.get(None)
+        request = LocalContext.request.get(None) or _PAGE_REQUEST.get()
     except ImportError:  # pragma: no cover - another Gradio layout: treat as an API caller
         request = None
+    if isinstance(request, list):  # a batched event: one request per row
+        request = request[0] if request else None
     headers = getattr(request, "headers", None) or {}
     return headers.get("x-gradio-user") == "app"
 
@@ -282,6 +303,9 @@ def _answered_in_place(fn, outputs):
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
+            if problem := _PAGE_PROBLEM.get():  # an argument the page sent was refused before the call
+                yield refusal(Refused(problem))
+                return
             try:
                 yield from fn(*args, **kwargs)
             except Refused as e:
@@ -291,6 +315,8 @@ def _answered_in_place(fn, outputs):
 
     @functools.wraps(fn)
     def function(*args, **kwargs):
+        if problem := _PAGE_PROBLEM.get():
+            return refusal(Refused(problem))
         try:
             return fn(*args, **kwargs)
         except Refused as e:

@@ -233,6 +233,14 @@ def test_an_error_leaves_the_page_usable(app_url, page, tmp_path):
     expect(page.locator(".error")).to_have_count(0)
     _shot(page, "studio-error-1280.png")
 
+    # a value the page's own checks refuse (below the seed's minimum) is answered the same way
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Seed (-1 = random; line i uses seed + i)").fill("-5")
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Not done: seed \(Seed .*expected a whole number from -1"))).to_be_visible()
+    expect(page.locator(".error")).to_have_count(0)
+    expect(page.get_by_role("button", name="Render", exact=True)).to_be_enabled()
+
 
 def test_render_shows_its_stage_and_is_off_while_busy(app_url, page, tmp_path):
     _open(page, app_url)
