@@ -18,6 +18,7 @@ import queue
 import secrets
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -592,12 +593,10 @@ def build_demo(studio: Studio):
 
     def stage_text(item, started: float, lines_done: list[float]) -> str:
         """A progress line: line, speaker, stage, and the time left from the lines finished so far."""
-        import time as _time
-
         stage = getattr(item, "stage", "generating")
         what = f"frame {item.frame}" if stage == "generating" else stage
         text = f"line {item.line + 1}/{item.lines} · {item.speaker} · {what}"
-        elapsed = _time.monotonic() - started
+        elapsed = time.monotonic() - started
         if lines_done:  # seconds per line so far, times the lines left (the current one half done)
             per_line = lines_done[-1] / len(lines_done)
             left = max(per_line * (item.lines - item.line) - (elapsed - lines_done[-1]), 1.0)
@@ -613,8 +612,6 @@ def build_demo(studio: Studio):
     def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes=1,
                       asked=None, progress=gr.Progress()):
         """`asked` (page state, hidden from the API): False on the Render button, True on "Render anyway"."""
-        import time as _time
-
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
             studio.parse(script)  # script problems first, with line numbers
@@ -642,7 +639,7 @@ def build_demo(studio: Studio):
                 events.put(("error", e))
 
         threading.Thread(target=work, daemon=True).start()
-        started, lines_done = _time.monotonic(), []
+        started, lines_done = time.monotonic(), []
         try:
             while True:
                 item = events.get()
@@ -651,7 +648,7 @@ def build_demo(studio: Studio):
                     continue
                 kind, payload = item
                 if kind == "clip":
-                    lines_done.append(_time.monotonic() - started)
+                    lines_done.append(time.monotonic() - started)
                     pause = np.zeros(24_000 * config.pause_before_ms(payload.line, payload.index) // 1000, np.int16)
                     chunk = np.concatenate([pause, _int16(payload.audio)])
                     note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
@@ -703,7 +700,7 @@ def build_demo(studio: Studio):
         try:
             line = None if line_number is None else int(line_number)
             new = studio.rerender(key, result, line, voices or {}, _seed(seed))
-            return _finished(new, key, studio_draft(key, new))
+            return _finished(new, key, studio_draft(key))
         except (CsmError, ValueError) as e:
             fail(e)
 
@@ -755,10 +752,6 @@ def build_demo(studio: Studio):
             gr.Markdown(f"_Lines {MAX_EDITOR_ROWS + 1}–{len(result.clips)} are in the manifest and the files; the "
                         "editor shows the first {MAX_EDITOR_ROWS}._")
 
-    def _row(row) -> int:
-        """A 0-based clip index from the page (already 0-based) or the API (1..N, as `row`)."""
-        return int(row)
-
     def one_line(progress):
         """Progress events of a one-line action as Gradio progress: the line, its stage, its frames."""
         def report(item):
@@ -768,16 +761,17 @@ def build_demo(studio: Studio):
         return report
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""
         try:
-            new = studio.edit_line(key, result, _row(row), text, voices, progress=one_line(progress))
-            return _shown(key, new, f"Line {_row(row) + 1} re-rendered with the new text")
+            new = studio.edit_line(key, result, row, text, voices, progress=one_line(progress))
+            return _shown(key, new, f"Line {row + 1} re-rendered with the new text")
         except (CsmError, ValueError) as e:
             fail(e)
 
     def new_take(key, result, voices, row, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         try:
-            new = studio.new_takes(key, result, _row(row), voices, 1, progress=one_line(progress))
-            return _shown(key, new, f"New take of line {_row(row) + 1}")
+            new = studio.new_takes(key, result, row, voices, 1, progress=one_line(progress))
+            return _shown(key, new, f"New take of line {row + 1}")
         except (CsmError, ValueError) as e:
             fail(e)
 
@@ -794,18 +788,18 @@ def build_demo(studio: Studio):
             if take is None:
                 raise CsmError("take: give the number of the take to keep (1 = the first)")
             take = int(take) - 1
-            return _shown(key, studio.choose_take(result, _row(row), take), f"Line {_row(row) + 1}: take {take + 1} kept")
+            return _shown(key, studio.choose_take(result, row, take), f"Line {row + 1}: take {take + 1} kept")
         except (CsmError, ValueError, TypeError) as e:
             fail(e)
 
     def set_pause(key, result, row, seconds):
         try:
-            return _shown(key, studio.set_pause(result, _row(row), seconds), f"Pause before line {_row(row) + 1} set")
+            return _shown(key, studio.set_pause(result, row, seconds), f"Pause before line {row + 1} set")
         except (CsmError, ValueError) as e:
             fail(e)
 
     def _shown(key, result, what: str):
-        note, *rest = _finished(result, key, studio_draft(key, result))
+        note, *rest = _finished(result, key, studio_draft(key))
         return (f"{what}. {note}", *rest)
 
     # API versions of the editor's actions: `line` is 1..N, the line's place in the manifest
@@ -824,7 +818,7 @@ def build_demo(studio: Studio):
     def _api_row(line) -> int:
         return -1 if line is None else int(line) - 1
 
-    def studio_draft(key, result):
+    def studio_draft(key):
         """The script, voices and settings of this library's last rendering (None if there is none)."""
         last = studio.last_rendering(key)
         return None if last is None else last[:3]
@@ -851,10 +845,14 @@ def build_demo(studio: Studio):
             fail(e)
         c = project.config
         note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
-        mapping_rows = [[spk, prof or NONE] for spk, prof in project.voices.items()]
-        return (project.script, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
-                c.max_line_ms / 1000, c.pause_ms, c.mode, note, *rendered[1:6], project.voices, *library_view(key),
+        return (*tab_values(project.script, project.voices, c), note, *rendered[1:6], project.voices,
+                *library_view(key),
                 *rendered[6:])
+
+    def tab_values(script_text, voices, c: RenderConfig) -> tuple:
+        """The Script tab's script, speaker map and settings for a project or a rendering."""
+        return (script_text, [[spk, prof or NONE] for spk, prof in voices.items()], c.temperature, c.topk,
+                -1 if c.seed is None else c.seed, c.max_line_ms / 1000, c.pause_ms, c.mode)
 
     def reopen_last(key):
         """This library's last rendering (kept in the server's memory), back on the Script tab."""
@@ -866,9 +864,7 @@ def build_demo(studio: Studio):
             rendered = _finished(result)
         except CsmError as e:
             fail(e)
-        mapping_rows = [[spk, prof or NONE] for spk, prof in voices.items()]
-        return (script_text, mapping_rows, c.temperature, c.topk, -1 if c.seed is None else c.seed,
-                c.max_line_ms / 1000, c.pause_ms, c.mode, f"Reopened the last rendering: {rendered[0]}",
+        return (*tab_values(script_text, voices, c), f"Reopened the last rendering: {rendered[0]}",
                 *rendered[1:6], voices, *rendered[6:])
 
     # ---- quick ----------------------------------------------------------------------------
