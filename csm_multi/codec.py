@@ -10,7 +10,9 @@ Shapes: B batch, K codebooks (32 for CSM), T frames (80 ms, 1920 samples each), 
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,6 +105,8 @@ class MimiCodec:
         param = next(mimi.parameters())
         self.device: torch.device = param.device
         self._dtype = param.dtype
+        self._twins: list[MimiCodec] = []  # idle stream twins (see _borrow)
+        self._twins_lock = threading.Lock()
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """(S,) -> (K, T) or (B, S) -> (B, K, T) int64 codes, T = ceil(S / 1920).
@@ -144,9 +148,29 @@ class MimiCodec:
         moshi builds the state in inference mode here, so its tensors are inference tensors:
         touching it (e.g. `mimi.reset_streaming()`) outside `torch.inference_mode()` raises.
         """
-        self._check_not_streaming()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        twin = self._borrow()
+        try:
+            with twin._stream(batch_size) as stream:
+                yield stream
+        finally:
+            with self._twins_lock:
+                self._twins.append(twin)
+
+    def _borrow(self) -> MimiCodec:
+        """A codec for one stream: a twin of this Mimi sharing its weights (new module objects, so
+        its own streaming state). Streams from several threads at once each get their own; the
+        shared model never streams, so whole encodes and decodes can run beside them."""
+        with self._twins_lock:
+            if self._twins:
+                return self._twins.pop()
+        shared = {id(t): t for t in (*self.mimi.parameters(), *self.mimi.buffers())}
+        return MimiCodec(copy.deepcopy(self.mimi, memo=shared))
+
+    @contextmanager
+    def _stream(self, batch_size: int) -> Iterator[MimiStream]:
+        self._check_not_streaming()
         # The state is built (and later updated) in inference mode, but the caller's block is not
         # put in inference mode.
         with torch.inference_mode():

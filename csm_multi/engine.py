@@ -7,6 +7,7 @@ profiles, scripts or the UI. Waveforms are (S,) float32 tensors at 24 kHz on the
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
+from .scheduler import GenerationRequest, Scheduler, current_visitor
 
 # What a call is doing, for progress displays (`on_stage`): frames first, then these two
 GENERATING, DECODING, WATERMARKING = "generating", "decoding", "watermarking"
@@ -89,6 +91,7 @@ class Engine:
         self._generator = torch.Generator(device=self.device)
         self._row_generators: list[torch.Generator] = []  # generate_batch: one per row, grown on demand
         self._graphs: dict[tuple, FrameGraph] = {}
+        self.scheduler: Scheduler | None = None  # see serve(): then every generation is a request to it
         self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
                                        tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
                                        watermark="on" if self.watermarker else "OFF")
@@ -183,9 +186,43 @@ class Engine:
             graph = self._graphs[key] = FrameGraph(self.model, batch, sampler, padded)
         return graph
 
-    def _frames(self, text, speaker, context, sampling) -> tuple[Iterator[torch.Tensor], int, int]:
+    def serve(self, **limits) -> Scheduler:
+        """Hand the model to a continuous-batching `Scheduler` (limits: its keyword arguments, e.g.
+        max_rows, max_waiting, per_visitor). From now on generate, stream and generate_batch are
+        requests to it, so calls from many threads share one batch; codes per seed are unchanged.
+        The per-frame CUDA graph is not used meanwhile (its batch changes every frame)."""
+        self.stop_serving()
+        self._graphs.clear()
+        self.scheduler = Scheduler(self.model, num_codes=self.codec.cardinality, **limits)
+        return self.scheduler
+
+    def stop_serving(self) -> None:
+        """Stop the scheduler (waiting and running requests get BusyError); generation runs alone again."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
+            self.model.drop_caches()
+
+    def _request(self, tokens, mask, sampling: SamplingConfig, seed: int,
+                 on_stage: StageCallback | None = None) -> Iterator[torch.Tensor]:
+        """Frames of one prompt from the scheduler; `on_stage` hears the wait-queue place meanwhile."""
+        ticket = self.scheduler.submit(GenerationRequest(
+            tokens=tokens, mask=mask, temperature=sampling.temperature, topk=sampling.topk, seed=seed,
+            max_frames=sampling.max_frames, visitor=current_visitor()))
+        on_wait = None
+        if on_stage is not None:
+            def on_wait(place: int) -> None:
+                on_stage(f"waiting for a free generation row ({place - 1} ahead)" if place > 1
+                         else "waiting for a free generation row (next)")
+        return ticket.frames(on_wait)
+
+    def _frames(self, text, speaker, context, sampling,
+                on_stage: StageCallback | None = None) -> tuple[Iterator[torch.Tensor], int, int]:
         tokens, mask = self.build_prompt(text, speaker, context)
         self.check_window(tokens.size(0), sampling.max_frames)
+        if self.scheduler is not None:
+            seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+            return self._request(tokens, mask, sampling, seed, on_stage), seed, tokens.size(0)
         sampler, seed = self._sampler(sampling)
         graph = self._graph(1, sampler, padded=False)
         it = iterate_frames(self.model, tokens[None].to(self.device), mask[None].to(self.device),
@@ -209,17 +246,20 @@ class Engine:
     @torch.inference_mode()
     def generate_codes(self, text: str, speaker: int, context: Sequence[Segment] = (),
                        sampling: SamplingConfig = SamplingConfig(),
-                       on_frame: Callable[[], None] | None = None) -> tuple[torch.Tensor, int, int]:
+                       on_frame: Callable[[], None] | None = None,
+                       on_stage: StageCallback | None = None) -> tuple[torch.Tensor, int, int]:
         """Codes (K, T) of one utterance (T may be 0 when the model ends at once), seed, prompt size.
 
-        `on_frame` is called after every frame (progress, cancellation, memory housekeeping).
+        `on_frame` is called after every frame (progress, cancellation, memory housekeeping);
+        `on_stage` hears the wait-queue place while a request waits for the scheduler.
         """
-        frames, seed, n_prompt = self._frames(text, speaker, context, sampling)
+        frames, seed, n_prompt = self._frames(text, speaker, context, sampling, on_stage)
         codes = []
-        for frame in frames:
-            codes.append(frame)
-            if on_frame:
-                on_frame()
+        with contextlib.closing(frames):  # a scheduler request stops at once when on_frame raises (cancel)
+            for frame in frames:
+                codes.append(frame)
+                if on_frame:
+                    on_frame()
         k = self.config.audio_num_codebooks
         stacked = torch.stack(codes, dim=1) if codes else torch.zeros(k, 0, dtype=torch.long, device=self.device)
         return stacked, seed, n_prompt
@@ -239,7 +279,7 @@ class Engine:
         `on_stage` hears "decoding" before Mimi decodes the frames and "watermarking" before the
         watermark is applied (only when there is a watermarker).
         """
-        codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling, on_frame)
+        codes, seed, n_prompt = self.generate_codes(text, speaker, context, sampling, on_frame, on_stage)
         [audio] = self._finish([codes], on_stage)
         return Utterance(audio=audio, codes=codes.cpu(), seed=seed, watermarked=self.watermarker is not None,
                          prompt_positions=n_prompt)
@@ -256,7 +296,7 @@ class Engine:
             frames, seed, _ = self._frames(text, speaker, context, sampling)
             pending: list[torch.Tensor] = []
             done = 0
-            with self.codec.stream(batch_size=1) as decoder:
+            with self.codec.stream(batch_size=1) as decoder, contextlib.closing(frames):
                 want = chunks.first_chunk_frames
                 for frame in frames:
                     pending.append(frame)
@@ -297,6 +337,8 @@ class Engine:
         prompts = [self.build_prompt(text, spk, ctx) for text, spk, ctx in requests]
         longest = max(t.size(0) for t, _ in prompts)
         self.check_window(longest, sampling.max_frames)
+        if self.scheduler is not None:
+            return self._batch_via_scheduler(prompts, sampling, seeds, on_frame, on_stage)
         tokens = torch.zeros(len(prompts), longest, self.config.frame_width, dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         pad = torch.tensor([longest - t.size(0) for t, _ in prompts])
@@ -317,6 +359,33 @@ class Engine:
         return [Utterance(audio=a, codes=c.cpu(), seed=seed, watermarked=self.watermarker is not None,
                           prompt_positions=prompt[0].size(0))
                 for a, c, seed, prompt in zip(audio, codes, row_seeds, prompts)]
+
+
+    def _batch_via_scheduler(self, prompts, sampling: SamplingConfig, seeds, on_frame, on_stage) -> list[Utterance]:
+        """generate_batch's rows as scheduler requests (they join the batch with everyone else's)."""
+        drawn = [seed if seed is not None else secrets.randbits(31) for seed in seeds]
+        streams = [self._request(t, m, sampling, seed, on_stage if i == 0 else None)
+                   for i, ((t, m), seed) in enumerate(zip(prompts, drawn))]
+        per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
+        live = list(range(len(prompts)))
+        try:
+            while live:  # one frame from every row still going, then on_frame (as per batch frame)
+                for row in list(live):
+                    frame = next(streams[row], None)
+                    if frame is None:
+                        live.remove(row)
+                    else:
+                        per_row[row].append(frame)
+                if live and on_frame:
+                    on_frame()
+        finally:
+            for stream in streams:
+                stream.close()
+        k = self.config.audio_num_codebooks
+        codes = [torch.stack(f, dim=1) if f else torch.zeros(k, 0, dtype=torch.long) for f in per_row]
+        audio = self._finish(codes, on_stage)
+        return [Utterance(audio=a, codes=c, seed=seed, watermarked=self.watermarker is not None,
+                          prompt_positions=prompt[0].size(0)) for a, c, seed, prompt in zip(audio, codes, drawn, prompts)]
 
 
 def _check_speaker(speaker) -> None:

@@ -45,3 +45,7 @@ class TranscriptionError(CsmError):
     def __init__(self, message: str, operator_hint: str = ""):
         super().__init__(message)
         self.operator_hint = operator_hint
+
+
+class BusyError(CsmError):
+    """The generation queue is full (or this visitor has too many requests waiting): try again later."""

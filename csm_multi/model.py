@@ -53,16 +53,32 @@ class StaticKVCache(KVCache):
 
     trim = False
     filled = 0
+    # Row mode (the scheduler's continuous batching, see `CSM.use_rows`): the step uses cache rows
+    # `rows` only, each row writing its new positions at its own slots `row_pos` (B', S), and
+    # attention sees the first `visible` slots (None: all). None: the whole batch, shared positions.
+    rows: slice | None = None
+    row_pos: torch.Tensor | None = None
+    visible: int | None = None
 
     def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if self.rows is not None:
+            k_cache, v_cache = k_cache[self.rows], v_cache[self.rows]  # views: writes go through
+        if self.row_pos is not None:
+            rows = torch.arange(k_val.shape[0], device=k_val.device).unsqueeze(1)
+            k_cache[rows, :, self.row_pos] = k_val.transpose(1, 2)  # (B', S, H, D) at each row's own slots
+            v_cache[rows, :, self.row_pos] = v_val.transpose(1, 2)
+            if self.visible is None:
+                return k_cache, v_cache
+            return k_cache[:, :, : self.visible], v_cache[:, :, : self.visible]
         positions = self.cache_pos[: k_val.shape[2]]
-        self.k_cache.index_copy_(2, positions, k_val)
-        self.v_cache.index_copy_(2, positions, v_val)
+        k_cache.index_copy_(2, positions, k_val)
+        v_cache.index_copy_(2, positions, v_val)
         self.cache_pos.add_(k_val.shape[2])
         self.filled += k_val.shape[2]
         if self.trim:
-            return self.k_cache[:, :, : self.filled], self.v_cache[:, :, : self.filled]
-        return self.k_cache, self.v_cache
+            return k_cache[:, :, : self.filled], v_cache[:, :, : self.filled]
+        return k_cache, v_cache
 
     def reset(self) -> None:
         self.k_cache.zero_()
@@ -167,7 +183,31 @@ class CSM(nn.Module):
     def _visible(self, stack: TransformerDecoder, new: int) -> int | None:
         """Cache slots attention sees after adding `new` positions (None: all of them)."""
         kv = stack.layers[0].attn.kv_cache
+        if kv.row_pos is not None:
+            return kv.visible
         return kv.filled + new if kv.trim else None
+
+    def use_rows(self, rows: slice | None, input_pos: torch.Tensor | None = None, visible: int | None = None) -> None:
+        """Row mode for the next steps (the scheduler): backbone and decoder use only cache rows `rows`
+        (a slice of the batch set up by `setup_caches`); the backbone writes row b's new positions at
+        its own slots `input_pos[b]` and attends to the first `visible` slots (None: all; set it to the
+        largest end position on CPU, where caches are trimmed). `use_rows(None)`: back to whole-batch mode.
+        """
+        for layer in self.backbone.layers:
+            kv = layer.attn.kv_cache
+            kv.rows, kv.row_pos = rows, input_pos
+            kv.visible = visible if kv.trim else None
+        for layer in self.decoder.layers:
+            layer.attn.kv_cache.rows = rows
+
+    @torch.no_grad()
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` backbone cache slots of row `src` into row `dst` (the scheduler
+        compacts its rows when one leaves)."""
+        for layer in self.backbone.layers:
+            kv = layer.attn.kv_cache
+            kv.k_cache[dst, :, :length] = kv.k_cache[src, :, :length]
+            kv.v_cache[dst, :, :length] = kv.v_cache[src, :, :length]
 
     def reset_caches(self) -> None:
         self.backbone.reset_caches()

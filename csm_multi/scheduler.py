@@ -1,0 +1,368 @@
+"""Continuous batching: one frame loop over a dynamic batch of independent generation requests.
+
+The scheduler owns the model while it runs: every generation is a `GenerationRequest` (a prompt's
+frames, sampling settings, a seed, a frame limit; plain tensors and numbers, so it can cross a
+process boundary) and comes back as a `Ticket` that yields the request's frames as they are made.
+A new request is prefilled into a free row of the KV cache (its own positions 0..S-1) and joins the
+batch at the next frame boundary; a row that emits the end frame, reaches its frame limit or is
+cancelled leaves, and the last row moves into its slot so the active rows stay 0..n-1.
+
+Each row samples with its own generator seeded with the request's seed and writes its own cache
+row at its own positions, so a request's codes are those it gets alone with that seed (exactly on
+CPU float32 for the tiny preset, tests/test_scheduler.py; within float rounding of batched
+products elsewhere). Decoding and watermarking are not done here: the caller's thread does them
+while the frame loop goes on with the other rows.
+
+Admission: at most `max_rows` rows (`row_budget`, when given, may lower it at run time, e.g. from
+free GPU memory), a bounded FIFO wait queue (`max_waiting`, and `waiting_per_visitor` for one
+visitor), and a per-visitor share (`per_visitor` rows) that applies while other visitors wait: a
+visitor's extra requests are admitted only into rows nobody else is waiting for. Beyond the bounds,
+`submit` raises `BusyError`. Prefill runs between frames, so a joining request delays the running
+rows by its prefill once (LLM servers split long prefills into chunks; not done here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BusyError
+from .frames import is_eos
+from .generate import Sampler, generate_frame, next_frame_input
+from .model import CSM
+from .sampling import sample_topk
+
+log = logging.getLogger(__name__)
+
+_VISITOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("csm_multi_visitor", default=None)
+
+
+@contextlib.contextmanager
+def as_visitor(visitor: str | None) -> Iterator[None]:
+    """Generations started in this block (this thread) count against `visitor`'s share of the batch."""
+    token = _VISITOR.set(visitor)
+    try:
+        yield
+    finally:
+        _VISITOR.reset(token)
+
+
+def current_visitor() -> str | None:
+    return _VISITOR.get()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One utterance to generate: prompt frames (S, K+1) and mask, sampling, seed and frame limit."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    temperature: float
+    topk: int
+    seed: int
+    max_frames: int
+    visitor: str | None = None
+
+
+_END = object()
+
+
+class Ticket:
+    """A submitted request. Iterate it for its frames ((K,) int64 tensors) until the end frame or
+    the frame limit; `cancel()` stops it (its row leaves at the next frame boundary)."""
+
+    def __init__(self, request: GenerationRequest, scheduler: Scheduler):
+        self.request = request
+        self._scheduler = scheduler
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None  # when its prefill began
+        self.first_frame_at: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._scheduler._wake()
+
+    @property
+    def waiting(self) -> int:
+        """1-based place in the wait queue; 0 once it runs (or has ended)."""
+        return self._scheduler._place(self)
+
+    def frames(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 0.5) -> Iterator[torch.Tensor]:
+        """The request's frames as they are made. `on_wait(place)` hears the wait-queue place every
+        `poll_s` while the request waits. Leaving the loop early (break, an exception) cancels it."""
+        try:
+            while True:
+                try:
+                    item = self._items.get(timeout=poll_s)
+                except queue.Empty:
+                    place = self.waiting
+                    if on_wait is not None and place:
+                        on_wait(place)
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    __iter__ = frames
+
+    def _put(self, item) -> None:
+        self._items.put(item)
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    generator: torch.Generator
+    pos: int  # cache slots filled = the next frame's position
+    last: torch.Tensor  # (K,) the frame it made last (the next step's input)
+    frames: int = 0
+
+
+class Scheduler:
+    """The frame loop over a dynamic batch (see the module doc). Thread-safe `submit`; one worker
+    thread runs the model. Use `close()` (or `with`) to stop it."""
+
+    def __init__(self, model: CSM, *, num_codes: int | None = None, max_rows: int = 8, max_waiting: int = 64,
+                 per_visitor: int = 2, waiting_per_visitor: int = 16,
+                 row_budget: Callable[[int], int] | None = None, on_step: Callable[[], object] | None = None):
+        for name, value, least in (("max_rows", max_rows, 1), ("max_waiting", max_waiting, 0),
+                                   ("per_visitor", per_visitor, 1), ("waiting_per_visitor", waiting_per_visitor, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+        self.model = model
+        self.num_codes = num_codes
+        self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.per_visitor, self.waiting_per_visitor = per_visitor, waiting_per_visitor
+        self.row_budget = row_budget  # (active rows) -> rows allowed now, e.g. from free GPU memory
+        self.on_step = on_step  # after every frame step (memory housekeeping)
+        self.device = next(model.parameters()).device
+        self._cond = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._rows: list[_Row] = []
+        self._closed = False
+        self.steps = 0  # batched frame steps run
+        self.frames = 0  # frames made (all rows)
+        self.batch_sizes: Counter[int] = Counter()
+        self.peak_rows = 0
+        model.setup_caches(max_rows)
+        self._thread = threading.Thread(target=self._run, name="csm-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the callers' side ----------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Ticket:
+        """Queue `request`; raises BusyError when the wait queue (or this visitor's part of it) is full."""
+        ticket = Ticket(request, self)
+        with self._cond:
+            if self._closed:
+                raise BusyError("the generation scheduler has stopped (the server is shutting down)")
+            self._drop_cancelled()
+            if len(self._waiting) >= self.max_waiting and not self._free_rows():
+                raise BusyError(f"the server is busy: {len(self._waiting)} requests are already waiting for "
+                                f"the {self.max_rows} generation rows; try again in a minute")
+            mine = sum(t.request.visitor == request.visitor for t in self._waiting)
+            if request.visitor is not None and mine >= max(self.waiting_per_visitor, 1) and not self._free_rows():
+                raise BusyError(f"you already have {mine} requests waiting; wait for them to finish, then try again")
+            self._waiting.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"active": len(self._rows), "waiting": len(self._waiting), "max_rows": self.max_rows,
+                    "limit": self._limit(), "steps": self.steps, "frames": self.frames, "peak_rows": self.peak_rows,
+                    "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+
+    def close(self, timeout: float = 30) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _place(self, ticket: Ticket) -> int:
+        with self._cond:
+            for i, t in enumerate(self._waiting):
+                if t is ticket:
+                    return i + 1
+        return 0
+
+    # ---- admission --------------------------------------------------------------------------
+    def _limit(self) -> int:
+        limit = self.max_rows
+        if self.row_budget is not None:
+            limit = max(1, min(limit, int(self.row_budget(len(self._rows)))))
+        return limit
+
+    def _free_rows(self) -> int:
+        return max(self._limit() - len(self._rows), 0)
+
+    def _drop_cancelled(self) -> None:
+        for t in [t for t in self._waiting if t.cancelled]:
+            self._waiting.remove(t)
+            t._put(_END)
+
+    def _admit(self) -> list[Ticket]:
+        """Tickets to prefill now (called holding the lock): FIFO within each visitor's share first,
+        then FIFO into rows nobody else waits for."""
+        self._drop_cancelled()
+        free = self._free_rows()
+        if not free or not self._waiting:
+            return []
+        running = Counter(r.ticket.request.visitor for r in self._rows)
+        chosen: list[Ticket] = []
+        for t in list(self._waiting):
+            if len(chosen) == free:
+                break
+            v = t.request.visitor
+            if v is None or running[v] < self.per_visitor:
+                chosen.append(t)
+                running[v] += 1
+        for t in list(self._waiting):
+            if len(chosen) == free:
+                break
+            if t not in chosen:
+                chosen.append(t)
+        for t in chosen:
+            self._waiting.remove(t)
+        return chosen
+
+    # ---- the frame loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._rows and not [t for t in self._waiting if not t.cancelled]:
+                        self._drop_cancelled()
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    joining = self._admit()
+                try:
+                    for ticket in joining:
+                        self._prefill(ticket)
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # e.g. out of memory: every running request hears it, the loop goes on
+                    log.exception("generation step failed")
+                    for t in joining:
+                        t._put(e)
+                    for row in self._rows:
+                        row.ticket._put(e)
+                    with self._cond:
+                        self._rows.clear()
+                if self.on_step is not None:
+                    self.on_step()
+        with self._cond:  # closed: nobody gets more frames
+            for t in [*self._waiting, *(r.ticket for r in self._rows)]:
+                t._put(BusyError("the generation scheduler has stopped (the server is shutting down)"))
+            self._waiting.clear()
+            self._rows.clear()
+
+    def _sampler(self, rows: list[_Row]) -> Callable[[torch.Tensor], torch.Tensor]:
+        settings = {(r.ticket.request.temperature, r.ticket.request.topk) for r in rows}
+        if len(settings) == 1:
+            [(temperature, topk)] = settings
+            generators = rows[0].generator if len(rows) == 1 else tuple(r.generator for r in rows)
+            return Sampler(temperature, topk, generators, num_codes=self.num_codes)
+        num_codes = self.num_codes
+
+        def per_row(logits: torch.Tensor) -> torch.Tensor:  # rows with different settings: one at a time
+            if num_codes is not None:
+                logits = logits[..., :num_codes]
+            return torch.cat([sample_topk(logits[b: b + 1], r.ticket.request.topk, r.ticket.request.temperature,
+                                          r.generator) for b, r in enumerate(rows)])
+
+        return per_row
+
+    def _prefill(self, ticket: Ticket) -> None:
+        """Prefill `ticket`'s prompt into the next free row and make its first frame."""
+        if ticket.cancelled:
+            ticket._put(_END)
+            return
+        request, slot = ticket.request, len(self._rows)
+        ticket.started_at = time.monotonic()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(request.seed)
+        row = _Row(ticket, generator, pos=request.tokens.size(0), last=torch.empty(0))
+        tokens, mask = request.tokens[None].to(self.device), request.mask[None].to(self.device)
+        input_pos = torch.arange(tokens.size(1), device=self.device).unsqueeze(0)
+        self.model.use_rows(slice(slot, slot + 1), input_pos, visible=tokens.size(1))
+        try:
+            codes = generate_frame(self.model, tokens, mask, input_pos, self._sampler([row]))
+        finally:
+            self.model.use_rows(None)
+        if self._deliver(row, codes[0]):
+            with self._cond:
+                self._rows.append(row)
+                self.peak_rows = max(self.peak_rows, len(self._rows))
+
+    def _step(self) -> None:
+        """One frame for every active row, then the rows that ended leave."""
+        rows = self._rows
+        tokens, mask = next_frame_input(torch.stack([r.last for r in rows]))
+        input_pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+        self.model.use_rows(slice(0, len(rows)), input_pos, visible=max(r.pos for r in rows) + 1)
+        try:
+            codes = generate_frame(self.model, tokens, mask, input_pos, self._sampler(rows))
+        finally:
+            self.model.use_rows(None)
+        self.steps += 1
+        self.batch_sizes[len(rows)] += 1
+        ended = []
+        for b, row in enumerate(rows):
+            row.pos += 1
+            if not self._deliver(row, codes[b]):
+                ended.append(b)
+        with self._cond:
+            for b in reversed(ended):  # the last row moves into the freed slot: rows stay 0..n-1
+                last = len(self._rows) - 1
+                if b != last:
+                    self.model.move_row(last, b, self._rows[last].pos)
+                    self._rows[b] = self._rows[last]
+                self._rows.pop()
+
+    def _deliver(self, row: _Row, codes: torch.Tensor) -> bool:
+        """Hand a new frame to its ticket; False when the row has ended (end frame, limit, cancel)."""
+        ticket = row.ticket
+        if ticket.cancelled or bool(is_eos(codes)):
+            ticket._put(_END)
+            return False
+        if ticket.first_frame_at is None:
+            ticket.first_frame_at = time.monotonic()
+        row.last = codes
+        row.frames += 1
+        self.frames += 1
+        ticket._put(codes.cpu())
+        if row.frames >= ticket.request.max_frames:
+            ticket._put(_END)
+            return False
+        return True

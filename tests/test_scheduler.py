@@ -1,0 +1,275 @@
+"""The continuous-batching scheduler: rows join and leave at frame boundaries, each request's codes
+equal its solo run with the same seed, cancel / EOS / frame limits per row, fair admission, a bounded
+queue, and memory-pressure shrinking. Tiny preset, CPU float32 (where equality is exact)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from csm_multi import SamplingConfig
+from csm_multi.codec import MimiCodec, build_mimi
+from csm_multi.config import get_preset
+from csm_multi.engine import Engine
+from csm_multi.errors import BusyError
+from csm_multi.fused import fuse_layers
+from csm_multi.model import CSM
+from csm_multi.scheduler import GenerationRequest, Scheduler, as_visitor
+from csm_multi.text import ByteTokenizer
+
+TEXTS = ["A fairly long first line of text, long enough.", "Short.", "Third one here.", "And a fourth, medium.",
+         "Five.", "Six is a bit longer than five."]
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return MimiCodec(build_mimi(None))
+
+
+@pytest.fixture(scope="module", params=["torchtune", "fused"])
+def model(request):
+    m = CSM(get_preset("tiny")).init_random_(seed=1).eval()
+    return fuse_layers(m) if request.param == "fused" else m
+
+
+@pytest.fixture
+def engine(model, codec):
+    e = Engine(model, ByteTokenizer(), codec, watermark=False)
+    yield e
+    e.stop_serving()
+
+
+def solo(engine: Engine, text: str, speaker: int, sampling: SamplingConfig) -> torch.Tensor:
+    assert engine.scheduler is None
+    return engine.generate_codes(text, speaker, (), sampling)[0].cpu()
+
+
+def request(engine: Engine, text: str, sampling: SamplingConfig, seed: int, visitor=None, speaker=0) -> GenerationRequest:
+    tokens, mask = engine.build_prompt(text, speaker)
+    return GenerationRequest(tokens, mask, sampling.temperature, sampling.topk, seed, sampling.max_frames, visitor)
+
+
+def test_rows_joining_and_leaving_at_different_frames_get_their_solo_codes(engine):
+    """Six sampled requests with different seeds, limits and settings, submitted while others run
+    (so they join at different frames and leave at different frames): each equals its solo run."""
+    plans = [(TEXTS[i], i % 2, SamplingConfig(temperature=0.9 if i % 3 else 0.7, topk=50 if i % 2 else 20,
+                                             seed=100 + i, max_audio_length_ms=80 * (6 + 3 * i)))
+             for i in range(len(TEXTS))]
+    expected = [solo(engine, text, spk, s) for text, spk, s in plans]
+    assert len({e.shape[1] for e in expected}) > 2  # they leave at different frames
+    scheduler = engine.serve(max_rows=3)
+    tickets, got = [], [None] * len(plans)
+
+    def consume(i, ticket):
+        got[i] = torch.stack(list(ticket), dim=1)
+
+    threads = []
+    for i, (text, spk, s) in enumerate(plans):
+        tokens, mask = engine.build_prompt(text, spk)
+        ticket = scheduler.submit(GenerationRequest(tokens, mask, s.temperature, s.topk, s.seed, s.max_frames))
+        tickets.append(ticket)
+        threads.append(threading.Thread(target=consume, args=(i, ticket)))
+        threads[-1].start()
+        time.sleep(0.05 * (i % 3))  # later requests arrive while earlier rows are mid-utterance
+    for t in threads:
+        t.join(60)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+    stats = scheduler.stats()
+    assert stats["peak_rows"] == 3 and max(stats["batch_sizes"]) == 3  # rows really shared steps
+    assert len(stats["batch_sizes"]) > 1  # and the batch size changed as rows came and went
+
+
+def test_engine_calls_from_many_threads_share_the_batch_and_keep_their_codes(engine):
+    greedy = SamplingConfig(topk=1, seed=0, max_audio_length_ms=400)
+    sampled = SamplingConfig(topk=30, temperature=0.8, seed=7, max_audio_length_ms=400)
+    expected = {(t, s.topk): solo(engine, t, 0, s) for t in TEXTS[:4] for s in (greedy, sampled)}
+    engine.serve(max_rows=8)
+    got = {}
+
+    def call(text, s):
+        with as_visitor(f"v-{text[:3]}"):
+            got[(text, s.topk)] = engine.generate(text, 0, (), s).codes
+
+    threads = [threading.Thread(target=call, args=(t, s)) for t in TEXTS[:4] for s in (greedy, sampled)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got.keys() == expected.keys()
+    for key, codes in expected.items():
+        assert torch.equal(got[key], codes), key
+    assert max(engine.scheduler.stats()["batch_sizes"]) > 1
+
+
+def test_generate_batch_and_stream_through_the_scheduler_match_solo(engine):
+    s = SamplingConfig(topk=40, temperature=0.9, seed=3, max_audio_length_ms=480)
+    reqs = [(TEXTS[0], 0, []), (TEXTS[1], 1, []), (TEXTS[2], 0, [])]
+    alone = engine.generate_batch(reqs, s)
+    streamed_alone = torch.cat([c.audio for c in engine.stream(TEXTS[3], 0, (), s)])
+    engine.serve(max_rows=2)
+    batch = engine.generate_batch(reqs, s)
+    assert [u.seed for u in batch] == [3, 4, 5]
+    for a, b in zip(alone, batch):
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(a.audio, b.audio)
+    streamed = torch.cat([c.audio for c in engine.stream(TEXTS[3], 0, (), s)])
+    torch.testing.assert_close(streamed, streamed_alone)
+
+
+def test_cancel_end_frame_and_limit_per_row(engine):
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 40)
+    scheduler = engine.serve(max_rows=4)
+    long_a = scheduler.submit(request(engine, TEXTS[0], s, seed=1))
+    long_b = scheduler.submit(request(engine, TEXTS[2], s, seed=2))
+    limited = scheduler.submit(request(engine, TEXTS[1], s.with_(max_audio_length_ms=80 * 3), seed=3))
+    it_a = iter(long_a)
+    first = [next(it_a) for _ in range(3)]
+    long_a.cancel()
+    rest = list(it_a)  # at most the frames already queued before the cancel reached the loop
+    assert len(first) == 3 and len(rest) < 5
+    assert len(list(limited)) == 3  # its limit, while the others go on
+    b = list(long_b)
+    assert 3 < len(b) <= 40
+    # a request that ends at once (the end frame first) yields nothing and frees its row
+    eos = scheduler.submit(request(engine, TEXTS[4], s.with_(max_audio_length_ms=80), seed=4))
+    assert len(list(eos)) <= 1
+    deadline = time.monotonic() + 10
+    while scheduler.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats()["active"] == 0
+
+
+def test_breaking_out_of_a_ticket_cancels_it(engine):
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 200)
+    scheduler = engine.serve(max_rows=2)
+    ticket = scheduler.submit(request(engine, TEXTS[0], s, seed=5))
+    for _ in ticket:
+        break
+    assert ticket.cancelled
+    deadline = time.monotonic() + 10
+    while scheduler.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats()["active"] == 0 and scheduler.frames < 50
+
+
+def test_bounded_queue_busy_answer_and_wait_places(engine):
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 300)
+    scheduler = engine.serve(max_rows=1, max_waiting=2, waiting_per_visitor=8)
+    running = scheduler.submit(request(engine, TEXTS[0], s, seed=1, visitor="a"))
+    it = iter(running)
+    next(it)  # it holds the only row now
+    w1 = scheduler.submit(request(engine, TEXTS[1], s, seed=2, visitor="b"))
+    w2 = scheduler.submit(request(engine, TEXTS[2], s, seed=3, visitor="c"))
+    assert (w1.waiting, w2.waiting) == (1, 2)
+    with pytest.raises(BusyError, match="2 requests are already waiting"):
+        scheduler.submit(request(engine, TEXTS[3], s, seed=4, visitor="d"))
+    places = []
+    w2_frames = threading.Thread(target=lambda: list(w2.frames(on_wait=places.append, poll_s=0.05)))
+    w2_frames.start()
+    time.sleep(0.3)
+    w1.cancel()  # a waiting request cancelled: the one behind it moves up
+    deadline = time.monotonic() + 5
+    while w2.waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert w2.waiting == 1
+    running.cancel()
+    w2_frames.join(2)
+    w2.cancel()
+    w2_frames.join(30)
+    assert places and places[0] == 2 and 1 in places
+
+
+def test_one_visitor_cannot_fill_the_batch_while_others_wait(engine):
+    """Alone, a visitor's requests take every free row; once another visitor waits, a freed row goes
+    to that visitor although the first one asked earlier."""
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 100)
+    scheduler = engine.serve(max_rows=3, per_visitor=1)
+    hog = [scheduler.submit(request(engine, TEXTS[i], s, seed=i, visitor="hog")) for i in range(5)]
+    iters = [iter(t) for t in hog[:3]]
+    for it in iters:
+        next(it)
+    assert scheduler.stats()["active"] == 3 and [t.waiting for t in hog[3:]] == [1, 2]
+    other = scheduler.submit(request(engine, TEXTS[5], s, seed=9, visitor="other"))
+    assert other.waiting == 3
+    hog[0].cancel()
+    next(iter(other))  # the freed row went to "other", not to the hog's fourth request
+    assert other.waiting == 0 and hog[3].waiting == 1
+    for t in [*hog, other]:
+        t.cancel()
+
+
+def test_alone_a_visitor_uses_every_free_row(engine):
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 100)
+    scheduler = engine.serve(max_rows=4, per_visitor=1)
+    tickets = [scheduler.submit(request(engine, TEXTS[i], s, seed=i, visitor="solo")) for i in range(4)]
+    iters = [iter(t) for t in tickets]
+    for it in iters:
+        next(it)
+    assert scheduler.stats()["active"] == 4 and all(t.waiting == 0 for t in tickets)
+    for t in tickets:
+        t.cancel()
+
+
+def test_memory_pressure_shrinks_admission_and_running_rows_finish(engine):
+    budget = {"rows": 4}
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 60)
+    scheduler = engine.serve(max_rows=4, row_budget=lambda active: budget["rows"])
+    first = [scheduler.submit(request(engine, TEXTS[i], s, seed=i)) for i in range(3)]
+    iters = [iter(t) for t in first]
+    for it in iters:
+        next(it)
+    assert scheduler.stats()["active"] == 3
+    budget["rows"] = 1  # memory got short: nobody new joins until the running rows are below it
+    late = scheduler.submit(request(engine, TEXTS[4], s, seed=8))
+    time.sleep(0.3)
+    assert late.waiting == 1 and scheduler.stats()["limit"] == 1
+    for t in first:
+        t.cancel()
+    assert len(list(late)) > 0  # admitted once the rows left
+
+
+def test_a_failing_step_reaches_its_requests_and_the_loop_goes_on(engine, monkeypatch):
+    s = SamplingConfig(topk=1, seed=0, max_audio_length_ms=240)
+    scheduler = engine.serve(max_rows=2)
+    import csm_multi.scheduler as sched
+
+    real = sched.generate_frame
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sched, "generate_frame", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(scheduler.submit(request(engine, TEXTS[1], s, seed=0)))
+    monkeypatch.setattr(sched, "generate_frame", real)
+    assert len(list(scheduler.submit(request(engine, TEXTS[1], s, seed=0)))) == 3
+
+
+def test_closing_answers_waiting_requests_busy(engine):
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 300)
+    scheduler = engine.serve(max_rows=1)
+    running = scheduler.submit(request(engine, TEXTS[0], s, seed=1))
+    waiting = scheduler.submit(request(engine, TEXTS[1], s, seed=2))
+    next(iter(running))
+    engine.stop_serving()
+    with pytest.raises(BusyError, match="shutting down"):
+        list(waiting)
+    with pytest.raises(BusyError):
+        scheduler.submit(request(engine, TEXTS[1], s, seed=2))
+    assert engine.scheduler is None
+    assert engine.generate(TEXTS[1], 0, (), s.with_(max_audio_length_ms=160)).codes.shape[1] <= 2  # alone again
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_rows": 0}, "max_rows"), ({"per_visitor": True}, "per_visitor"),
+                                             ({"max_waiting": -1}, "max_waiting")])
+def test_bad_limits_are_refused(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Scheduler(model, **kwargs)
