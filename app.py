@@ -396,6 +396,11 @@ def status_markdown(info: dict) -> str:
                      f"{cache['size']}/{cache['maxsize']} entries, {cache['evictions']} evictions")
     if "libraries" in info:
         lines.append(f"**Voice libraries in memory:** {info['libraries']['open']}/{info['libraries']['max']}")
+    sched = info.get("scheduler")
+    if sched:
+        lines.append(f"**Generation:** {sched['active']}/{sched['limit']} rows busy, {sched['waiting']} waiting · "
+                     f"{sched['frames']} frames in {sched['steps']} batched steps, at most {sched['peak_rows']} rows "
+                     "at once")
     mem = info["memory"]
     if "gpu_allocated_mb" in info:
         lines.append(f"**GPU memory:** {info['gpu_allocated_mb']} MB allocated, {info['gpu_reserved_mb']} MB reserved · "
@@ -885,7 +890,8 @@ def build_demo(studio: Studio):
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
             chunks = []
-            for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig()):
+            for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig(),
+                                              visitor=f"key-{key}"):
                 chunks.append(chunk.audio)
                 yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
         except (CsmError, ValueError) as e:
@@ -1195,6 +1201,22 @@ def build_demo(studio: Studio):
     return demo
 
 
+def configure_queue(demo: gr.Blocks, engine) -> int:
+    """Gradio's queue as the engine can serve it; returns how many generation events may run at once.
+
+    With a scheduler (`Engine.serve`) every render, line action and Quick call is a request to one
+    batching frame loop, so the page lets as many run as it has rows plus places to wait, and the
+    scheduler queues, shares and refuses them (with the place shown). Without one (ZeroGPU, where the
+    GPU exists only inside each decorated call, or `--max-batch 0`) they run one at a time."""
+    sched = engine.scheduler
+    slots = sched.max_rows + sched.max_waiting if sched is not None else 1
+    for block_fn in demo.fns.values():
+        if block_fn.concurrency_id == "gpu":
+            block_fn.concurrency_limit = slots
+    demo.queue(default_concurrency_limit=1, max_size=max(64, slots))
+    return slots
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python app.py` / `csm-multi-app`: serve the app. A start-up error (no hub access, a bad flag or
     environment variable, a taken port) is one line on stderr and exit code 2; --debug adds the traceback."""
@@ -1237,7 +1259,17 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--library-idle-days", type=int, default=setting("library_idle_days"),
                    help="delete a visitor library untouched this many days (never the shared one); 0: keep "
                         "them (env CSM_LIBRARY_IDLE_DAYS)")
+    p.add_argument("--max-batch", type=int, default=setting("max_batch"),
+                   help="requests generated together in one batch (continuous batching; 0: one at a time, "
+                        "as on ZeroGPU; env CSM_MAX_BATCH)")
+    p.add_argument("--max-waiting", type=int, default=setting("max_waiting"),
+                   help="requests that may wait for a row before visitors get a busy answer (env CSM_MAX_WAITING)")
+    p.add_argument("--per-visitor", type=int, default=setting("per_visitor"),
+                   help="rows one visitor may hold while others wait (env CSM_PER_VISITOR)")
     args = p.parse_args(argv)
+    for flag in ("max_batch", "max_waiting", "per_visitor"):
+        if getattr(args, flag) < (0 if flag != "per_visitor" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a whole number >= {0 if flag != 'per_visitor' else 1}")
     release_torch_scratch()  # so a killed server leaves no torch folder in the temp dir
     if env("SPACE_ID"):
         ensure_nodeps_packages()
@@ -1256,12 +1288,16 @@ def serve(argv: list[str]) -> None:
                                         voices_per_library=args.max_voices_per_library,
                                         storage_quota_bytes=args.storage_quota_mb * 10**6,
                                         library_idle_days=args.library_idle_days), transcriber=transcriber)
+    if args.max_batch > 0 and not zero_gpu():  # ZeroGPU: see configure_queue
+        engine.serve(max_rows=args.max_batch, max_waiting=args.max_waiting, per_visitor=args.per_visitor,
+                     on_step=studio.memory.step,
+                     row_budget=lambda active: studio.memory.rows_allowed(active, args.max_batch))
     demo = build_demo(studio)
-    demo.queue(default_concurrency_limit=1, max_size=16)
+    slots = configure_queue(demo, engine)
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
-                allowed_paths=[str(studio.outputs_root)])
+                allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40)
 
 
 if __name__ == "__main__":

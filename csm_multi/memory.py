@@ -47,7 +47,7 @@ class CudaMemoryManager:
         self._stats_fn = stats_fn or self._torch_stats
         self._clear_fn = clear_fn or self._torch_clear
         self.interval = min_interval  # look early; back off while quiet
-        self.steps = self.checks = self.clears = 0
+        self.steps = self.checks = self.clears = self.shrinks = 0
         self.last_reserved = self.last_allocated = 0
         self._since_check = 0
 
@@ -84,9 +84,26 @@ class CudaMemoryManager:
         self.interval = min(self.max_interval, self.interval * 2)
         return False
 
+    def rows_allowed(self, active: int, max_rows: int) -> int:
+        """Generation rows a scheduler may run now (its `row_budget`): `max_rows`, or while the device
+        stays over `pressure` after clearing the cache, no more than run now, so the batch shrinks as
+        rows finish (a running row is never stopped for memory). Always `max_rows` when inactive."""
+        if not self.active:
+            return max_rows
+        for attempt in range(2):
+            s = self._stats_fn()
+            total, free = int(s["total"]), int(s["free"])
+            if total <= 0 or (total - free) / total <= self.pressure:
+                return max_rows
+            if attempt == 0 and int(s["reserved"]) > int(s["allocated"]):
+                self._clear_fn()  # unused cache first: maybe that is all the pressure was
+                self.clears += 1
+        self.shrinks += 1
+        return max(1, min(active, max_rows))
+
     def stats(self) -> dict[str, int]:
         return {"steps": self.steps, "checks": self.checks, "clears": self.clears, "interval": self.interval,
-                "last_reserved": self.last_reserved, "last_allocated": self.last_allocated}
+                "shrinks": self.shrinks, "last_reserved": self.last_reserved, "last_allocated": self.last_allocated}
 
     # ---- torch backends (used only when nothing is injected) -----------------------------------
     def _torch_stats(self) -> MemoryStats:

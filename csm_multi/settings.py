@@ -49,6 +49,10 @@ SETTINGS: dict[str, Setting] = {
     "max_voices_per_library": Setting("CSM_MAX_VOICES_PER_LIBRARY", 50, int),
     "storage_quota_mb": Setting("CSM_STORAGE_QUOTA_MB", 2000, int),
     "library_idle_days": Setting("CSM_LIBRARY_IDLE_DAYS", 30, int),
+    # the generation scheduler (app.py): rows generated together, requests that may wait, rows per visitor
+    "max_batch": Setting("CSM_MAX_BATCH", 8, int),
+    "max_waiting": Setting("CSM_MAX_WAITING", 64, int),
+    "per_visitor": Setting("CSM_PER_VISITOR", 2, int),
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

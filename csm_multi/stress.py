@@ -114,6 +114,11 @@ class Recorder:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.samples: dict[str, str] = {}
+        self.audio_s = 0.0  # seconds of audio rendered
+
+    def audio(self, seconds: float) -> None:
+        with self.lock:
+            self.audio_s += seconds
 
     def ok(self, endpoint: str, seconds: float) -> None:
         with self.lock:
@@ -172,6 +177,8 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
                       "conversational")
             if out is not None and not str(out[1]).startswith("Done: 1 lines"):
                 rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
+            elif out is not None:
+                rec.audio(float(re.search(r"lines, ([\d.]+) s", str(out[1]))[1]))
     listed = api("list_profiles", key)
     if listed is not None:
         names = [row[0] for row in listed[0]["data"]]
@@ -199,21 +206,44 @@ def _reference_clip(path: Path, seconds: float) -> str:
     return str(path)
 
 
+def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, rounds: int = 2) -> float:
+    """Seconds one visitor's one-line render takes with nobody else there (best of `rounds`, after a warm-up)."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout_s})
+    key = "stress-alone-visitor"
+    client.predict(key, handle_file(clip), "a short test clip", "Alone", api_name="/add_profile")
+    mapping = {"headers": ["speaker", "profile"], "data": [["Alone", "Alone"]]}
+    best = float("inf")
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        client.predict(key, "Alone: Line 0.", mapping, 0.9, 50, 7, line_s, 0, "conversational", api_name="/render_script")
+        if r:
+            best = min(best, time.perf_counter() - start)
+    client.predict(key, "Alone", True, api_name="/delete_profile")
+    return best
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, timeout_s: float = 300,
         deadline_s: float = 900, retries: int = 5, libraries_in_memory: int | None = None,
-        workdir: str | Path | None = None) -> dict:
+        workdir: str | Path | None = None, max_batch: int | None = None) -> dict:
     """Start the app, run `clients` visitors at once, stop the app; returns the figures as a dict.
-    Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for."""
+    Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for.
+    `max_batch`: the app's --max-batch (None: its default). Before the visitors come, one render
+    alone is timed (`alone_s`), so `wall_s / alone_s` says what sharing the server cost."""
     with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
         root = Path(workdir or scratch)
         extra = () if libraries_in_memory is None else ("--libraries-in-memory", str(libraries_in_memory))
+        if max_batch is not None:
+            extra += ("--max-batch", str(max_batch))
         clip = _reference_clip(root / "reference.wav", clip_s)
         rec, statuses = Recorder(), {}
         with AppServer(root / "profiles", root / "tmp", *extra) as server:
+            alone_s = _render_alone(server.url, clip, line_s, timeout_s)
             at_start = server.memory_mb()
             threads = [threading.Thread(target=visitor, daemon=True, name=f"visitor-{i}",
                                         args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses))
@@ -236,6 +266,8 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
     done = sum(len(v) for k, v in rec.latency.items() if k != "connect")
     return {
         "clients": clients, "requests_per_client": requests, "line_s": line_s, "wall_s": round(wall, 2),
+        "max_batch": max_batch, "alone_s": round(alone_s, 3), "audio_s": round(rec.audio_s, 2),
+        "audio_s_per_s": round(rec.audio_s / wall, 3) if wall else 0.0,
         "completed_requests": done, "requests_per_s": round(done / wall, 3) if wall else 0.0, "hung_clients": hung,
         "endpoints": {e: {"ok": len(rec.latency[e]), **dict(rec.errors[e]),
                           "p50_s": round(_percentile(rec.latency[e], 50), 3),
@@ -254,9 +286,13 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
 
 
 def format_report(r: dict) -> str:
+    batch = "app default" if r.get("max_batch") is None else r["max_batch"]
     lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of <= "
-             f"{r['line_s']:g} s, tiny preset, {os.cpu_count()} CPU cores: {r['wall_s']:.1f} s",
-             f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed)",
+             f"{r['line_s']:g} s, tiny preset, {os.cpu_count()} CPU cores, --max-batch {batch}: {r['wall_s']:.1f} s",
+             f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed), "
+             f"{r.get('audio_s_per_s', 0):.2f} s of audio per second",
+             f"one render alone: {r.get('alone_s', float('nan')):.2f} s; all {r['clients']} visitors took "
+             f"{r['wall_s'] / r['alone_s'] if r.get('alone_s') else float('nan'):.1f}x that",
              f"{'endpoint':<14} {'ok':>4} {'busy':>5} {'failed':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7}"]
     for name, e in r["endpoints"].items():
         lines.append(f"{name:<14} {e['ok']:>4} {e.get('busy', 0):>5} {e.get('failed', 0):>6} "
@@ -283,14 +319,50 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=300, help="seconds per call before it counts as a timeout")
     p.add_argument("--deadline", type=float, default=900, help="seconds for the whole run")
     p.add_argument("--libraries-in-memory", type=int, help="the app's LRU of open libraries (default: the app's)")
+    p.add_argument("--max-batch", type=int, help="the app's --max-batch (default: the app's, 8)")
+    p.add_argument("--compare", action="store_true",
+                   help="run twice in this run: with --max-batch (default 8) and with --max-batch 1, and print both "
+                        "and their ratios")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    report = run(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.timeout, args.deadline,
-                 libraries_in_memory=args.libraries_in_memory)
-    print(format_report(report))
+    kwargs = {"libraries_in_memory": args.libraries_in_memory} if args.libraries_in_memory is not None else {}
+    batches = [args.max_batch or 8, 1] if args.compare else [args.max_batch]
+    reports = []
+    for batch in batches:
+        extra = kwargs if batch is None else {**kwargs, "max_batch": batch}
+        reports.append(run(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.timeout,
+                           args.deadline, **extra))
+        print(format_report(reports[-1]), flush=True)
+    report = reports[0]
+    if args.compare:
+        batched, serial = reports
+        report = {"batched": batched, "serial": serial, "ratios": compare(batched, serial)}
+        print(format_comparison(report["ratios"], batched["max_batch"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def compare(batched: dict, serial: dict) -> dict:
+    """What batching changed: the serial run's wall time and p95 over the batched run's, audio throughput
+    batched over serial, and each run's wall time in multiples of one render alone."""
+    def ratio(a, b):
+        return round(a / b, 2) if a and b and a == a and b == b else None
+
+    p95 = ratio(serial["endpoints"]["render_script"]["p95_s"], batched["endpoints"]["render_script"]["p95_s"])
+    return {"wall_speedup": ratio(serial["wall_s"], batched["wall_s"]), "render_p95_speedup": p95,
+            "audio_throughput_gain": ratio(batched["audio_s_per_s"], serial["audio_s_per_s"]),
+            "batched_wall_over_alone": ratio(batched["wall_s"], batched["alone_s"]),
+            "serial_wall_over_alone": ratio(serial["wall_s"], serial["alone_s"]),
+            "refused": {"batched": batched["errors"]["busy"] + batched["errors"]["gave_up"],
+                        "serial": serial["errors"]["busy"] + serial["errors"]["gave_up"]}}
+
+
+def format_comparison(c: dict, max_batch: int) -> str:
+    return (f"--max-batch {max_batch} against --max-batch 1, same run: wall {c['wall_speedup']}x faster, render "
+            f"p95 {c['render_p95_speedup']}x lower, audio throughput {c['audio_throughput_gain']}x; all visitors "
+            f"took {c['batched_wall_over_alone']}x one render alone batched, {c['serial_wall_over_alone']}x serial; "
+            f"refused (busy) {c['refused']['batched']} batched, {c['refused']['serial']} serial")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ profile file), so the app can hand it out without exposing the profile store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -17,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import soundfile as sf
@@ -41,6 +41,7 @@ from .profiles import (
 )
 from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
 from .render import RenderConfig, RenderResult, ScriptRenderer
+from .scheduler import as_visitor
 from .script import ScriptLine, parse_script, speaker_key, speakers
 
 LIBRARY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")  # used with fullmatch: `$` would let a final "\n" through
@@ -120,6 +121,19 @@ class StudioLimits:
     max_pause_ms: int = 2000
     # an opened project's rendering longer than this is left out (its memory grows with its length)
     max_open_render_s: float = 20 * 60
+
+
+def _as_visitor(method):
+    """A Studio method whose generations count against the caller's library in the scheduler's
+    per-visitor share (see csm_multi/scheduler.py)."""
+    @functools.wraps(method)
+    def wrapped(self, key, *args, **kwargs):
+        # the key names the visitor even with a shared library (the page still has one per browser);
+        # the method checks it
+        with as_visitor(f"key-{key}" if isinstance(key, str) else None):
+            return method(self, key, *args, **kwargs)
+
+    return wrapped
 
 
 class Studio:
@@ -268,9 +282,10 @@ class Studio:
 
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
-        source = partial(store.segment, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
+        source = functools.partial(store.segment, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
         return ScriptRenderer(self.engine, source, on_frame=self.memory.step, transcriber=self.transcriber)
 
+    @_as_visitor
     def render(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
                progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
                on_clip: Callable | None = None) -> RenderResult:
@@ -284,6 +299,7 @@ class Studio:
         result.voice_audio = used
         return result
 
+    @_as_visitor
     def rerender(self, key, result: RenderResult, line_number: int | None, voices, seed: int | None = None,
                  progress=None) -> RenderResult:
         numbers = ", ".join(str(c.line.number) for c in result.clips)
@@ -309,6 +325,7 @@ class Studio:
         voices, result = self.follow_voices(key, voices or {c.line.speaker: c.profile for c in result.clips}, result)
         return self.check_voices(key, voices), result
 
+    @_as_visitor
     def new_takes(self, key, result: RenderResult, row: int, voices, n: int = 1, seed: int | None = None,
                   progress=None, cancel=None) -> RenderResult:
         """`n` more candidates of line `row` in one batch (take t of `seed`: seed + t); the best is chosen."""
@@ -317,6 +334,7 @@ class Studio:
         seeds = None if seed is None else [seed + t for t in range(n)]
         return self.renderer(key).new_takes(result, row, voices, n, seeds, progress, cancel)
 
+    @_as_visitor
     def edit_line(self, key, result: RenderResult, row: int, text: str, voices, progress=None,
                   cancel=None) -> RenderResult:
         """Line `row` said with new `text` (same speaker and pause), with fresh takes; in conversational
@@ -330,6 +348,7 @@ class Studio:
         voices, result = self._line_voices(key, voices, result)
         return self.renderer(key).rerender_line(result, row, voices, None, progress, cancel, text=text)
 
+    @_as_visitor
     def rerender_stale(self, key, result: RenderResult, voices, progress=None, cancel=None) -> RenderResult:
         """Re-render, in order, the lines that heard a line which changed since (`result.stale`)."""
         self.library(key)  # the key is checked first
@@ -550,4 +569,6 @@ class Studio:
             info["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(self.engine.device) / 2**20)
             info["gpu_reserved_mb"] = round(torch.cuda.memory_reserved(self.engine.device) / 2**20)
         info["library"] = "shared" if self.shared else "private to this browser"
+        if self.engine.scheduler is not None:
+            info["scheduler"] = self.engine.scheduler.stats()
         return info

@@ -43,17 +43,19 @@ def running_app(tmp_path_factory, tiny_model):
 
 
 def launch(studio):
-    """`studio`'s app on a free port of 127.0.0.1, as main() serves it (queue of 8 here): (url, demo).
+    """`studio`'s app on a free port of 127.0.0.1, queued as main() queues it (`configure_queue`: one
+    generation at a time unless `studio.engine.serve()` gave it a scheduler): (url, demo).
     The caller closes the demo. Tests import it: `from conftest import launch`."""
     import socket
 
     import app as app_module
 
     demo = app_module.build_demo(studio)
-    demo.queue(default_concurrency_limit=1, max_size=8)
+    slots = app_module.configure_queue(demo, studio.engine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app_module.PAGE_CSS,
-                blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)])
+                blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)],
+                max_threads=slots + 40)
     return f"http://127.0.0.1:{port}/", demo

@@ -111,7 +111,7 @@ def test_cpu_is_a_counting_noop():
     fake = FakeCuda(allocated=0, reserved=10 * GiB)  # would clear if it looked
     m = CudaMemoryManager("cpu", stats_fn=fake.stats, clear_fn=fake.clear, min_interval=1)
     assert run(m, 100) == 0 and fake.calls == 0 and not m.active
-    assert m.stats() == {"steps": 100, "checks": 0, "clears": 0, "interval": 1,
+    assert m.stats() == {"steps": 100, "checks": 0, "clears": 0, "interval": 1, "shrinks": 0,
                          "last_reserved": 0, "last_allocated": 0}
 
 
@@ -140,3 +140,16 @@ def test_real_cuda_counters():
     assert m.stats()["last_reserved"] == reserved and m.stats()["last_allocated"] == allocated
     if m.stats()["clears"]:
         assert torch.cuda.memory_reserved() < reserved
+
+
+def test_rows_allowed_shrinks_the_batch_only_under_pressure_that_clearing_does_not_fix():
+    fake = FakeCuda(allocated=10 * GiB, reserved=30 * GiB, total=32 * GiB)  # crowded, but 20 GiB is unused cache
+    m = manager(fake)
+    assert m.rows_allowed(active=5, max_rows=8) == 8 and fake.cleared == 1  # clearing was enough
+    fake.others = 20 * GiB  # another process now holds the memory: still crowded after a clear
+    assert m.rows_allowed(active=5, max_rows=8) == 5  # nobody new joins; the batch shrinks as rows finish
+    assert m.rows_allowed(active=2, max_rows=8) == 2 and m.rows_allowed(active=0, max_rows=8) == 1
+    assert m.stats()["shrinks"] == 3
+    fake.others = 0
+    assert m.rows_allowed(active=2, max_rows=8) == 8  # pressure gone: the full batch again
+    assert CudaMemoryManager("cpu").rows_allowed(active=3, max_rows=4) == 4

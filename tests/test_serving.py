@@ -1,0 +1,167 @@
+"""Many testers at once through the scheduler: concurrent gradio_client visitors rendering and
+streaming, the same audio for a seed whoever else is rendering, the wait place in the progress
+line, and a clear busy answer beyond the queue's bound. Tiny preset, CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import launch
+from csm_multi.codec import MimiCodec, build_mimi
+from csm_multi.engine import Engine
+from csm_multi.errors import CsmError
+from csm_multi.render import RenderConfig
+from csm_multi.studio import Studio
+from csm_multi.text import ByteTokenizer
+
+gradio_client = pytest.importorskip("gradio_client")
+VISITORS = 6
+
+
+def tone(path, seconds=1.2, hz=180):
+    t = np.arange(int(24_000 * seconds)) / 24_000
+    sf.write(str(path), 0.2 * np.sin(2 * np.pi * hz * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)), 24_000)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return MimiCodec(build_mimi(None))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model, codec):
+    """The app over an engine with a scheduler of 8 rows, 2 per visitor (as serve() sets it up)."""
+    root = tmp_path_factory.mktemp("serving")
+    engine = Engine(tiny_model, ByteTokenizer(), codec, watermark=False)
+    engine.serve(max_rows=8, per_visitor=2)
+    studio = Studio(engine, root / "profiles", outputs_root=root / "out")
+    url, demo = launch(studio)
+    yield url, studio, tone(root / "clip.wav")
+    demo.close()
+    engine.stop_serving()
+
+
+def mapping(name):
+    return {"headers": ["speaker", "profile"], "data": [[name, name]]}
+
+
+def render(client, key, name, seed):
+    out = client.predict(key, f"{name}: Hello there, line for {name}.", mapping(name), 0.9, 50, seed, 1.5, 0,
+                         "conversational", api_name="/render_script")
+    assert str(out[1]).startswith("Done: 1 lines"), out[1]
+    return sf.read(out[2] if isinstance(out[2], str) else out[3][0])[0]
+
+
+def test_visitors_render_at_once_in_one_batch_and_get_the_audio_of_their_seed(served):
+    url, studio, clip = served
+    keys = [f"serving-visitor-{i:02d}" for i in range(VISITORS)]
+    clients = [gradio_client.Client(url, verbose=False) for _ in keys]
+    for i, (client, key) in enumerate(zip(clients, keys)):
+        client.predict(key, gradio_client.handle_file(clip), "a short test clip", f"V{i}", api_name="/add_profile")
+    before = studio.engine.scheduler.stats()["batch_sizes"]
+    together, errors = {}, []
+
+    def visit(i):
+        try:
+            together[i] = render(clients[i], keys[i], f"V{i}", seed=40 + i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(VISITORS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    after = studio.engine.scheduler.stats()["batch_sizes"]
+    assert max(b for b, n in after.items() if n > before.get(b, 0)) > 1  # lines of different visitors shared steps
+    for i in (0, VISITORS - 1):  # alone, later: the same audio for the same seed
+        np.testing.assert_array_equal(render(clients[i], keys[i], f"V{i}", seed=40 + i), together[i])
+
+
+def test_quick_streams_from_several_visitors_at_once(served):
+    url, studio, _ = served
+    results, errors = {}, []
+
+    def say(i):
+        try:
+            client = gradio_client.Client(url, verbose=False)
+            out = client.predict(f"serving-quick-{i:02d}", f"Quick line number {i}.", None, 0.9, 50, 5 + i, 1.0,
+                                 api_name="/say")
+            results[i] = out
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=say, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for out in results.values():
+        assert "seed" in str(out[-1]) and sf.read(out[1])[0].size > 0
+
+
+def test_status_shows_the_generation_rows(served):
+    url, _, _ = served
+    text = gradio_client.Client(url, verbose=False).predict("serving-status-00", api_name="/status")
+    assert "**Generation:**" in text and "rows busy" in text
+
+
+@pytest.fixture
+def one_row_studio(tmp_path, tiny_model, codec):
+    engine = Engine(tiny_model, ByteTokenizer(), codec, watermark=False)
+    engine.serve(max_rows=1, max_waiting=1)
+    studio = Studio(engine, tmp_path / "profiles", outputs_root=tmp_path / "out")
+    clip = tone(tmp_path / "clip.wav")
+    for key in ("first-visitor", "second-visitor", "third-visitor"):
+        studio.add_profile(key, "A", clip, "a short test clip")
+    yield studio
+    engine.stop_serving()
+
+
+def test_a_waiting_render_shows_its_place_and_beyond_the_bound_the_answer_is_busy(one_row_studio):
+    studio = one_row_studio
+    long = RenderConfig(max_line_ms=20_000, seed=1, temperature=0.9, topk=50)
+    stop = threading.Event()
+    first = threading.Thread(target=lambda: _render_quietly(studio, "first-visitor", long, stop))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not studio.engine.scheduler.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stages, outcome = [], {}
+
+    def second():
+        try:
+            outcome["result"] = studio.render("second-visitor", "A: Waiting in line.", {"A": "A"},
+                                              RenderConfig(max_line_ms=1000, seed=2),
+                                              progress=lambda p: stages.append(getattr(p, "stage", "")))
+        except CsmError as e:
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    while studio.engine.scheduler.stats()["waiting"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(CsmError, match="the server is busy: 1 requests are already waiting"):
+        studio.render("third-visitor", "A: No room.", {"A": "A"}, RenderConfig(max_line_ms=1000, seed=3))
+    time.sleep(1.2)  # the waiting render reports its place every half second
+    stop.set()
+    first.join(60)
+    waiter.join(60)
+    assert "result" in outcome, outcome
+    assert any(s.startswith("waiting for a free generation row") for s in stages), stages
+
+
+def _render_quietly(studio, key, config, stop):
+    try:
+        studio.render(key, "A: A long line that keeps the only row busy for a while.", {"A": "A"}, config,
+                      cancel=stop.is_set)
+    except CsmError:
+        pass  # cancelled
