@@ -1297,7 +1297,12 @@ def serve(argv: list[str]) -> None:
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
-                allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40)
+                allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, prevent_thread_lock=True)
+    from csm_multi.openai_api import add_openai_routes
+
+    add_openai_routes(demo.app, studio)  # /v1/...: the OpenAI-compatible speech API, ahead of Gradio's routes
+    log.info("OpenAI-compatible speech API at %sv1/audio/speech", demo.local_url)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -231,7 +231,12 @@ def cmd_render(args) -> int:
         bar.set_postfix_str(f"{p.speaker}: frame {p.frame}", refresh=False)
         bar.refresh()  # one redraw per frame
 
-    result = renderer.render(lines, voices, config, progress=progress)
+    if config.mode == "fast":  # every line is a request to one continuous batch of --batch-size rows
+        engine.serve(max_rows=max(1, config.batch_size))
+    try:
+        result = renderer.render(lines, voices, config, progress=progress)
+    finally:
+        engine.stop_serving()
     bar.close()
     paths = result.save(folder, name=name, formats=(out.suffix.lower().lstrip(".") or "wav",))
     print(f"{paths['dialogue']}: {result.audio.numel() / 24000:.2f} s, {len(result.clips)} lines; "

@@ -20,7 +20,7 @@ from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
-from .scheduler import GenerationRequest, Scheduler, current_visitor
+from .scheduler import GenerationRequest, Scheduler, as_visitor, current_visitor
 
 # What a call is doing, for progress displays (`on_stage`): frames first, then these two
 GENERATING, DECODING, WATERMARKING = "generating", "decoding", "watermarking"
@@ -285,15 +285,23 @@ class Engine:
                          prompt_positions=n_prompt)
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-               sampling: SamplingConfig = SamplingConfig(), chunks: StreamConfig = StreamConfig()) -> Iterator[AudioChunk]:
+               sampling: SamplingConfig = SamplingConfig(), chunks: StreamConfig = StreamConfig(),
+               visitor: str | None = None) -> Iterator[AudioChunk]:
         """Yield decoded audio while frames are generated, `chunks` frames at a time.
+
+        `visitor` (default: the caller's `scheduler.as_visitor`, read now, not at the first chunk:
+        a web server may pull each chunk on another thread) names whose share of the batch it uses.
 
         Each chunk is watermarked on its own, so a listener never receives unmarked audio (see
         StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the
         whole-call decode of the same codes up to Mimi's streaming tolerance (tests/test_engine.py).
         """
+        return self._stream(text, speaker, context, sampling, chunks, visitor or current_visitor())
+
+    def _stream(self, text, speaker, context, sampling, chunks, visitor) -> Iterator[AudioChunk]:
         with torch.inference_mode():
-            frames, seed, _ = self._frames(text, speaker, context, sampling)
+            with as_visitor(visitor):  # only submitting reads it
+                frames, seed, _ = self._frames(text, speaker, context, sampling)
             pending: list[torch.Tensor] = []
             done = 0
             with self.codec.stream(batch_size=1) as decoder, contextlib.closing(frames):

@@ -543,9 +543,12 @@ class ScriptRenderer:
 
     def _render_fast(self, lines, voices, ids, profiles, config, progress, cancel, result, on_clip=None) -> RenderResult:
         """Lines conditioned only on profile prompts, generated in batches of every take of
-        max(1, batch_size // takes) lines."""
+        max(1, batch_size // takes) lines (all lines in one go when the engine has a scheduler, which
+        keeps its rows full as lines end)."""
         sampling, n = config.sampling(0), config.takes
         per_batch = max(1, config.batch_size // n)
+        if self.engine.scheduler is not None:  # it refills rows as lines end: hand it every line at once
+            per_batch = len(lines)
         for start in range(0, len(lines), per_batch):
             chunk = list(range(start, min(start + per_batch, len(lines))))
             first, last = lines[chunk[0]], lines[chunk[-1]]

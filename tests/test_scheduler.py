@@ -273,3 +273,22 @@ def test_closing_answers_waiting_requests_busy(engine):
 def test_bad_limits_are_refused(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         Scheduler(model, **kwargs)
+
+
+def test_a_fast_mode_script_through_the_scheduler_renders_the_same_lines(engine):
+    """Fast mode hands every line to the scheduler at once (it refills rows as lines end): the
+    clips are those of the fixed batches rendered without it."""
+    from csm_multi.render import RenderConfig, ScriptRenderer
+    from csm_multi.script import parse_script
+
+    lines = parse_script("A: One line here.\nB: Another one.\nA: A third, longer line of the script.\nB: Four.\n"
+                         "A: Five and done.")
+    voices = {"A": None, "B": None}
+    config = RenderConfig(mode="fast", batch_size=2, seed=21, temperature=0.9, topk=40, max_line_ms=640)
+    renderer = ScriptRenderer(engine, lambda name: None)
+    alone = renderer.render(lines, voices, config)
+    scheduler = engine.serve(max_rows=2)
+    shared = renderer.render(lines, voices, config)
+    assert [c.codes.tolist() for c in shared.clips] == [c.codes.tolist() for c in alone.clips]
+    torch.testing.assert_close(shared.audio, alone.audio)
+    assert scheduler.stats()["peak_rows"] == 2

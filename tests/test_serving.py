@@ -165,3 +165,23 @@ def _render_quietly(studio, key, config, stop):
                       cancel=stop.is_set)
     except CsmError:
         pass  # cancelled
+
+
+def test_the_served_app_answers_the_openai_client_beside_the_page(tmp_path):
+    """`python app.py` itself (main(), its queue and scheduler): /v1 answers the official client and
+    the page still loads."""
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from csm_multi.stress import AppServer
+
+    with AppServer(tmp_path / "profiles", tmp_path / "tmp") as server:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="served-app-key-01", max_retries=0)
+        assert "csm-1b" in [m.id for m in client.models.list()]
+        speech = client.audio.speech.create(model="csm-1b", voice="none", input="Hello from the API.",
+                                            response_format="pcm", extra_body={"max_audio_length_ms": 800, "seed": 3})
+        assert speech.content and len(speech.content) % 2 == 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "v1", api_key="not a key!", max_retries=0).models.list()
+        with urllib.request.urlopen(server.url, timeout=10) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
