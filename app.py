@@ -348,6 +348,22 @@ def _gpu(fn):
     return spaces.GPU(duration=300)(fn)
 
 
+def throttled(report, every_s: float = 0.25):
+    """`report` for progress events, passing a frame event ("generating") only every `every_s`
+    seconds; other stages always pass. With many visitors rendering at once, every frame of every
+    row woke two threads and the page's event loop, which held the GIL the frame loop needs."""
+    last = [0.0]
+
+    def passed(item) -> None:
+        now = time.monotonic()
+        if getattr(item, "stage", "generating") == "generating" and item.frame and now - last[0] < every_s:
+            return
+        last[0] = now
+        report(item)
+
+    return passed
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -637,7 +653,7 @@ def build_demo(studio: Studio):
 
         def work():
             try:
-                result = studio.render(key, script, voices, config, progress=events.put, cancel=stop.is_set,
+                result = studio.render(key, script, voices, config, progress=throttled(events.put), cancel=stop.is_set,
                                        on_clip=lambda clip: events.put(("clip", clip)))
                 events.put(("done", result))
             except Exception as e:  # reported to the browser below
@@ -763,7 +779,7 @@ def build_demo(studio: Studio):
             stage = getattr(item, "stage", "generating")
             progress(min(item.frame / max(item.max_frames, 1), 1.0),
                      desc=f"line {item.line + 1} · {item.speaker} · {f'frame {item.frame}' if stage == 'generating' else stage}")
-        return report
+        return throttled(report)
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""

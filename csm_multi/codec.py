@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moshi.models import MimiModel, loaders
+
+# moshi wraps rotary embeddings, gating and its quantizer in a lazy torch.compile: on CPU the first call
+# of each shape then compiles C++ for seconds (in a fresh temp dir, every process start), and several
+# server threads hitting it at once all waited 40 s for their first render. Steady-state encode and
+# decode times were the same without it (measured on the project's 2-core CPU), so it is off unless
+# NO_TORCH_COMPILE is set otherwise before csm_multi is imported.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import moshi.utils.compile as _moshi_compile  # noqa: E402
+
+if os.environ["NO_TORCH_COMPILE"]:
+    _moshi_compile._compile_disabled = True  # moshi imported before us: its wrappers read this flag per call
+from moshi.models import MimiModel, loaders  # noqa: E402
 from moshi.quantization.core_vq import EuclideanCodebook
 
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -115,6 +116,16 @@ class Recorder:
         self.errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.samples: dict[str, str] = {}
         self.audio_s = 0.0  # seconds of audio rendered
+        self.ready: threading.Barrier | None = None  # set by run(): all visitors, before their renders
+        self.render_window = [float("inf"), 0.0]  # first render's start, last render's end (perf_counter)
+
+    def render_started(self) -> None:
+        with self.lock:
+            self.render_window[0] = min(self.render_window[0], time.perf_counter())
+
+    def render_ended(self) -> None:
+        with self.lock:
+            self.render_window[1] = max(self.render_window[1], time.perf_counter())
 
     def audio(self, seconds: float) -> None:
         with self.lock:
@@ -157,10 +168,10 @@ def _call(rec: Recorder, endpoint: str, fn, timeout_s: float, retries: int):
 
 
 def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeout_s: float, retries: int,
-            rec: Recorder, report: dict) -> None:
+            rec: Recorder, report: dict, tag: str = "") -> None:
     from gradio_client import Client, handle_file
 
-    key, name = f"stress-visitor-{index:03d}", f"Voice {index}"
+    key, name = f"stress-visitor{tag}-{index:03d}", f"Voice {index}"
     client = _call(rec, "connect", lambda t: Client(url, verbose=False, httpx_kwargs={"timeout": t}), timeout_s, 0)
     if client is None:
         return
@@ -170,8 +181,13 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
                      timeout_s, retries)
 
     added = api("add_profile", key, handle_file(clip), "a short test clip", name) is not None
+    try:
+        rec.ready.wait(timeout_s)  # every visitor renders at the same moment: the render phase is timed alone
+    except threading.BrokenBarrierError:
+        pass
     if added:
         mapping = {"headers": ["speaker", "profile"], "data": [[name, name]]}
+        rec.render_started()
         for r in range(requests):
             out = api("render_script", key, f"{name}: Line {r}.", mapping, 0.9, 50, index * 100 + r, line_s, 0,
                       "conversational")
@@ -179,6 +195,7 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
                 rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
             elif out is not None:
                 rec.audio(float(re.search(r"lines, ([\d.]+) s", str(out[1]))[1]))
+        rec.render_ended()
     listed = api("list_profiles", key)
     if listed is not None:
         names = [row[0] for row in listed[0]["data"]]
@@ -206,12 +223,12 @@ def _reference_clip(path: Path, seconds: float) -> str:
     return str(path)
 
 
-def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, rounds: int = 2) -> float:
+def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, tag: str = "", rounds: int = 2) -> float:
     """Seconds one visitor's one-line render takes with nobody else there (best of `rounds`, after a warm-up)."""
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout_s})
-    key = "stress-alone-visitor"
+    key = f"stress-alone-visitor{tag}"
     client.predict(key, handle_file(clip), "a short test clip", "Alone", api_name="/add_profile")
     mapping = {"headers": ["speaker", "profile"], "data": [["Alone", "Alone"]]}
     best = float("inf")
@@ -234,28 +251,39 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
     """Start the app, run `clients` visitors at once, stop the app; returns the figures as a dict.
     Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for.
     `max_batch`: the app's --max-batch (None: its default). Before the visitors come, one render
-    alone is timed (`alone_s`), so `wall_s / alone_s` says what sharing the server cost."""
+    alone is timed (`alone_s`), so `render_wall_s / alone_s` says what sharing the server cost."""
     with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
         root = Path(workdir or scratch)
-        extra = () if libraries_in_memory is None else ("--libraries-in-memory", str(libraries_in_memory))
-        if max_batch is not None:
-            extra += ("--max-batch", str(max_batch))
         clip = _reference_clip(root / "reference.wav", clip_s)
-        rec, statuses = Recorder(), {}
-        with AppServer(root / "profiles", root / "tmp", *extra) as server:
-            alone_s = _render_alone(server.url, clip, line_s, timeout_s)
-            at_start = server.memory_mb()
-            threads = [threading.Thread(target=visitor, daemon=True, name=f"visitor-{i}",
-                                        args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses))
-                       for i in range(clients)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(max(0.0, deadline_s - (time.perf_counter() - start)))
-            wall = time.perf_counter() - start
-            hung = sum(t.is_alive() for t in threads)
-            memory = server.memory_mb()
+        with AppServer(root / "profiles", root / "tmp", *_app_args(libraries_in_memory, max_batch)) as server:
+            report = visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries)
+    return {**report, "max_batch": max_batch}
+
+
+def _app_args(libraries_in_memory: int | None, max_batch: int | None) -> tuple[str, ...]:
+    extra = () if libraries_in_memory is None else ("--libraries-in-memory", str(libraries_in_memory))
+    return extra + (() if max_batch is None else ("--max-batch", str(max_batch)))
+
+
+def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: float, timeout_s: float,
+          deadline_s: float, retries: int = 5, tag: str = "") -> dict:
+    """One round against a running app: time one render alone, then `clients` visitors at once (their
+    library keys carry `tag`, so rounds do not share libraries); the figures as a dict."""
+    alone_s = _render_alone(server.url, clip, 1.0, timeout_s, tag)
+    rec, statuses = Recorder(), {}
+    rec.ready = threading.Barrier(clients)
+    at_start = server.memory_mb()
+    threads = [threading.Thread(target=visitor, daemon=True, name=f"visitor-{i}",
+                                args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses, tag))
+               for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline_s - (time.perf_counter() - start)))
+    wall = time.perf_counter() - start
+    hung = sum(t.is_alive() for t in threads)
+    memory = server.memory_mb()
     lrus = [_lru(s) for s in statuses.values()]
     caches = [x["profile_cache"] for x in lrus if "profile_cache" in x]
     libraries = [x["libraries"] for x in lrus if "libraries" in x]
@@ -264,10 +292,12 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
         for kind, n in per_kind.items():
             totals[kind] += n
     done = sum(len(v) for k, v in rec.latency.items() if k != "connect")
+    first, last = rec.render_window
+    render_wall = last - first if last > first else float("nan")
     return {
         "clients": clients, "requests_per_client": requests, "line_s": line_s, "wall_s": round(wall, 2),
-        "max_batch": max_batch, "alone_s": round(alone_s, 3), "audio_s": round(rec.audio_s, 2),
-        "audio_s_per_s": round(rec.audio_s / wall, 3) if wall else 0.0,
+        "alone_s": round(alone_s, 3), "audio_s": round(rec.audio_s, 2), "render_wall_s": round(render_wall, 2),
+        "audio_s_per_s": round(rec.audio_s / render_wall, 3) if render_wall == render_wall else 0.0,
         "completed_requests": done, "requests_per_s": round(done / wall, 3) if wall else 0.0, "hung_clients": hung,
         "endpoints": {e: {"ok": len(rec.latency[e]), **dict(rec.errors[e]),
                           "p50_s": round(_percentile(rec.latency[e], 50), 3),
@@ -285,14 +315,42 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
     }
 
 
+def run_compare(clients: int = 8, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, rounds: int = 3,
+                max_batch: int = 8, timeout_s: float = 300, deadline_s: float = 900,
+                libraries_in_memory: int | None = None) -> dict:
+    """Two apps at once, `--max-batch max_batch` and `--max-batch 1`, visited in turn for `rounds`
+    rounds (batched, serial, batched, ...: both see the same drift of a noisy machine). Returns each
+    round's figures and the ratios per round and their medians."""
+    with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
+        root = Path(scratch)
+        clip = _reference_clip(root / "reference.wav", clip_s)
+        with AppServer(root / "b-profiles", root / "b-tmp", *_app_args(libraries_in_memory, max_batch)) as batched, \
+                AppServer(root / "s-profiles", root / "s-tmp", *_app_args(libraries_in_memory, 1)) as serial:
+            runs: dict[str, list[dict]] = {"batched": [], "serial": []}
+            for r in range(rounds):
+                for name, server in (("batched", batched), ("serial", serial)):
+                    runs[name].append({**visit(server, clip, clients, requests, line_s, timeout_s, deadline_s,
+                                               tag=f"r{r}"), "max_batch": max_batch if name == "batched" else 1})
+    per_round = [compare(b, s) for b, s in zip(runs["batched"], runs["serial"])]
+    medians = {k: _median([p[k] for p in per_round]) for k in per_round[0] if k != "refused"}
+    medians["refused"] = {k: sum(p["refused"][k] for p in per_round) for k in ("batched", "serial")}
+    return {**runs, "rounds": rounds, "per_round": per_round, "ratios": medians}
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(float(np.median(values)), 2) if values else None
+
+
 def format_report(r: dict) -> str:
     batch = "app default" if r.get("max_batch") is None else r["max_batch"]
     lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of <= "
              f"{r['line_s']:g} s, tiny preset, {os.cpu_count()} CPU cores, --max-batch {batch}: {r['wall_s']:.1f} s",
              f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed), "
              f"{r.get('audio_s_per_s', 0):.2f} s of audio per second",
-             f"one render alone: {r.get('alone_s', float('nan')):.2f} s; all {r['clients']} visitors took "
-             f"{r['wall_s'] / r['alone_s'] if r.get('alone_s') else float('nan'):.1f}x that",
+             f"one render alone: {r.get('alone_s', float('nan')):.2f} s; the {r['clients']} visitors' renders, "
+             f"started together, all done in {r.get('render_wall_s', float('nan')):.2f} s = "
+             f"{_ratio(r.get('render_wall_s'), r.get('alone_s'))}x one alone",
              f"{'endpoint':<14} {'ok':>4} {'busy':>5} {'failed':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7}"]
     for name, e in r["endpoints"].items():
         lines.append(f"{name:<14} {e['ok']:>4} {e.get('busy', 0):>5} {e.get('failed', 0):>6} "
@@ -321,47 +379,52 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--libraries-in-memory", type=int, help="the app's LRU of open libraries (default: the app's)")
     p.add_argument("--max-batch", type=int, help="the app's --max-batch (default: the app's, 8)")
     p.add_argument("--compare", action="store_true",
-                   help="run twice in this run: with --max-batch (default 8) and with --max-batch 1, and print both "
-                        "and their ratios")
+                   help="two apps at once, with --max-batch (default 8) and with --max-batch 1, visited in turn for "
+                        "--rounds rounds; prints each round and the median ratios")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare: rounds, the two apps visited in turn")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     kwargs = {"libraries_in_memory": args.libraries_in_memory} if args.libraries_in_memory is not None else {}
-    batches = [args.max_batch or 8, 1] if args.compare else [args.max_batch]
-    reports = []
-    for batch in batches:
-        extra = kwargs if batch is None else {**kwargs, "max_batch": batch}
-        reports.append(run(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.timeout,
-                           args.deadline, **extra))
-        print(format_report(reports[-1]), flush=True)
-    report = reports[0]
     if args.compare:
-        batched, serial = reports
-        report = {"batched": batched, "serial": serial, "ratios": compare(batched, serial)}
-        print(format_comparison(report["ratios"], batched["max_batch"]))
+        report = run_compare(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.rounds,
+                             args.max_batch or 8, args.timeout, args.deadline, **kwargs)
+        for b, s in zip(report["batched"], report["serial"]):
+            print(format_report(b), format_report(s), sep="\n", flush=True)
+        print(format_comparison(report["ratios"], args.max_batch or 8, args.rounds))
+    else:
+        if args.max_batch is not None:
+            kwargs["max_batch"] = args.max_batch
+        report = run(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.timeout, args.deadline,
+                     **kwargs)
+        print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
 
 
-def compare(batched: dict, serial: dict) -> dict:
-    """What batching changed: the serial run's wall time and p95 over the batched run's, audio throughput
-    batched over serial, and each run's wall time in multiples of one render alone."""
-    def ratio(a, b):
-        return round(a / b, 2) if a and b and a == a and b == b else None
+def _ratio(a, b) -> float | None:
+    return round(a / b, 2) if a and b and not (math.isnan(a) or math.isnan(b)) else None
 
+
+def compare(batched: dict, serial: dict) -> dict:
+    """What batching changed: the serial run's render phase (all visitors' renders, started together) and
+    render p95 over the batched run's, audio throughput batched over serial, and each render phase in
+    multiples of one render alone on the same app."""
+    ratio = _ratio
     p95 = ratio(serial["endpoints"]["render_script"]["p95_s"], batched["endpoints"]["render_script"]["p95_s"])
-    return {"wall_speedup": ratio(serial["wall_s"], batched["wall_s"]), "render_p95_speedup": p95,
+    return {"render_phase_speedup": ratio(serial["render_wall_s"], batched["render_wall_s"]), "render_p95_speedup": p95,
             "audio_throughput_gain": ratio(batched["audio_s_per_s"], serial["audio_s_per_s"]),
-            "batched_wall_over_alone": ratio(batched["wall_s"], batched["alone_s"]),
-            "serial_wall_over_alone": ratio(serial["wall_s"], serial["alone_s"]),
+            "batched_renders_over_alone": ratio(batched["render_wall_s"], batched["alone_s"]),
+            "serial_renders_over_alone": ratio(serial["render_wall_s"], serial["alone_s"]),
             "refused": {"batched": batched["errors"]["busy"] + batched["errors"]["gave_up"],
                         "serial": serial["errors"]["busy"] + serial["errors"]["gave_up"]}}
 
 
-def format_comparison(c: dict, max_batch: int) -> str:
-    return (f"--max-batch {max_batch} against --max-batch 1, same run: wall {c['wall_speedup']}x faster, render "
-            f"p95 {c['render_p95_speedup']}x lower, audio throughput {c['audio_throughput_gain']}x; all visitors "
-            f"took {c['batched_wall_over_alone']}x one render alone batched, {c['serial_wall_over_alone']}x serial; "
+def format_comparison(c: dict, max_batch: int, rounds: int = 1) -> str:
+    return (f"--max-batch {max_batch} against --max-batch 1, median of {rounds} interleaved rounds: renders done "
+            f"{c['render_phase_speedup']}x sooner, render p95 {c['render_p95_speedup']}x lower, audio throughput {c['audio_throughput_gain']}x; the renders, "
+            f"started together, took {c['batched_renders_over_alone']}x one render alone batched, "
+            f"{c['serial_renders_over_alone']}x serial; "
             f"refused (busy) {c['refused']['batched']} batched, {c['refused']['serial']} serial")
 
 

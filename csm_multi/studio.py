@@ -237,8 +237,16 @@ class Studio:
 
     def add_profile(self, key: str | None, name: str, audio: str | Path | bytes,
                     transcript: str | None) -> tuple[VoiceProfile, bool]:
-        """See `create_profile`: (profile, whether the transcript was generated)."""
-        return create_profile(self.library(key), name, audio, transcript, self.transcriber)
+        """See `create_profile`: (profile, whether the transcript was generated). The clip is Mimi-encoded
+        now, while its owner waits for the save, not in their first render (where it queued behind
+        everyone else's generation)."""
+        store = self.library(key)
+        profile, generated = create_profile(store, name, audio, transcript, self.transcriber)
+        try:
+            store.segment(profile.name, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
+        except Exception as e:  # the profile is saved; the first render tries again and reports it
+            log.warning("could not encode the new voice %r now: %s", profile.name, e)
+        return profile, generated
 
     def profile_names(self, key: str | None) -> list[str]:
         return [p.name for p in self.library(key).list()]

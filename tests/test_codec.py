@@ -202,3 +202,11 @@ def test_streams_in_several_threads_at_once_each_keep_their_own_state(codec: Mim
     for got, whole in zip(out, wholes):
         assert (got - whole).abs().max() < STREAM_ATOL
     assert not codec.mimi.is_streaming
+
+
+def test_moshi_compiles_nothing_lazily():
+    """moshi's lazy torch.compile is off: a server's first encode of each shape compiled for seconds."""
+    import moshi.modules.rope as rope
+    import moshi.utils.compile as moshi_compile
+
+    assert moshi_compile._compile_disabled or not hasattr(rope.apply_rope, "__wrapped__")

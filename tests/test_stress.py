@@ -52,24 +52,39 @@ def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     assert out.read_text().startswith("{") and '"peak": 1000' in out.read_text()
 
 
-def test_compare_runs_batched_and_serial_in_one_run_and_prints_the_ratios(tmp_path, monkeypatch, capsys):
-    def fake_run(*args, max_batch=None, **kwargs):
-        wall = 10.0 if max_batch == 8 else 25.0
-        return {"clients": 8, "requests_per_client": 1, "line_s": 1.0, "wall_s": wall, "completed_requests": 32,
-                "requests_per_s": 32 / wall, "hung_clients": 0, "max_batch": max_batch, "alone_s": 2.5,
-                "audio_s": 8.0, "audio_s_per_s": 8.0 / wall,
-                "endpoints": {e: {"ok": 8, "p50_s": wall / 2, "p95_s": wall, "max_s": wall} for e in stress.ENDPOINTS},
+def test_compare_visits_two_apps_in_turn_and_reports_median_ratios(tmp_path, monkeypatch, capsys):
+    order = []
+
+    class FakeServer:
+        def __init__(self, profiles, tmp, *args):
+            self.batch = int(args[args.index("--max-batch") + 1])
+            self.url = f"http://fake-{self.batch}/"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def fake_visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries=5, tag=""):
+        order.append((server.batch, tag))
+        phase = (4.0 if server.batch == 8 else 10.0) + (1.0 if tag == "r1" else 0.0)
+        return {"clients": clients, "requests_per_client": 1, "line_s": 1.0, "wall_s": phase + 2,
+                "completed_requests": 32, "requests_per_s": 1.0, "hung_clients": 0, "alone_s": 1.0, "audio_s": 8.0,
+                "render_wall_s": phase, "audio_s_per_s": 8.0 / phase,
+                "endpoints": {e: {"ok": 8, "p50_s": phase / 2, "p95_s": phase, "max_s": phase} for e in stress.ENDPOINTS},
                 "errors": {"busy": 0, "gave_up": 0, "failed": 0, "timeout": 0, "mixed": 0}, "error_samples": {},
                 "server_rss_mb": {"after_start": 900, "peak": 1000}, "libraries": {"max_open": 8, "limit": 64},
                 "profile_cache": {"max_size": 1, "limit": 32}, "statuses": 8}
 
-    calls = []
-    monkeypatch.setattr(stress, "run", lambda *a, **k: calls.append(k.get("max_batch")) or fake_run(*a, **k))
+    monkeypatch.setattr(stress, "AppServer", FakeServer)
+    monkeypatch.setattr(stress, "visit", fake_visit)
     out = tmp_path / "c.json"
-    report = stress.main(["--clients", "8", "--compare", "--json", str(out)])
-    assert calls == [8, 1]
-    assert report["ratios"]["wall_speedup"] == 2.5 and report["ratios"]["audio_throughput_gain"] == 2.5
-    assert report["ratios"]["batched_wall_over_alone"] == 4.0 and report["ratios"]["serial_wall_over_alone"] == 10.0
+    report = stress.main(["--clients", "8", "--compare", "--rounds", "2", "--json", str(out)])
+    assert order == [(8, "r0"), (1, "r0"), (8, "r1"), (1, "r1")]  # interleaved, fresh libraries per round
+    assert [p["render_phase_speedup"] for p in report["per_round"]] == [2.5, 2.2]
+    assert report["ratios"]["render_phase_speedup"] == 2.35  # the median of the rounds
+    assert report["ratios"]["batched_renders_over_alone"] == 4.5 and report["ratios"]["serial_renders_over_alone"] == 10.5
     text = capsys.readouterr().out
-    assert "--max-batch 8: 10.0 s" in text and "--max-batch 1: 25.0 s" in text and "wall 2.5x faster" in text
-    assert '"serial"' in out.read_text()
+    assert "median of 2 interleaved rounds: renders done 2.35x sooner" in text
+    assert '"per_round"' in out.read_text()
