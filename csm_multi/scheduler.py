@@ -144,7 +144,8 @@ class Scheduler:
 
     def __init__(self, model: CSM, *, num_codes: int | None = None, max_rows: int = 8, max_waiting: int = 64,
                  per_visitor: int = 2, waiting_per_visitor: int = 16,
-                 row_budget: Callable[[int], int] | None = None, on_step: Callable[[], object] | None = None):
+                 row_budget: Callable[[int], int] | None = None, on_step: Callable[[], object] | None = None,
+                 threads: int | None = None):
         for name, value, least in (("max_rows", max_rows, 1), ("max_waiting", max_waiting, 0),
                                    ("per_visitor", per_visitor, 1), ("waiting_per_visitor", waiting_per_visitor, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -156,6 +157,11 @@ class Scheduler:
         self.row_budget = row_budget  # (active rows) -> rows allowed now, e.g. from free GPU memory
         self.on_step = on_step  # after every frame step (memory housekeeping)
         self.device = next(model.parameters()).device
+        # Intra-op threads of the loop's thread. A thread other than the main one paid 35-50% more per
+        # frame of the tiny preset with 2 threads than with 1 (measured on the 2-core CPU: every small
+        # op's parallel region costs more there), while big products need all cores: 1 thread when no
+        # matrix reaches fused.MIN_PACKED weights, else the process's setting.
+        self.threads = threads or (torch.get_num_threads() if _large(model) else 1)
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._rows: list[_Row] = []
@@ -257,6 +263,8 @@ class Scheduler:
 
     # ---- the frame loop -----------------------------------------------------------------------
     def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per thread)
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -366,3 +374,13 @@ class Scheduler:
             ticket._put(_END)
             return False
         return True
+
+
+def _large(model: CSM) -> bool:
+    """Whether some weight product of `model` is big enough for intra-op threads to pay (CPU): a
+    Linear of at least fused.MIN_PACKED weights, a packed oneDNN one, or int8 weights."""
+    from .fused import MIN_PACKED, PackedLinear
+
+    return model.quantization != "none" or any(
+        isinstance(m, PackedLinear) or (isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PACKED)
+        for m in model.modules())
