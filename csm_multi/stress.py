@@ -172,7 +172,8 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
     from gradio_client import Client, handle_file
 
     key, name = f"stress-visitor{tag}-{index:03d}", f"Voice {index}"
-    client = _call(rec, "connect", lambda t: Client(url, verbose=False, httpx_kwargs={"timeout": t}), timeout_s, 0)
+    client = _call(rec, "connect", lambda t: Client(url, verbose=False, httpx_kwargs={"timeout": t},
+                                                    download_files=False), timeout_s, 0)
     if client is None:
         return
 
@@ -195,6 +196,7 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
                 rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
             elif out is not None:
                 rec.audio(float(re.search(r"lines, ([\d.]+) s", str(out[1]))[1]))
+                _fetch(out[2], timeout_s)  # what the page's player loads (not every file, as a browser)
         rec.render_ended()
     listed = api("list_profiles", key)
     if listed is not None:
@@ -223,18 +225,31 @@ def _reference_clip(path: Path, seconds: float) -> str:
     return str(path)
 
 
+def _fetch(file_data, timeout_s: float) -> int:
+    """GET a file output's URL, as the page's audio player does; its size in bytes. Visitors run with
+    gradio_client's download_files=False: it would fetch every file of a render (the dialogue, each
+    format, stems, zip), ~1.2 s of this machine's CPU per render, which a browser never does."""
+    url = file_data.get("url") if isinstance(file_data, dict) else None
+    if not url:
+        return 0
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return len(response.read())
+
+
 def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, tag: str = "", rounds: int = 2) -> float:
     """Seconds one visitor's one-line render takes with nobody else there (best of `rounds`, after a warm-up)."""
     from gradio_client import Client, handle_file
 
-    client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout_s})
+    client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout_s}, download_files=False)
     key = f"stress-alone-visitor{tag}"
     client.predict(key, handle_file(clip), "a short test clip", "Alone", api_name="/add_profile")
     mapping = {"headers": ["speaker", "profile"], "data": [["Alone", "Alone"]]}
     best = float("inf")
     for r in range(rounds + 1):
         start = time.perf_counter()
-        client.predict(key, "Alone: Line 0.", mapping, 0.9, 50, 7, line_s, 0, "conversational", api_name="/render_script")
+        out = client.predict(key, "Alone: Line 0.", mapping, 0.9, 50, 7, line_s, 0, "conversational",
+                             api_name="/render_script")
+        _fetch(out[2], timeout_s)
         if r:
             best = min(best, time.perf_counter() - start)
     client.predict(key, "Alone", True, api_name="/delete_profile")
