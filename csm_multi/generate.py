@@ -42,7 +42,12 @@ def generate_frame(
     key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New frames (B, S, K+1) at positions (B, S) -> the next frame's codes (B, K)."""
-    last_h = model.backbone_step(tokens, mask, input_pos, key_valid)  # (B, Db)
+    return depth_frame(model, model.backbone_step(tokens, mask, input_pos, key_valid), sample)
+
+
+def depth_frame(model: CSM, last_h: torch.Tensor, sample: Sampler) -> torch.Tensor:
+    """The backbone's last hidden states (B, Db) -> a frame's codes (B, K): codebook 0 from the
+    backbone's head, codebooks 1..K-1 from the depth decoder, one step each."""
     code = sample(model.codebook0_head(last_h))  # (B, 1)
     codes = [code]
     h = torch.cat([last_h.unsqueeze(1), model.embed_audio(0, code)], dim=1)  # (B, 2, Db)

@@ -17,8 +17,10 @@ Admission: at most `max_rows` rows (`row_budget`, when given, may lower it at ru
 free GPU memory), a bounded FIFO wait queue (`max_waiting`, and `waiting_per_visitor` for one
 visitor), and a per-visitor share (`per_visitor` rows) that applies while other visitors wait: a
 visitor's extra requests are admitted only into rows nobody else is waiting for. Beyond the bounds,
-`submit` raises `BusyError`. Prefill runs between frames, so a joining request delays the running
-rows by its prefill once (LLM servers split long prefills into chunks; not done here).
+`submit` raises `BusyError`. A joining request's prompt goes through the backbone in the same step
+as the running rows' next frame (its own call: a prompt of S positions), and its first frame shares
+that step's depth-decoder pass with them, so a join delays the others by its backbone prefill only
+(LLM servers also split long prefills into chunks; not done here).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 
 from .errors import BusyError
 from .frames import is_eos
-from .generate import Sampler, generate_frame, next_frame_input
+from .generate import Sampler, depth_frame, next_frame_input
 from .model import CSM
 from .sampling import sample_topk
 
@@ -275,10 +277,7 @@ class Scheduler:
                         break
                     joining = self._admit()
                 try:
-                    for ticket in joining:
-                        self._prefill(ticket)
-                    if self._rows:
-                        self._step()
+                    self._step([t for t in joining if not self._skip(t)])
                 except Exception as e:  # e.g. out of memory: every running request hears it, the loop goes on
                     log.exception("generation step failed")
                     for t in joining:
@@ -311,46 +310,53 @@ class Scheduler:
 
         return per_row
 
-    def _prefill(self, ticket: Ticket) -> None:
-        """Prefill `ticket`'s prompt into the next free row and make its first frame."""
+    @staticmethod
+    def _skip(ticket: Ticket) -> bool:
         if ticket.cancelled:
             ticket._put(_END)
-            return
-        request, slot = ticket.request, len(self._rows)
-        ticket.started_at = time.monotonic()
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(request.seed)
-        row = _Row(ticket, generator, pos=request.tokens.size(0), last=torch.empty(0))
-        tokens, mask = request.tokens[None].to(self.device), request.mask[None].to(self.device)
-        input_pos = torch.arange(tokens.size(1), device=self.device).unsqueeze(0)
-        self.model.use_rows(slice(slot, slot + 1), input_pos, visible=tokens.size(1))
-        try:
-            codes = generate_frame(self.model, tokens, mask, input_pos, self._sampler([row]))
-        finally:
-            self.model.use_rows(None)
-        if self._deliver(row, codes[0]):
-            with self._cond:
-                self._rows.append(row)
-                self.peak_rows = max(self.peak_rows, len(self._rows))
+        return ticket.cancelled
 
-    def _step(self) -> None:
-        """One frame for every active row, then the rows that ended leave."""
-        rows = self._rows
-        tokens, mask = next_frame_input(torch.stack([r.last for r in rows]))
-        input_pos = torch.tensor([[r.pos] for r in rows], device=self.device)
-        self.model.use_rows(slice(0, len(rows)), input_pos, visible=max(r.pos for r in rows) + 1)
+    def _step(self, joining: list[Ticket]) -> None:
+        """One frame for every active row and the first frame of each joining request: the running
+        rows' backbone step (one batch), each joiner's prompt prefilled into the next free cache row,
+        then the depth decoder for all of them at once. Then the rows that ended leave."""
+        rows, n = self._rows, len(self._rows)
+        hidden = []
+        if rows:
+            tokens, mask = next_frame_input(torch.stack([r.last for r in rows]))
+            input_pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+            self.model.use_rows(slice(0, n), input_pos, visible=max(r.pos for r in rows) + 1)
+            hidden.append(self.model.backbone_step(tokens, mask, input_pos))
+        new = []
+        for slot, ticket in enumerate(joining, start=n):
+            request = ticket.request
+            ticket.started_at = time.monotonic()
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed)
+            new.append(_Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0)))
+            tokens, mask = request.tokens[None].to(self.device), request.mask[None].to(self.device)
+            input_pos = torch.arange(tokens.size(1), device=self.device).unsqueeze(0)
+            self.model.use_rows(slice(slot, slot + 1), input_pos, visible=tokens.size(1))
+            hidden.append(self.model.backbone_step(tokens, mask, input_pos))
+        everyone = [*rows, *new]
+        if not everyone:
+            self.model.use_rows(None)
+            return
         try:
-            codes = generate_frame(self.model, tokens, mask, input_pos, self._sampler(rows))
+            self.model.use_rows(slice(0, len(everyone)))
+            codes = depth_frame(self.model, torch.cat(hidden), self._sampler(everyone))
         finally:
             self.model.use_rows(None)
         self.steps += 1
-        self.batch_sizes[len(rows)] += 1
+        self.batch_sizes[len(everyone)] += 1
         ended = []
-        for b, row in enumerate(rows):
+        for b, row in enumerate(everyone):
             row.pos += 1
             if not self._deliver(row, codes[b]):
                 ended.append(b)
         with self._cond:
+            self._rows.extend(new)
+            self.peak_rows = max(self.peak_rows, len(self._rows))
             for b in reversed(ended):  # the last row moves into the freed slot: rows stay 0..n-1
                 last = len(self._rows) - 1
                 if b != last:

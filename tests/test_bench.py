@@ -115,3 +115,18 @@ def test_transformers_int8_codebook_heads_match_its_float_heads():
         want, got = ref(h, idx), q(h, idx)
     assert got.shape == want.shape == (2, 3, 96)
     assert float((got - want).norm() / want.norm()) < 0.03
+
+
+def test_quick_serving_benchmark_runs_and_its_figures_agree(tmp_path, capsys):
+    from csm_multi import serve_bench
+
+    out = tmp_path / "serve.json"
+    result = serve_bench.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    [row] = result["rows"]
+    assert row["concurrent"] == 4 and row["frames"] == 6 and row["audio_s"] == 4 * 6 * 0.08
+    assert abs(row["serial_audio_s_per_s"] - row["audio_s"] / row["serial_s"]) < 1e-2
+    assert abs(row["concurrent_audio_s_per_s"] - row["audio_s"] / row["concurrent_s"]) < 1e-2
+    assert row["ttfa_alone_ms"] > 0 and row["ttfa_joining_ms"] > 0
+    assert max(result["scheduler"]["batch_sizes"]) > 1  # the "at once" runs really shared steps
+    assert "| 4 | 6 |" in capsys.readouterr().out

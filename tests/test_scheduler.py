@@ -238,7 +238,7 @@ def test_a_failing_step_reaches_its_requests_and_the_loop_goes_on(engine, monkey
     scheduler = engine.serve(max_rows=2)
     import csm_multi.scheduler as sched
 
-    real = sched.generate_frame
+    real = sched.depth_frame
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -247,10 +247,10 @@ def test_a_failing_step_reaches_its_requests_and_the_loop_goes_on(engine, monkey
             raise RuntimeError("out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sched, "generate_frame", flaky)
+    monkeypatch.setattr(sched, "depth_frame", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         list(scheduler.submit(request(engine, TEXTS[1], s, seed=0)))
-    monkeypatch.setattr(sched, "generate_frame", real)
+    monkeypatch.setattr(sched, "depth_frame", real)
     assert len(list(scheduler.submit(request(engine, TEXTS[1], s, seed=0)))) == 3
 
 
