@@ -332,6 +332,11 @@ def for_the_caller(message: str) -> str:
     return html.escape(message, quote=False) if _from_page() else message
 
 
+ZERO_GPU_NO_API = ("this Space runs on ZeroGPU, which lends a GPU only to the web page's own calls: the "
+                   "OpenAI-compatible API is not served here. Use the page or its gradio_client API, or run the "
+                   "app on dedicated hardware (a GPU Space, your own machine) for /v1")
+
+
 def zero_gpu() -> bool:
     """Running on a Hugging Face Space with the `spaces` package (ZeroGPU's GPU decorator)."""
     import importlib.util
@@ -1316,8 +1321,11 @@ def serve(argv: list[str]) -> None:
                 allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, prevent_thread_lock=True)
     from csm_multi.openai_api import add_openai_routes
 
-    add_openai_routes(demo.app, studio)  # /v1/...: the OpenAI-compatible speech API, ahead of Gradio's routes
-    log.info("OpenAI-compatible speech API at %sv1/audio/speech", demo.local_url)
+    # /v1/...: the OpenAI-compatible speech API, ahead of Gradio's routes. Not on ZeroGPU, which grants a
+    # GPU only to the page's decorated calls: there /v1 says so (503) instead of failing on a missing GPU.
+    add_openai_routes(demo.app, studio, unavailable=ZERO_GPU_NO_API if zero_gpu() else None)
+    if not zero_gpu():
+        log.info("OpenAI-compatible speech API at %sv1/audio/speech", demo.local_url)
     demo.block_thread()
 
 

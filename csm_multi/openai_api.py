@@ -565,10 +565,23 @@ async def _rest(pump: _Pump, first: bytes) -> AsyncIterator[bytes]:
         pump.stop()  # also when the client went away (this generator is cancelled or closed)
 
 
-def add_openai_routes(app: fastapi.FastAPI, studio: Studio, **kw) -> None:
+def unavailable_router(reason: str) -> fastapi.APIRouter:
+    """Every /v1 request answered 503 in OpenAI's error shape, saying `reason` (e.g. on ZeroGPU)."""
+    router = fastapi.APIRouter()
+
+    @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unavailable(path: str):
+        return ApiError(503, reason, type="server_error", code="unavailable").response()
+
+    return router
+
+
+def add_openai_routes(app: fastapi.FastAPI, studio: Studio, *, unavailable: str | None = None, **kw) -> None:
     """Include `openai_router(studio, **kw)` into `app` ahead of its existing routes (so no catch-all
-    or mount of the app's can shadow /v1). Works on a running app: routes are looked up per request."""
+    or mount of the app's can shadow /v1). Works on a running app: routes are looked up per request.
+    `unavailable`: serve no API, answer every /v1 request 503 with this reason instead."""
     routes = app.router.routes
     before = len(routes)
-    app.include_router(openai_router(studio, **kw))  # appends (FastAPI 0.165: one route for the router)
+    # include_router appends (FastAPI 0.165: one route for the router)
+    app.include_router(unavailable_router(unavailable) if unavailable else openai_router(studio, **kw))
     routes[:] = routes[before:] + routes[:before]

@@ -307,3 +307,19 @@ def test_routes_added_to_a_running_gradio_app_come_first_and_answer(studio):
         assert httpx.get(demo.local_url).status_code == 200  # the page is still there
     finally:
         demo.close()
+
+
+def test_an_unavailable_api_says_why_in_openai_shape(studio):
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from csm_multi.openai_api import add_openai_routes
+
+    app = fastapi.FastAPI()
+    add_openai_routes(app, studio, unavailable="this Space runs on ZeroGPU: not served here")
+    client = TestClient(app)
+    for method, path in (("post", "/v1/audio/speech"), ("get", "/v1/models")):
+        r = getattr(client, method)(path)
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == "this Space runs on ZeroGPU: not served here"
+        assert r.json()["error"]["code"] == "unavailable"
