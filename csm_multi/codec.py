@@ -27,11 +27,11 @@ import torch.nn.functional as F
 # decode times were the same without it (measured on the project's 2-core CPU), so it is off unless
 # NO_TORCH_COMPILE is set otherwise before csm_multi is imported.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
-import moshi.utils.compile as _moshi_compile  # noqa: E402
+import moshi.utils.compile as _moshi_compile
 
 if os.environ["NO_TORCH_COMPILE"]:
     _moshi_compile._compile_disabled = True  # moshi imported before us: its wrappers read this flag per call
-from moshi.models import MimiModel, loaders  # noqa: E402
+from moshi.models import MimiModel, loaders
 from moshi.quantization.core_vq import EuclideanCodebook
 
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME

@@ -312,7 +312,7 @@ def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: flo
     return {
         "clients": clients, "requests_per_client": requests, "line_s": line_s, "wall_s": round(wall, 2),
         "alone_s": round(alone_s, 3), "audio_s": round(rec.audio_s, 2), "render_wall_s": round(render_wall, 2),
-        "audio_s_per_s": round(rec.audio_s / render_wall, 3) if render_wall == render_wall else 0.0,
+        "audio_s_per_s": round(rec.audio_s / render_wall, 3) if not math.isnan(render_wall) else 0.0,
         "completed_requests": done, "requests_per_s": round(done / wall, 3) if wall else 0.0, "hung_clients": hung,
         "endpoints": {e: {"ok": len(rec.latency[e]), **dict(rec.errors[e]),
                           "p50_s": round(_percentile(rec.latency[e], 50), 3),

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import launch
+
 from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.engine import Engine
 from csm_multi.errors import CsmError
@@ -86,7 +86,7 @@ def test_visitors_render_at_once_in_one_batch_and_get_the_audio_of_their_seed(se
 
 
 def test_quick_streams_from_several_visitors_at_once(served):
-    url, studio, _ = served
+    url, _, _ = served
     results, errors = {}, []
 
     def say(i):
