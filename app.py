@@ -1315,18 +1315,18 @@ def serve(argv: list[str]) -> None:
                      row_budget=lambda active: studio.memory.rows_allowed(active, args.max_batch))
     demo = build_demo(studio)
     slots = configure_queue(demo, engine)
+    # /v1/...: the OpenAI-compatible speech API, made with the server's app (so it answers from the first
+    # request) and ahead of Gradio's routes. Not on ZeroGPU, which lends a GPU only to the page's decorated
+    # calls: there /v1 says so (503) instead of failing on a missing GPU.
+    from csm_multi.openai_api import openai_routes
+
+    api = openai_routes(studio, unavailable=ZERO_GPU_NO_API if zero_gpu() else None)
+    if not zero_gpu():
+        log.info("OpenAI-compatible speech API at http://%s:%s/v1/audio/speech", args.host, args.port)
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
-                allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, prevent_thread_lock=True)
-    from csm_multi.openai_api import add_openai_routes
-
-    # /v1/...: the OpenAI-compatible speech API, ahead of Gradio's routes. Not on ZeroGPU, which grants a
-    # GPU only to the page's decorated calls: there /v1 says so (503) instead of failing on a missing GPU.
-    add_openai_routes(demo.app, studio, unavailable=ZERO_GPU_NO_API if zero_gpu() else None)
-    if not zero_gpu():
-        log.info("OpenAI-compatible speech API at %sv1/audio/speech", demo.local_url)
-    demo.block_thread()
+                allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, app_kwargs={"routes": api})
 
 
 if __name__ == "__main__":

@@ -576,6 +576,13 @@ def unavailable_router(reason: str) -> fastapi.APIRouter:
     return router
 
 
+def openai_routes(studio: Studio, *, unavailable: str | None = None, **kw) -> list:
+    """The API's routes, to hand to a FastAPI app as it is made (`FastAPI(routes=...)`; Gradio's
+    `launch(app_kwargs={"routes": ...})`), so they exist before the server answers its first request
+    and come before the app's own. `unavailable`: every /v1 request answered 503 with this reason."""
+    return list((unavailable_router(unavailable) if unavailable else openai_router(studio, **kw)).routes)
+
+
 def add_openai_routes(app: fastapi.FastAPI, studio: Studio, *, unavailable: str | None = None, **kw) -> None:
     """Include `openai_router(studio, **kw)` into `app` ahead of its existing routes (so no catch-all
     or mount of the app's can shadow /v1). Works on a running app: routes are looked up per request.

@@ -256,7 +256,8 @@ def test_app_runs_speech_recognition_on_cpu_on_zerogpu(space, tmp_path, monkeypa
         monkeypatch.setenv("SPACE_ID", "someone/csm-multi")
     else:
         monkeypatch.delenv("SPACE_ID", raising=False)
-    app_module.main(["--model", "tiny", "--profiles-dir", str(tmp_path / "voices")])
+    # --max-batch 0: the stand-in engine has no scheduler to start (what is tested is the transcriber's device)
+    app_module.main(["--model", "tiny", "--profiles-dir", str(tmp_path / "voices"), "--max-batch", "0"])
     assert str(asked["device"]) == ("cpu" if space else "meta")
 
 
