@@ -1149,7 +1149,10 @@ def build_demo(studio: Studio):
             restore_draft, [key, drafts], draft_inputs, api_name=False, queue=False).then(
             list_profiles, [key], [library, chosen], api_name=False).then(
             profile_choices, [key], [q_profile], api_name=False).then(
-            fill_mapping, [key, script], [mapping], api_name=False).then(status, [key], [status_md], api_name=False)
+            # with the map restore_draft gave it: without it, this filled the map afresh and, when it came after
+            # the restored script's own fill, a reload lost the voices chosen (a race seen under load)
+            fill_mapping, [key, script, mapping], [mapping], api_name=False).then(status, [key], [status_md],
+                                                                              api_name=False)
 
         library_changed(save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
                                        api_name="add_profile"))
@@ -1222,7 +1225,7 @@ def build_demo(studio: Studio):
     return demo
 
 
-def configure_queue(demo: gr.Blocks, engine) -> int:
+def configure_queue(demo, engine) -> int:
     """Gradio's queue as the engine can serve it; returns how many generation events may run at once.
 
     With a scheduler (`Engine.serve`) every render, line action and Quick call is a request to one
