@@ -35,8 +35,7 @@ gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lowe
 rc=0
 run() { echo "== $*"; "$@" 2>&1 | tee -a "$out/log.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1; }
 case "$what" in tests|all)
-  run "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fused.py tests/test_memory.py \
-    tests/test_scheduler.py ;;
+  run "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fused.py tests/test_memory.py ;;
 esac
 case "$what" in bench|all)
   run "$PY" -m csm_multi.bench --device cuda --batch 1 4 8 --frames 40 --rounds 2 --json "$out/$gpu-csm-1b-bf16.json" ;;
