@@ -159,7 +159,7 @@ class Engine:
 
     # ---- generation -----------------------------------------------------------------------
     def _sampler(self, sampling: SamplingConfig) -> tuple[Sampler, int]:
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        seed = _drawn(sampling.seed)
         self._generator.manual_seed(seed)  # one generator, reseeded: captured graphs stay valid
         return Sampler(sampling.temperature, sampling.topk, self._generator, num_codes=self.codec.cardinality), seed
 
@@ -168,7 +168,7 @@ class Engine:
         every call, so a graph captured for this batch size stays valid)."""
         while len(self._row_generators) < len(seeds):
             self._row_generators.append(torch.Generator(device=self.device))
-        drawn = [seed if seed is not None else secrets.randbits(31) for seed in seeds]
+        drawn = [_drawn(seed) for seed in seeds]
         generators = tuple(self._row_generators[: len(seeds)])
         for g, seed in zip(generators, drawn):
             g.manual_seed(seed)
@@ -221,7 +221,7 @@ class Engine:
         tokens, mask = self.build_prompt(text, speaker, context)
         self.check_window(tokens.size(0), sampling.max_frames)
         if self.scheduler is not None:
-            seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+            seed = _drawn(sampling.seed)
             return self._request(tokens, mask, sampling, seed, on_stage), seed, tokens.size(0)
         sampler, seed = self._sampler(sampling)
         graph = self._graph(1, sampler, padded=False)
@@ -346,7 +346,20 @@ class Engine:
         longest = max(t.size(0) for t, _ in prompts)
         self.check_window(longest, sampling.max_frames)
         if self.scheduler is not None:
-            return self._batch_via_scheduler(prompts, sampling, seeds, on_frame, on_stage)
+            per_row, row_seeds = self._batch_via_scheduler(prompts, sampling, seeds, on_frame, on_stage)
+        else:
+            per_row, row_seeds = self._batch_alone(prompts, longest, sampling, seeds, on_frame)
+        k = self.config.audio_num_codebooks
+        codes = [torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long) for frames in per_row]
+        audio = self._finish(codes, on_stage)
+        return [Utterance(audio=a, codes=c.cpu(), seed=seed, watermarked=self.watermarker is not None,
+                          prompt_positions=prompt[0].size(0))
+                for a, c, seed, prompt in zip(audio, codes, row_seeds, prompts)]
+
+
+    def _batch_alone(self, prompts, longest: int, sampling: SamplingConfig, seeds,
+                     on_frame) -> tuple[list[list[torch.Tensor]], list[int]]:
+        """generate_batch's frames per row, from one padded batch of its own; and the row seeds."""
         tokens = torch.zeros(len(prompts), longest, self.config.frame_width, dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         pad = torch.tensor([longest - t.size(0) for t, _ in prompts])
@@ -361,17 +374,13 @@ class Engine:
                 per_row[row].append(codes[row])
             if on_frame:
                 on_frame()
-        k = self.config.audio_num_codebooks
-        codes = [torch.stack(frames, dim=1) if frames else torch.zeros(k, 0, dtype=torch.long) for frames in per_row]
-        audio = self._finish(codes, on_stage)
-        return [Utterance(audio=a, codes=c.cpu(), seed=seed, watermarked=self.watermarker is not None,
-                          prompt_positions=prompt[0].size(0))
-                for a, c, seed, prompt in zip(audio, codes, row_seeds, prompts)]
+        return per_row, row_seeds
 
-
-    def _batch_via_scheduler(self, prompts, sampling: SamplingConfig, seeds, on_frame, on_stage) -> list[Utterance]:
-        """generate_batch's rows as scheduler requests (they join the batch with everyone else's)."""
-        drawn = [seed if seed is not None else secrets.randbits(31) for seed in seeds]
+    def _batch_via_scheduler(self, prompts, sampling: SamplingConfig, seeds, on_frame,
+                             on_stage) -> tuple[list[list[torch.Tensor]], list[int]]:
+        """generate_batch's frames per row as scheduler requests (they join the batch with everyone
+        else's); and the row seeds."""
+        drawn = [_drawn(seed) for seed in seeds]
         streams = [self._request(t, m, sampling, seed, on_stage if i == 0 else None)
                    for i, ((t, m), seed) in enumerate(zip(prompts, drawn))]
         per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -389,11 +398,12 @@ class Engine:
         finally:
             for stream in streams:
                 stream.close()
-        k = self.config.audio_num_codebooks
-        codes = [torch.stack(f, dim=1) if f else torch.zeros(k, 0, dtype=torch.long) for f in per_row]
-        audio = self._finish(codes, on_stage)
-        return [Utterance(audio=a, codes=c, seed=seed, watermarked=self.watermarker is not None,
-                          prompt_positions=prompt[0].size(0)) for a, c, seed, prompt in zip(audio, codes, drawn, prompts)]
+        return per_row, drawn
+
+
+def _drawn(seed: int | None) -> int:
+    """`seed`, or a random one when it is None (so the caller can report it)."""
+    return seed if seed is not None else secrets.randbits(31)
 
 
 def _check_speaker(speaker) -> None:

@@ -30,7 +30,6 @@ import contextvars
 import logging
 import queue
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,9 +86,6 @@ class Ticket:
         self._scheduler = scheduler
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
-        self.submitted_at = time.monotonic()
-        self.started_at: float | None = None  # when its prefill began
-        self.first_frame_at: float | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -159,11 +155,14 @@ class Scheduler:
         self.row_budget = row_budget  # (active rows) -> rows allowed now, e.g. from free GPU memory
         self.on_step = on_step  # after every frame step (memory housekeeping)
         self.device = next(model.parameters()).device
-        # Intra-op threads of the loop's thread. A thread other than the main one paid 35-50% more per
-        # frame of the tiny preset with 2 threads than with 1 (measured on the 2-core CPU: every small
-        # op's parallel region costs more there), while big products need all cores: 1 thread when no
-        # matrix reaches fused.MIN_PACKED weights, else the process's setting.
+        # Intra-op threads while it runs. A thread other than the main one paid 35-50% more per frame of
+        # the tiny preset with 2 threads than with 1 (measured on the 2-core CPU: every small op's parallel
+        # region costs more there), while big products need all cores: 1 thread when no matrix reaches
+        # fused.MIN_PACKED weights, else the process's setting. torch keeps the setting per thread, but a
+        # thread that has not run a parallel op yet starts from the last value set anywhere: close() sets
+        # the previous one again.
         self.threads = threads or (torch.get_num_threads() if _large(model) else 1)
+        self._threads_before = torch.get_num_threads()
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._rows: list[_Row] = []
@@ -205,6 +204,8 @@ class Scheduler:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self._threads_before)
 
     def __enter__(self) -> Scheduler:
         return self
@@ -266,13 +267,14 @@ class Scheduler:
     # ---- the frame loop -----------------------------------------------------------------------
     def _run(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per thread)
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._rows and not [t for t in self._waiting if not t.cancelled]:
-                        self._drop_cancelled()
+                    self._drop_cancelled()
+                    while not (self._closed or self._rows or self._waiting):
                         self._cond.wait()
+                        self._drop_cancelled()
                     if self._closed:
                         break
                     joining = self._admit()
@@ -330,7 +332,6 @@ class Scheduler:
         new = []
         for slot, ticket in enumerate(joining, start=n):
             request = ticket.request
-            ticket.started_at = time.monotonic()
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed)
             new.append(_Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0)))
@@ -370,8 +371,6 @@ class Scheduler:
         if ticket.cancelled or bool(is_eos(codes)):
             ticket._put(_END)
             return False
-        if ticket.first_frame_at is None:
-            ticket.first_frame_at = time.monotonic()
         row.last = codes
         row.frames += 1
         self.frames += 1
