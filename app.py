@@ -912,7 +912,7 @@ def build_demo(studio: Studio):
             speaker = context[0].speaker if context else 0
             chunks = []
             for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig(),
-                                              visitor=f"key-{key}"):
+                                              visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
                 yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
         except (CsmError, ValueError) as e:
@@ -1291,9 +1291,9 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--per-visitor", type=int, default=setting("per_visitor"),
                    help="rows one visitor may hold while others wait (env CSM_PER_VISITOR)")
     args = p.parse_args(argv)
-    for flag in ("max_batch", "max_waiting", "per_visitor"):
-        if getattr(args, flag) < (0 if flag != "per_visitor" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a whole number >= {0 if flag != 'per_visitor' else 1}")
+    for flag, least in (("max_batch", 0), ("max_waiting", 0), ("per_visitor", 1)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a whole number >= {least}")
     release_torch_scratch()  # so a killed server leaves no torch folder in the temp dir
     if env("SPACE_ID"):
         ensure_nodeps_packages()

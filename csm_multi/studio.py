@@ -128,9 +128,7 @@ def _as_visitor(method):
     per-visitor share (see csm_multi/scheduler.py)."""
     @functools.wraps(method)
     def wrapped(self, key, *args, **kwargs):
-        # the key names the visitor even with a shared library (the page still has one per browser);
-        # the method checks it
-        with as_visitor(f"key-{key}" if isinstance(key, str) else None):
+        with as_visitor(self.visitor(key)):
             return method(self, key, *args, **kwargs)
 
     return wrapped
@@ -288,10 +286,18 @@ class Studio:
         except ProfileError as e:  # the speaker is named by resolve_voices; the argument here
             raise ProfileError(f"mapping: {e}") from None
 
+    @staticmethod
+    def visitor(key) -> str | None:
+        """Who a generation counts against in the scheduler's per-visitor share: the library key, which
+        names one browser even with a shared library (the methods check the key itself)."""
+        return f"key-{key}" if isinstance(key, str) else None
+
     def renderer(self, key: str | None) -> ScriptRenderer:
         store = self.library(key)
         source = functools.partial(store.segment, encoder=self.engine.encode_reference, encoder_id=self.engine.codec_id)
-        return ScriptRenderer(self.engine, source, on_frame=self.memory.step, transcriber=self.transcriber)
+        # with a scheduler its loop does the memory housekeeping once per step, not each line per frame
+        on_frame = None if self.engine.scheduler is not None else self.memory.step
+        return ScriptRenderer(self.engine, source, on_frame=on_frame, transcriber=self.transcriber)
 
     @_as_visitor
     def render(self, key, script: str, voices: Mapping[str, str | None], config: RenderConfig,
