@@ -10,8 +10,11 @@ keeps items in this priority, each only if it fits what is left (greedy, never o
      it; this is "trimming the oldest");
   3. the other speakers' profile prompts, in the order given, skipping any that do not fit.
 
-Prompt order of what is kept: other speakers' profiles (order given), then the current speaker's
-profile (the prompt nearest the conversation), then lines chronologically (by `order`).
+Prompt order of what is kept: every kept profile in the order given, then lines chronologically
+(by `order`). The order stays put from one line to the next whoever speaks, as the reference's own
+demo orders its prompts, so one line's prompt starts with the previous line's and the backbone
+state of that start is reused (prefix.py). (Until this prefix cache, the current speaker's profile
+came last, nearest the conversation: then the order changed whenever the speaker did.)
 This module knows nothing about tokens, tensors, models or scripts: it only does arithmetic on
 sizes; `payload` (e.g. a `Segment`) is carried along untouched.
 """
@@ -98,11 +101,11 @@ class ContextBudget:
                 f"the new line needs {reserved} positions (its text + the frames to generate) but the window"
                 f" holds {self.window} — shorten the line or lower the maximum audio length")
         current = current_speaker.casefold()
-        own = [p for p in profiles if p.speaker.casefold() == current]
-        others = [p for p in profiles if p.speaker.casefold() != current]
         lines = sorted(history, key=lambda item: item.order)  # chronological; stable for ties
-        prompt = [*others, *own, *lines]  # prompt order; indices below point into it
-        first_own, first_line = len(others), len(others) + len(own)
+        prompt = [*profiles, *lines]  # prompt order; indices below point into it
+        own = [i for i, p in enumerate(profiles) if p.speaker.casefold() == current]
+        others = [i for i, p in enumerate(profiles) if p.speaker.casefold() != current]
+        first_line = len(profiles)
 
         free = self.window - reserved
         kept = [False] * len(prompt)
@@ -119,7 +122,7 @@ class ContextBudget:
                                          f" reserving {reserved} for the new line"))
             return False
 
-        for i in range(first_own, first_line):
+        for i in own:
             take(i, "the current speaker's profile")
         newest_first = range(len(prompt) - 1, first_line - 1, -1)
         for n, i in enumerate(newest_first):
@@ -127,7 +130,7 @@ class ContextBudget:
                 dropped.extend(Dropped(prompt[j], f"older than {prompt[i].label}, which did not fit")
                                for j in newest_first[n + 1:])
                 break
-        for i in range(first_own):
+        for i in others:
             take(i, "another speaker's profile")
 
         return ContextPlan(kept=[item for item, k in zip(prompt, kept) if k], dropped=dropped,

@@ -20,6 +20,7 @@ from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
+from .prefix import DEFAULT_MAX_MB, PrefixCache
 from .scheduler import GenerationRequest, Scheduler, as_visitor, current_visitor
 
 # What a call is doing, for progress displays (`on_stage`): frames first, then these two
@@ -73,7 +74,7 @@ class Engine:
     MAX_GRAPHS = 4  # captured frame graphs kept (one per batch size / sampling setting)
 
     def __init__(self, model: CSM, tokenizer, codec, watermarker=None, *, watermark: bool = True,
-                 info: EngineInfo | None = None, fast: bool | None = None):
+                 info: EngineInfo | None = None, fast: bool | None = None, prefix_cache_mb: int = DEFAULT_MAX_MB):
         if watermark and watermarker is None:
             raise WatermarkUnavailableError(
                 "no watermark model was given: load one, or pass watermark=False explicitly "
@@ -92,6 +93,11 @@ class Engine:
         self._row_generators: list[torch.Generator] = []  # generate_batch: one per row, grown on demand
         self._graphs: dict[tuple, FrameGraph] = {}
         self.scheduler: Scheduler | None = None  # see serve(): then every generation is a request to it
+        # The backbone state of finished prompts, reused by prompts that start the same way (prefix.py):
+        # a dialogue line prefills only what follows the previous line's state. 0 turns it off.
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be a whole number of MB >= 0, got {prefix_cache_mb!r}")
+        self.prefix = PrefixCache(model, prefix_cache_mb << 20)
         self.info = info or EngineInfo(model=model.config.name, device=str(p.device), dtype=str(p.dtype),
                                        tokenizer=getattr(tokenizer, "name", "?"), codec="mimi",
                                        watermark="on" if self.watermarker else "OFF")
@@ -193,7 +199,7 @@ class Engine:
         The per-frame CUDA graph is not used meanwhile (its batch changes every frame)."""
         self.stop_serving()
         self._graphs.clear()
-        self.scheduler = Scheduler(self.model, num_codes=self.codec.cardinality, **limits)
+        self.scheduler = Scheduler(self.model, num_codes=self.codec.cardinality, prefix=self.prefix, **limits)
         return self.scheduler
 
     def stop_serving(self) -> None:
@@ -226,7 +232,7 @@ class Engine:
         sampler, seed = self._sampler(sampling)
         graph = self._graph(1, sampler, padded=False)
         it = iterate_frames(self.model, tokens[None].to(self.device), mask[None].to(self.device),
-                            sampler, sampling.max_frames, graph=graph)
+                            sampler, sampling.max_frames, graph=graph, prefix=self.prefix)
         return (codes[0] for codes, _ in it), seed, tokens.size(0)
 
     def _watermark(self, audio: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from .frames import is_eos
 from .model import CSM
+from .prefix import PrefixCache, fed_frames
 from .sampling import Generators, sample_topk
 
 
@@ -71,7 +72,7 @@ def next_frame_input(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def iterate_frames(
     model: CSM, tokens: torch.Tensor, mask: torch.Tensor, sample: Sampler, max_frames: int,
-    pad: torch.Tensor | None = None, graph: FrameGraph | None = None,
+    pad: torch.Tensor | None = None, graph: FrameGraph | None = None, prefix: PrefixCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (codes (B, K), alive (B,) bool) per frame until every row has emitted EOS.
 
@@ -79,32 +80,53 @@ def iterate_frames(
     positions of each row are padding (they are masked out of attention). A row's EOS frame and
     everything after it are reported with alive=False. The caller checks the window beforehand.
     With `graph` (captured for this batch size and this `sample`), frames after the eager prefill
-    are CUDA-graph replays.
+    are CUDA-graph replays. With `prefix` (one unpadded row), the prompt's longest cached start is
+    copied in instead of prefilled, and the state the row ends with (prompt + fed frames) is kept
+    for later prompts, also when the caller stops early.
     """
     b, s, _ = tokens.shape
     model.setup_caches(b)
     model.reset_caches()
     device = tokens.device
-    input_pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    cached = prefix is not None and prefix.enabled and b == 1 and pad is None
+    start = prefix.load(tokens[0], mask[0], row=0) if cached else 0
+    if start:
+        model.skip_positions(start)
+    prompt_tokens, prompt_mask = tokens, mask
+    tokens, mask = tokens[:, start:], mask[:, start:]
+    input_pos = torch.arange(start, s, device=device).unsqueeze(0).expand(b, s - start)
     key_valid = None
     if pad is not None:
         key_valid = torch.arange(model.config.max_seq_len, device=device).unsqueeze(0) >= pad.to(device).unsqueeze(1)
     alive = torch.ones(b, dtype=torch.bool, device=device)
-    for i in range(max_frames):
-        if graph is not None and i > 0:
-            codes = graph.step().clone()
-        else:
-            codes = generate_frame(model, tokens, mask, input_pos, sample, key_valid)
-        alive = alive & ~is_eos(codes)
-        if not bool(alive.any()):  # one host sync per frame: the caller needs the frame anyway
-            return
-        yield codes, alive
-        input_pos = input_pos[:, -1:] + 1
-        if graph is not None:
-            if i == 0:
-                graph.start(codes, input_pos, key_valid)
-        else:
-            tokens, mask = next_frame_input(codes)
+    made: list[torch.Tensor] = []  # frames yielded; the first `steps - 1` of them were fed back
+    steps, failed = 0, False
+    try:
+        for i in range(max_frames):
+            try:
+                if graph is not None and i > 0:
+                    codes = graph.step().clone()
+                else:
+                    codes = generate_frame(model, tokens, mask, input_pos, sample, key_valid)
+            except BaseException:
+                failed = True
+                raise
+            steps += 1
+            alive = alive & ~is_eos(codes)
+            if not bool(alive.any()):  # one host sync per frame: the caller needs the frame anyway
+                return
+            if cached:
+                made.append(codes[0])
+            yield codes, alive
+            input_pos = input_pos[:, -1:] + 1
+            if graph is not None:
+                if i == 0:
+                    graph.start(codes, input_pos, key_valid)
+            else:
+                tokens, mask = next_frame_input(codes)
+    finally:
+        if cached and steps and not failed:
+            prefix.store(*fed_frames(prompt_tokens[0], prompt_mask[0], made[: steps - 1]), row=0)
 
 
 class FrameGraph:

@@ -213,6 +213,14 @@ class CSM(nn.Module):
         self.backbone.reset_caches()
         self.decoder.reset_caches()
 
+    def skip_positions(self, n: int) -> None:
+        """After `reset_caches`: the backbone's first `n` slots already hold a prompt's state (copied
+        in by a `prefix.PrefixCache`), so the next step writes from position `n` on."""
+        for layer in self.backbone.layers:
+            kv = layer.attn.kv_cache
+            kv.cache_pos.add_(n)
+            kv.filled += n
+
     # ---- embeddings -----------------------------------------------------------------------
     def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Frames (B, S, K+1) + mask (B, S, K+1) -> summed embeddings (B, S, Db)."""

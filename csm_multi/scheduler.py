@@ -32,7 +32,7 @@ import queue
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ from .errors import BusyError
 from .frames import is_eos
 from .generate import Sampler, depth_frame, next_frame_input
 from .model import CSM
+from .prefix import PrefixCache, fed_frames
 from .sampling import sample_topk
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class _Row:
     pos: int  # cache slots filled = the next frame's position
     last: torch.Tensor  # (K,) the frame it made last (the next step's input)
     frames: int = 0
+    made: list[torch.Tensor] = field(default_factory=list)  # frames delivered (kept for the prefix cache only)
 
 
 class Scheduler:
@@ -143,7 +145,7 @@ class Scheduler:
     def __init__(self, model: CSM, *, num_codes: int | None = None, max_rows: int = 8, max_waiting: int = 64,
                  per_visitor: int = 2, waiting_per_visitor: int = 16,
                  row_budget: Callable[[int], int] | None = None, on_step: Callable[[], object] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, prefix: PrefixCache | None = None):
         for name, value, least in (("max_rows", max_rows, 1), ("max_waiting", max_waiting, 0),
                                    ("per_visitor", per_visitor, 1), ("waiting_per_visitor", waiting_per_visitor, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -154,6 +156,9 @@ class Scheduler:
         self.per_visitor, self.waiting_per_visitor = per_visitor, waiting_per_visitor
         self.row_budget = row_budget  # (active rows) -> rows allowed now, e.g. from free GPU memory
         self.on_step = on_step  # after every frame step (memory housekeeping)
+        # A joining prompt's longest cached start is copied into its row instead of prefilled, and a
+        # row that ends leaves its state (prompt + fed frames) there for later prompts (prefix.py).
+        self.prefix = prefix if prefix is not None and prefix.enabled else None
         self.device = next(model.parameters()).device
         # Intra-op threads while it runs. A thread other than the main one paid 35-50% more per frame of
         # the tiny preset with 2 threads than with 1 (measured on the 2-core CPU: every small op's parallel
@@ -334,10 +339,12 @@ class Scheduler:
             request = ticket.request
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed)
-            new.append(_Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0)))
-            tokens, mask = request.tokens[None].to(self.device), request.mask[None].to(self.device)
-            input_pos = torch.arange(tokens.size(1), device=self.device).unsqueeze(0)
-            self.model.use_rows(slice(slot, slot + 1), input_pos, visible=tokens.size(1))
+            size = request.tokens.size(0)
+            new.append(_Row(ticket, generator, pos=size - 1, last=torch.empty(0)))
+            start = self.prefix.load(request.tokens, request.mask, slot) if self.prefix is not None else 0
+            tokens, mask = request.tokens[None, start:].to(self.device), request.mask[None, start:].to(self.device)
+            input_pos = torch.arange(start, size, device=self.device).unsqueeze(0)
+            self.model.use_rows(slice(slot, slot + 1), input_pos, visible=size)
             hidden.append(self.model.backbone_step(tokens, mask, input_pos))
         everyone = [*rows, *new]
         if not everyone:
@@ -355,6 +362,9 @@ class Scheduler:
             row.pos += 1
             if not self._deliver(row, codes[b]):
                 ended.append(b)
+        if self.prefix is not None:
+            for b in ended:
+                self._keep_state(b, everyone[b])
         with self._cond:
             self._rows.extend(new)
             self.peak_rows = max(self.peak_rows, len(self._rows))
@@ -365,6 +375,12 @@ class Scheduler:
                     self._rows[b] = self._rows[last]
                 self._rows.pop()
 
+    def _keep_state(self, slot: int, row: _Row) -> None:
+        """Leave an ended row's cache state (its prompt and the frames fed after it) to the prefix cache."""
+        request = row.ticket.request
+        fed = row.made[: row.pos - request.tokens.size(0)]
+        self.prefix.store(*fed_frames(request.tokens, request.mask, fed), slot)
+
     def _deliver(self, row: _Row, codes: torch.Tensor) -> bool:
         """Hand a new frame to its ticket; False when the row has ended (end frame, limit, cancel)."""
         ticket = row.ticket
@@ -374,7 +390,10 @@ class Scheduler:
         row.last = codes
         row.frames += 1
         self.frames += 1
-        ticket._put(codes.cpu())
+        frame = codes.cpu()
+        if self.prefix is not None:
+            row.made.append(frame)
+        ticket._put(frame)
         if row.frames >= ticket.request.max_frames:
             ticket._put(_END)
             return False

@@ -26,11 +26,13 @@ def test_everything_fits_in_prompt_order():
     own, other = profile("alice", 100), profile("bob", 100)
     history = [line(2, "bob", 50), line(0, "alice", 50), line(1, "bob", 50)]  # any input order
     plan = ContextBudget(2048).plan("alice", [own, other], history, reserved=500)
-    assert labels(plan.kept) == ["profile:bob", "profile:alice", "line 0", "line 1", "line 2"]
+    assert labels(plan.kept) == ["profile:alice", "profile:bob", "line 0", "line 1", "line 2"]
     assert plan.dropped == []
     assert plan.used == 350 and plan.reserved == 500 and plan.window == 2048
     assert plan.free == 2048 - 850
-    assert plan.kept[0] is other  # payload travels untouched
+    assert plan.kept[1] is other  # payload travels untouched
+    # the order stays put when the other speaker talks next (so a prompt starts like the last one)
+    assert labels(ContextBudget(2048).plan("bob", [own, other], history, reserved=500).kept) == labels(plan.kept)
 
 
 def test_empty_context():
@@ -149,10 +151,10 @@ def test_plan_properties(scenario):
     for p in own:
         assert (p in plan.kept) == (p.positions + reserved <= window)
 
-    # prompt order: other profiles, own profile, then lines oldest -> newest
-    kinds = [(i.kind, i.speaker.casefold() == current.casefold()) for i in plan.kept]
-    rank = {("profile", False): 0, ("profile", True): 1, ("line", False): 2, ("line", True): 2}
-    assert [rank[k] for k in kinds] == sorted(rank[k] for k in kinds)
+    # prompt order: profiles in the order given, then lines oldest -> newest
+    kept_profiles = [i for i in plan.kept if i.kind == "profile"]
+    assert [id(i) for i in kept_profiles] == [id(p) for p in profiles if p in kept_profiles]
+    assert [i.kind for i in plan.kept] == sorted((i.kind for i in plan.kept), key=lambda k: k != "profile")
     kept_lines = [i for i in plan.kept if i.kind == "line"]
     assert [i.order for i in kept_lines] == sorted(i.order for i in kept_lines)
 
