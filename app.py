@@ -422,6 +422,11 @@ def status_markdown(info: dict) -> str:
         lines.append(f"**Generation:** {sched['active']}/{sched['limit']} rows busy, {sched['waiting']} waiting · "
                      f"{sched['frames']} frames in {sched['steps']} batched steps, at most {sched['peak_rows']} rows "
                      "at once")
+    prefix = info.get("prefix_cache")
+    if prefix:
+        lines.append(f"**Prefix cache:** {prefix['hits']} prompts started from a kept state ({prefix['reused_positions']} "
+                     f"positions not prefilled again), {prefix['misses']} misses · {prefix['entries']} states, "
+                     f"{prefix['mb']}/{prefix['max_mb']} MB")
     mem = info["memory"]
     if "gpu_allocated_mb" in info:
         lines.append(f"**GPU memory:** {info['gpu_allocated_mb']} MB allocated, {info['gpu_reserved_mb']} MB reserved · "
@@ -1291,7 +1296,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--per-visitor", type=int, default=setting("per_visitor"),
                    help="rows one visitor may hold while others wait (env CSM_PER_VISITOR)")
     args = p.parse_args(argv)
-    for flag, least in (("max_batch", 0), ("max_waiting", 0), ("per_visitor", 1)):
+    for flag, least in (("max_batch", 0), ("max_waiting", 0), ("per_visitor", 1), ("prefix_cache_mb", 0)):
         if getattr(args, flag) < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be a whole number >= {least}")
     release_torch_scratch()  # so a killed server leaves no torch folder in the temp dir
@@ -1299,7 +1304,7 @@ def serve(argv: list[str]) -> None:
         ensure_nodeps_packages()
     engine = build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
                           tokenizer_repo=args.tokenizer_repo, trust_tokenizer=args.trust_tokenizer,
-                          quantize=args.quantize)
+                          quantize=args.quantize, prefix_cache_mb=args.prefix_cache_mb)
     # On ZeroGPU the GPU exists only inside spaces.GPU calls, and saving a voice is not one: ASR on CPU.
     asr_device = "cpu" if zero_gpu() else engine.device
     transcriber = build_transcriber(args.asr_model, device=asr_device)  # loads on first use

@@ -26,7 +26,7 @@ def _build(args):
 
     return build_engine(args.model, checkpoint=args.checkpoint, device=args.device, watermark=not args.no_watermark,
                         tokenizer_repo=args.tokenizer_repo, trust_tokenizer=args.trust_tokenizer,
-                        quantize=args.quantize)
+                        quantize=args.quantize, prefix_cache_mb=args.prefix_cache_mb)
 
 
 def cmd_say(args) -> int:

@@ -251,15 +251,21 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> Engine:
+def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb: int | None = None,
+                 **kwargs) -> Engine:
     """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and
     float32 products run on oneDNN (`fused.py`); quantize="int8" gives the CPU model int8
-    weights instead (`quant.py`)."""
+    weights instead (`quant.py`). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off,
+    None: the engine's default)."""
     from .fused import fuse_layers, pack_linears
     from .quant import MODES, quantize as quantize_model
 
     if quantize not in MODES:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)}")
+    if prefix_cache_mb is not None and (isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int)
+                                        or prefix_cache_mb < 0):
+        raise ValueError(f"the prefix cache size (--prefix-cache-mb, CSM_PREFIX_CACHE_MB) must be a whole number "
+                         f"of MB >= 0 (0 turns it off), got {prefix_cache_mb!r}")
     engine = _build_engine(model, **kwargs)
     if engine.device.type == "cpu":  # same results, fewer ops (fused.py); CUDA runs one graph per frame
         fuse_layers(engine.model)
@@ -268,6 +274,8 @@ def build_engine(model: str = "auto", *, quantize: str = "none", **kwargs) -> En
         engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"
     elif engine.device.type == "cpu":
         pack_linears(engine.model)
+    if prefix_cache_mb is not None:
+        engine.prefix.max_bytes = prefix_cache_mb << 20
     return engine
 
 

@@ -46,6 +46,10 @@ class CudaMemoryManager:
             self.active = self.device is not None and self.device.type == "cuda"
         self._stats_fn = stats_fn or self._torch_stats
         self._clear_fn = clear_fn or self._torch_clear
+        # Called, before the allocator's cache is cleared, while the device is crowded: caches of our
+        # own that can be rebuilt (the engine's prefix cache), so their memory goes back too.
+        self.releasers: list[Callable[[], None]] = []
+        self.releases = 0
         self.interval = min_interval  # look early; back off while quiet
         self.steps = self.checks = self.clears = self.shrinks = 0
         self.last_reserved = self.last_allocated = 0
@@ -75,7 +79,10 @@ class CudaMemoryManager:
         self.last_allocated, self.last_reserved = allocated, reserved
         unused = reserved - allocated
         wasteful = unused > self.reserved_unused_fraction * reserved
-        crowded = total > 0 and (total - free) / total > self.pressure and unused > 0
+        over = total > 0 and (total - free) / total > self.pressure
+        if over and self.releasers:  # what they free becomes unused cache, cleared below
+            self._release()
+        crowded = over and (unused > 0 or bool(self.releasers))
         if wasteful or crowded:
             self._clear_fn()
             self.clears += 1
@@ -95,15 +102,22 @@ class CudaMemoryManager:
             total, free = int(s["total"]), int(s["free"])
             if total <= 0 or (total - free) / total <= self.pressure:
                 return max_rows
-            if attempt == 0 and int(s["reserved"]) > int(s["allocated"]):
-                self._clear_fn()  # unused cache first: maybe that is all the pressure was
+            if attempt == 0 and (self.releasers or int(s["reserved"]) > int(s["allocated"])):
+                self._release()  # what can be rebuilt, then the unused cache: maybe that is all the pressure was
+                self._clear_fn()
                 self.clears += 1
         self.shrinks += 1
         return max(1, min(active, max_rows))
 
+    def _release(self) -> None:
+        for release in self.releasers:
+            release()
+        if self.releasers:
+            self.releases += 1
+
     def stats(self) -> dict[str, int]:
         return {"steps": self.steps, "checks": self.checks, "clears": self.clears, "interval": self.interval,
-                "shrinks": self.shrinks, "last_reserved": self.last_reserved, "last_allocated": self.last_allocated}
+                "shrinks": self.shrinks, "releases": self.releases, "last_reserved": self.last_reserved, "last_allocated": self.last_allocated}
 
     # ---- torch backends (used only when nothing is injected) -----------------------------------
     def _torch_stats(self) -> MemoryStats:

@@ -37,6 +37,7 @@ SETTINGS: dict[str, Setting] = {
     "checkpoint": Setting("CSM_CHECKPOINT"),
     "device": Setting("CSM_DEVICE"),
     "quantize": Setting("CSM_QUANTIZE", "none"),
+    "prefix_cache_mb": Setting("CSM_PREFIX_CACHE_MB", 512, int),
     "tokenizer_repo": Setting("CSM_TOKENIZER_REPO"),
     "trust_tokenizer": Setting("CSM_TRUST_TOKENIZER", False, bool),
     "asr_model": Setting("CSM_ASR_MODEL"),  # None: loaders.ASR_MODEL; "none" turns transcription off
@@ -91,6 +92,10 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
                    help="cuda or cpu (env CSM_DEVICE; default: cuda when available)")
     p.add_argument("--quantize", default=setting("quantize"), choices=["none", "int8"],
                    help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size (env CSM_QUANTIZE)")
+    p.add_argument("--prefix-cache-mb", type=int, default=setting("prefix_cache_mb"),
+                   help="memory for the backbone state of finished prompts, reused by prompts that start the same "
+                        "way (a dialogue line prefills only what follows the last line); 0 turns it off "
+                        "(env CSM_PREFIX_CACHE_MB; default 512)")
     p.add_argument("--no-watermark", action="store_true", help="explicitly disable the audio watermark")
     p.add_argument("--tokenizer-repo", default=setting("tokenizer_repo"),
                    help="a copy of the Llama 3.2 tokenizer (hub id or folder, e.g. unsloth/Llama-3.2-1B) used "

@@ -151,6 +151,8 @@ class Studio:
         self._last_audio: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> its last audio file
         self._lock = threading.Lock()
         self.memory = CudaMemoryManager(engine.device)
+        if getattr(engine, "prefix", None) is not None:  # a crowded GPU drops the prefix cache first
+            self.memory.releasers.append(engine.prefix.clear)
         quota = limits.storage_quota_bytes
         self.quota = StorageQuota(self.profiles_root, quota) if quota > 0 else None
         if self.quota is not None:
@@ -585,4 +587,7 @@ class Studio:
         info["library"] = "shared" if self.shared else "private to this browser"
         if self.engine.scheduler is not None:
             info["scheduler"] = self.engine.scheduler.stats()
+        prefix = getattr(self.engine, "prefix", None)
+        if prefix is not None and prefix.enabled:
+            info["prefix_cache"] = {**prefix.stats(), "max_mb": prefix.max_bytes >> 20}
         return info

@@ -130,3 +130,31 @@ def test_quick_serving_benchmark_runs_and_its_figures_agree(tmp_path, capsys):
     assert row["ttfa_alone_ms"] > 0 and row["ttfa_joining_ms"] > 0
     assert max(result["scheduler"]["batch_sizes"]) > 1  # the "at once" runs really shared steps
     assert "| 4 | 6 |" in capsys.readouterr().out
+
+
+def test_quick_end_to_end_benchmark_times_every_stage_of_every_line(tmp_path, capsys):
+    """`python -m csm_multi.e2e --quick`: each case renders the 4-line script; the stages of ours add
+    up to the total, every line has a time to first audio, the prefix cache leaves the same frames to
+    generate, and transformers is timed for the same prompt sizes and frame counts."""
+    from csm_multi import e2e
+
+    out = tmp_path / "e2e.json"
+    assert e2e.main(["--quick", "--line-s", "0.4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "| transformers |" in capsys.readouterr().out
+    cases = result["modes"]["fp32"]
+    assert set(cases) == {"ours, prefix cache", "ours, no prefix cache", "ours, fast mode (4 lines batched)",
+                          "transformers"}
+    cached, full = cases["ours, prefix cache"], cases["ours, no prefix cache"]
+    for case in (cached, full):
+        assert len(case["ttfa_s"]) == len(case["lines"]) == result["script_lines"] == 4
+        assert abs(sum(case["stages_s"].values()) - case["total_s"]) < 0.01
+        assert all(v >= 0 for v in case["stages_s"].values())
+        assert case["stages_s"]["watermark"] > 0  # the watermark is on and timed
+        assert case["audio_s"] == 4 * 0.4 and case["frames"] == [5, 5, 5, 5]
+    # both render the same prompts (same sizes) and the later lines' prompts grow with the dialogue
+    assert cached["prompt_positions"] == full["prompt_positions"]
+    assert cached["prompt_positions"][3] > cached["prompt_positions"][0]
+    assert cases["transformers"]["audio_s"] == full["audio_s"]
+    assert cases["transformers"]["stages_s"]["generate"] > 0
+    assert len(cached["speedup_vs_transformers_rounds"]) == 1

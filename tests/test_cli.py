@@ -174,12 +174,13 @@ def test_engine_settings_come_from_the_apps_environment_variables(tmp_path, caps
     monkeypatch.setattr(loaders, "build_engine", lambda model, **kw: seen.update(kw, model=model) or
                         type("E", (), {"info": type("I", (), {})()})())
     env = {"CSM_MODEL": "csm-1b", "CSM_CHECKPOINT": str(tmp_path / "ckpt"), "CSM_DEVICE": "cpu", "CSM_QUANTIZE": "int8",
-           "CSM_TOKENIZER_REPO": "unsloth/Llama-3.2-1B", "CSM_TRUST_TOKENIZER": "1"}
+           "CSM_TOKENIZER_REPO": "unsloth/Llama-3.2-1B", "CSM_TRUST_TOKENIZER": "1", "CSM_PREFIX_CACHE_MB": "96"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert main(["info"]) == 0
     assert seen == {"model": "csm-1b", "checkpoint": str(tmp_path / "ckpt"), "device": "cpu", "quantize": "int8",
-                    "tokenizer_repo": "unsloth/Llama-3.2-1B", "trust_tokenizer": True, "watermark": True}
+                    "tokenizer_repo": "unsloth/Llama-3.2-1B", "trust_tokenizer": True, "watermark": True,
+                    "prefix_cache_mb": 96}
     assert main(["info", "--model", "tiny", "--device", "cuda"]) == 0
     assert seen["model"] == "tiny" and seen["device"] == "cuda"
     monkeypatch.setenv("CSM_TRUST_TOKENIZER", "maybe")

@@ -111,7 +111,7 @@ def test_cpu_is_a_counting_noop():
     fake = FakeCuda(allocated=0, reserved=10 * GiB)  # would clear if it looked
     m = CudaMemoryManager("cpu", stats_fn=fake.stats, clear_fn=fake.clear, min_interval=1)
     assert run(m, 100) == 0 and fake.calls == 0 and not m.active
-    assert m.stats() == {"steps": 100, "checks": 0, "clears": 0, "interval": 1, "shrinks": 0,
+    assert m.stats() == {"steps": 100, "checks": 0, "clears": 0, "interval": 1, "shrinks": 0, "releases": 0,
                          "last_reserved": 0, "last_allocated": 0}
 
 
@@ -153,3 +153,23 @@ def test_rows_allowed_shrinks_the_batch_only_under_pressure_that_clearing_does_n
     fake.others = 0
     assert m.rows_allowed(active=2, max_rows=8) == 8  # pressure gone: the full batch again
     assert CudaMemoryManager("cpu").rows_allowed(active=3, max_rows=4) == 4
+
+
+def test_crowded_device_releases_our_rebuildable_caches_first():
+    """All of the reserved memory is in use (nothing unused to clear), but part of it is the prefix
+    cache: under pressure it is dropped and the freed cache cleared; without pressure it stays."""
+    fake = FakeCuda(allocated=10 * GiB, reserved=10 * GiB, total=80 * GiB, others=65 * GiB)
+    m = manager(fake, min_interval=1)
+    dropped = []
+
+    def drop_prefix_cache():
+        dropped.append(True)
+        fake.allocated -= 4 * GiB
+
+    m.releasers.append(drop_prefix_cache)
+    assert m.step() is True and dropped == [True] and fake.cleared == 1
+    assert m.stats()["releases"] == 1
+    fake.others = 0  # pressure gone: the cache is kept
+    assert run(m, 40) == 0 and dropped == [True]
+    fake.others = 74 * GiB  # still crowded after dropping it again: then the batch shrinks
+    assert m.rows_allowed(active=3, max_rows=8) == 3 and len(dropped) == 2

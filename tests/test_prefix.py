@@ -166,3 +166,20 @@ def test_common_length():
     m2[0, 0] = False
     assert common_length(a, m, a, m2) == 0
     assert common_length(a[:0], m[:0], a, m) == 0
+
+
+def test_the_size_setting_reaches_the_engine_and_bad_values_name_the_flag(monkeypatch, capsys):
+    import app as app_module
+    from csm_multi.cli import build_parser
+    from csm_multi.loaders import build_engine
+
+    engine = build_engine("tiny", watermark=False, prefix_cache_mb=3)
+    assert engine.prefix.max_bytes == 3 << 20 and engine.prefix.enabled
+    assert not build_engine("tiny", watermark=False, prefix_cache_mb=0).prefix.enabled
+    with pytest.raises(ValueError, match="--prefix-cache-mb"):
+        build_engine("tiny", watermark=False, prefix_cache_mb=-1)
+    monkeypatch.setenv("CSM_PREFIX_CACHE_MB", "64")
+    assert build_parser().parse_args(["say", "hello"]).prefix_cache_mb == 64
+    monkeypatch.setattr(app_module, "build_engine", lambda *a, **k: pytest.fail("built despite a bad flag"))
+    assert app_module.main(["--model", "tiny", "--prefix-cache-mb", "-2"]) == 2
+    assert "error: --prefix-cache-mb must be a whole number >= 0" in capsys.readouterr().err

@@ -4,6 +4,7 @@ line, and a clear busy answer beyond the queue's bound. Tiny preset, CPU."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -112,6 +113,7 @@ def test_status_shows_the_generation_rows(served):
     url, _, _ = served
     text = gradio_client.Client(url, verbose=False).predict("serving-status-00", api_name="/status")
     assert "**Generation:**" in text and "rows busy" in text
+    assert re.search(r"\*\*Prefix cache:\*\* \d+ prompts started from a kept state .* \d+ states, [\d.]+/512 MB", text), text
 
 
 @pytest.fixture
