@@ -162,8 +162,8 @@ def transformers_case(hf, engine: Engine, prompts: list[int], frames: list[int],
     """transformers' CSM for each line's prompt length and frame count (random ids: the cost of a
     position does not depend on what it holds), then our Mimi decode and watermark, as ours are."""
     g = torch.Generator().manual_seed(seed)
-    kwargs = dict(do_sample=True, top_k=50, temperature=0.9, depth_decoder_do_sample=True, depth_decoder_top_k=50,
-                  depth_decoder_temperature=0.9)
+    kwargs = {"do_sample": True, "top_k": 50, "temperature": 0.9, "depth_decoder_do_sample": True,
+              "depth_decoder_top_k": 50, "depth_decoder_temperature": 0.9}
     lines, t0 = [], time.perf_counter()
     for n, t in zip(prompts, frames, strict=True):
         ids = torch.randint(0, 2000, (1, n), generator=g)
@@ -201,14 +201,14 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
             if mode == "int8":
                 quantize_transformers(hf)
         cases: dict[str, list[dict]] = {}
+        specs = [("ours, prefix cache", {}), ("ours, no prefix cache", {"cached": False})]
+        if fast:
+            specs.append(("ours, fast mode (4 lines batched)", {"mode": FAST}))
         try:
             render_case(engine, voices, min(line_s, 0.4))  # warm-up: first calls pay one-off costs
             for r in range(rounds):
-                for name, fn in (("ours, prefix cache", lambda: render_case(engine, voices, line_s)),
-                                 ("ours, no prefix cache", lambda: render_case(engine, voices, line_s, cached=False)),
-                                 *((("ours, fast mode (4 lines batched)",
-                                     lambda: render_case(engine, voices, line_s, FAST)),) if fast else ())):
-                    cases.setdefault(name, []).append(fn())
+                for name, kwargs in specs:
+                    cases.setdefault(name, []).append(render_case(engine, voices, line_s, **kwargs))
                     log(f"{mode} round {r + 1}: {name}: {cases[name][-1]['total_s']} s")
                 if hf is not None:
                     ref = cases["ours, no prefix cache"][-1]
@@ -227,7 +227,7 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
                     summary[name]["speedup_vs_transformers_rounds"] = [
                         round(h["total_s"] / c["total_s"], 3) for c, h in zip(runs, cases["transformers"])]
         results[mode] = summary
-        del engine, hf
+        engine = hf = None  # before the next mode's copies are built
     return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
             "preset": preset, "rounds": rounds, "line_s": line_s, "voice_s": voice_s, "watermark": watermark,
@@ -235,8 +235,8 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
 
 
 def table(result: dict) -> str:
-    lines = ["| mode | case | total s | audio s | RTF | audio s/s | prefill | frames | decode | watermark | rest "
-             "| TTFA per line s | vs transformers |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| mode | case | total s | audio s | RTF | audio s/s | prefill | frames | decode | watermark | rest "
+              "| TTFA per line s | vs transformers |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, cases in result["modes"].items():
         for name, c in cases.items():
             st = c.get("stages_s", {})
