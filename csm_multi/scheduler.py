@@ -20,7 +20,9 @@ visitor's extra requests are admitted only into rows nobody else is waiting for.
 `submit` raises `BusyError`. A joining request's prompt goes through the backbone in the same step
 as the running rows' next frame (its own call: a prompt of S positions), and its first frame shares
 that step's depth-decoder pass with them, so a join delays the others by its backbone prefill only
-(LLM servers also split long prefills into chunks; not done here).
+(LLM servers also split long prefills into chunks; not done here). With a `prefix.PrefixCache`, the
+longest run of frames the prompt shares with a kept state is copied into its row instead, and only
+the rest is prefilled; a row that ends leaves its state (prompt + fed frames) to the cache.
 """
 
 from __future__ import annotations
