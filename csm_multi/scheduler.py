@@ -138,6 +138,7 @@ class _Row:
     last: torch.Tensor  # (K,) the frame it made last (the next step's input)
     frames: int = 0
     made: list[torch.Tensor] = field(default_factory=list)  # frames delivered (kept for the prefix cache only)
+    done: int = 0  # prompt positions in its cache row (while prefilling: < the prompt's length)
 
 
 class Scheduler:
@@ -147,9 +148,10 @@ class Scheduler:
     def __init__(self, model: CSM, *, num_codes: int | None = None, max_rows: int = 8, max_waiting: int = 64,
                  per_visitor: int = 2, waiting_per_visitor: int = 16,
                  row_budget: Callable[[int], int] | None = None, on_step: Callable[[], object] | None = None,
-                 threads: int | None = None, prefix: PrefixCache | None = None):
+                 threads: int | None = None, prefix: PrefixCache | None = None, prefill_chunk: int = 256):
         for name, value, least in (("max_rows", max_rows, 1), ("max_waiting", max_waiting, 0),
-                                   ("per_visitor", per_visitor, 1), ("waiting_per_visitor", waiting_per_visitor, 0)):
+                                   ("per_visitor", per_visitor, 1), ("waiting_per_visitor", waiting_per_visitor, 0),
+                                   ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         self.model = model
@@ -161,6 +163,9 @@ class Scheduler:
         # A joining prompt's longest cached start is copied into its row instead of prefilled, and a
         # row that ends leaves its state (prompt + fed frames) there for later prompts (prefix.py).
         self.prefix = prefix if prefix is not None and prefix.enabled else None
+        # At most this many prompt positions are prefilled per step, so a long prompt joins over several
+        # steps while the running rows keep getting a frame each step (chunked prefill).
+        self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         # Intra-op threads while it runs. A thread other than the main one paid 35-50% more per frame of
         # the tiny preset with 2 threads than with 1 (measured on the 2-core CPU: every small op's parallel
@@ -172,7 +177,8 @@ class Scheduler:
         self._threads_before = torch.get_num_threads()
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # generating, in cache rows 0..n-1
+        self._pending: list[_Row] = []  # prefilling in chunks, in cache rows n, n+1, ... (FIFO)
         self._closed = False
         self.steps = 0  # batched frame steps run
         self.frames = 0  # frames made (all rows)
@@ -202,7 +208,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self._rows), "waiting": len(self._waiting), "max_rows": self.max_rows,
+            return {"active": len(self._rows), "prefilling": len(self._pending), "waiting": len(self._waiting),
+                    "max_rows": self.max_rows,
                     "limit": self._limit(), "steps": self.steps, "frames": self.frames, "peak_rows": self.peak_rows,
                     "batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
@@ -235,11 +242,11 @@ class Scheduler:
     def _limit(self) -> int:
         limit = self.max_rows
         if self.row_budget is not None:
-            limit = max(1, min(limit, int(self.row_budget(len(self._rows)))))
+            limit = max(1, min(limit, int(self.row_budget(len(self._rows) + len(self._pending)))))
         return limit
 
     def _free_rows(self) -> int:
-        return max(self._limit() - len(self._rows), 0)
+        return max(self._limit() - len(self._rows) - len(self._pending), 0)
 
     def _drop_cancelled(self) -> None:
         for t in [t for t in self._waiting if t.cancelled]:
@@ -253,7 +260,7 @@ class Scheduler:
         free = self._free_rows()
         if not free or not self._waiting:
             return []
-        running = Counter(r.ticket.request.visitor for r in self._rows)
+        running = Counter(r.ticket.request.visitor for r in [*self._rows, *self._pending])
         chosen: list[Ticket] = []
         for t in list(self._waiting):
             if len(chosen) == free:
@@ -279,7 +286,7 @@ class Scheduler:
             while True:
                 with self._cond:
                     self._drop_cancelled()
-                    while not (self._closed or self._rows or self._waiting):
+                    while not (self._closed or self._rows or self._pending or self._waiting):
                         self._cond.wait()
                         self._drop_cancelled()
                     if self._closed:
@@ -291,17 +298,20 @@ class Scheduler:
                     log.exception("generation step failed")
                     for t in joining:
                         t._put(e)
-                    for row in self._rows:
-                        row.ticket._put(e)
+                    for row in [*self._rows, *self._pending]:
+                        if row.ticket not in joining:
+                            row.ticket._put(e)
                     with self._cond:
                         self._rows.clear()
+                        self._pending.clear()
                 if self.on_step is not None:
                     self.on_step()
         with self._cond:  # closed: nobody gets more frames
-            for t in [*self._waiting, *(r.ticket for r in self._rows)]:
+            for t in [*self._waiting, *(r.ticket for r in [*self._rows, *self._pending])]:
                 t._put(BusyError("the generation scheduler has stopped (the server is shutting down)"))
             self._waiting.clear()
             self._rows.clear()
+            self._pending.clear()
 
     def _sampler(self, rows: list[_Row]) -> Callable[[torch.Tensor], torch.Tensor]:
         settings = {(r.ticket.request.temperature, r.ticket.request.topk) for r in rows}
@@ -326,28 +336,44 @@ class Scheduler:
         return ticket.cancelled
 
     def _step(self, joining: list[Ticket]) -> None:
-        """One frame for every active row and the first frame of each joining request: the running
-        rows' backbone step (one batch), each joiner's prompt prefilled into the next free cache row,
-        then the depth decoder for all of them at once. Then the rows that ended leave."""
+        """One frame for every active row, and up to `prefill_chunk` prompt positions of the rows that
+        are joining: the running rows' backbone step (one batch); each new request takes the next free
+        cache row (after the rows still prefilling), with its prompt's longest cached start copied in;
+        prompts are prefilled in order, and a row whose prompt is done this step makes its first frame
+        in this step's depth-decoder pass, with all the others. Then the rows that ended leave."""
         rows, n = self._rows, len(self._rows)
+        self._drop_cancelled_pending(n)
         hidden = []
         if rows:
             tokens, mask = next_frame_input(torch.stack([r.last for r in rows]))
             input_pos = torch.tensor([[r.pos] for r in rows], device=self.device)
             self.model.use_rows(slice(0, n), input_pos, visible=max(r.pos for r in rows) + 1)
             hidden.append(self.model.backbone_step(tokens, mask, input_pos))
-        new = []
-        for slot, ticket in enumerate(joining, start=n):
+        for ticket in joining:
             request = ticket.request
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed)
-            size = request.tokens.size(0)
-            new.append(_Row(ticket, generator, pos=size - 1, last=torch.empty(0)))
-            start = self.prefix.load(request.tokens, request.mask, slot) if self.prefix is not None else 0
-            tokens, mask = request.tokens[None, start:].to(self.device), request.mask[None, start:].to(self.device)
-            input_pos = torch.arange(start, size, device=self.device).unsqueeze(0)
-            self.model.use_rows(slice(slot, slot + 1), input_pos, visible=size)
-            hidden.append(self.model.backbone_step(tokens, mask, input_pos))
+            row = _Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0))
+            slot = n + len(self._pending)
+            row.done = self.prefix.load(request.tokens, request.mask, slot) if self.prefix is not None else 0
+            self._pending.append(row)
+        new: list[_Row] = []
+        budget = self.prefill_chunk
+        while self._pending and budget > 0:  # FIFO: only the first prompt advances until it is done
+            row, slot = self._pending[0], n + len(new)
+            request, size = row.ticket.request, row.ticket.request.tokens.size(0)
+            end = min(size, row.done + budget)
+            tokens = request.tokens[None, row.done:end].to(self.device)
+            mask = request.mask[None, row.done:end].to(self.device)
+            input_pos = torch.arange(row.done, end, device=self.device).unsqueeze(0)
+            self.model.use_rows(slice(slot, slot + 1), input_pos, visible=end)
+            h = self.model.backbone_step(tokens, mask, input_pos)
+            budget -= end - row.done
+            row.done = end
+            if end < size:
+                break
+            hidden.append(h)
+            new.append(self._pending.pop(0))
         everyone = [*rows, *new]
         if not everyone:
             self.model.use_rows(None)
@@ -376,6 +402,27 @@ class Scheduler:
                     self.model.move_row(last, b, self._rows[last].pos)
                     self._rows[b] = self._rows[last]
                 self._rows.pop()
+            self._shift_pending(len(everyone), len(self._rows))
+
+    def _drop_cancelled_pending(self, n: int) -> None:
+        """Cancelled prefilling rows leave; the others move down to stay right after the n active rows."""
+        if not any(r.ticket.cancelled for r in self._pending):
+            return
+        slots = {id(r): n + i for i, r in enumerate(self._pending)}
+        for r in self._pending:
+            if r.ticket.cancelled:
+                r.ticket._put(_END)
+        with self._cond:
+            self._pending = [r for r in self._pending if not r.ticket.cancelled]
+        for i, r in enumerate(self._pending):
+            if slots[id(r)] != n + i:
+                self.model.move_row(slots[id(r)], n + i, r.done)
+
+    def _shift_pending(self, was: int, now: int) -> None:
+        """The prefilling rows sat from cache row `was` on; the active rows now end at `now`: move them."""
+        if was != now:
+            for i, r in enumerate(self._pending):
+                self.model.move_row(was + i, now + i, r.done)
 
     def _keep_state(self, slot: int, row: _Row) -> None:
         """Leave an ended row's cache state (its prompt and the frames fed after it) to the prefix cache."""

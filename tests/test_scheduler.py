@@ -15,6 +15,7 @@ from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import get_preset
 from csm_multi.engine import Engine
 from csm_multi.errors import BusyError
+from csm_multi.frames import Segment
 from csm_multi.fused import fuse_layers
 from csm_multi.model import CSM
 from csm_multi.scheduler import GenerationRequest, Scheduler, as_visitor
@@ -310,3 +311,44 @@ def test_the_loop_thread_uses_one_intra_op_thread_for_small_products_and_all_for
     assert packed.packed and _large(packed)
     with Scheduler(packed) as scheduler:
         assert scheduler.threads == torch.get_num_threads()
+
+
+def test_long_prompts_join_in_chunks_while_running_rows_keep_making_frames(engine):
+    """prefill_chunk=8: a prompt of ~80 positions takes ~10 steps to join; meanwhile the running row
+    gets a frame every step (batch size 1 steps), two long prompts queue in order, a cancelled one
+    leaves mid-prefill, and every request's codes equal its solo run."""
+    context = [Segment(speaker=1, text="A voice prompt with some words in it.",
+                       codes=torch.randint(1, 2048, (32, 30), generator=torch.Generator().manual_seed(4)))]
+    s = SamplingConfig(topk=50, temperature=0.9, seed=21, max_audio_length_ms=80 * 30)
+    short = SamplingConfig(topk=50, temperature=0.9, seed=22, max_audio_length_ms=80 * 40)
+    want_long = [engine.generate_codes(t, 0, context, s)[0].cpu() for t in TEXTS[:2]]
+    want_short = solo(engine, TEXTS[2], 0, short)
+    scheduler = engine.serve(max_rows=4, prefill_chunk=8)
+    first = scheduler.submit(request(engine, TEXTS[2], short, short.seed))
+    frames = iter(first)
+    got_short = [next(frames)]  # running before the long prompts arrive
+    longs, cancelled = [], None
+    for i, text in enumerate(TEXTS[:2]):
+        tokens, mask = engine.build_prompt(text, 0, context)
+        assert tokens.size(0) > 60
+        longs.append(scheduler.submit(GenerationRequest(tokens, mask, s.temperature, s.topk, s.seed, s.max_frames)))
+        if i == 0:
+            tokens, mask = engine.build_prompt(TEXTS[4], 0, context)
+            cancelled = scheduler.submit(GenerationRequest(tokens, mask, 0.9, 50, 1, 20))
+    while cancelled.waiting:  # admitted: now prefilling behind the first long prompt (ten chunks)
+        time.sleep(0.005)
+    cancelled.cancel()
+    got_short += list(frames)
+    got_long = [torch.stack(list(t), dim=1) for t in longs]
+    assert torch.equal(torch.stack(got_short, dim=1), want_short)
+    for got, want in zip(got_long, want_long):
+        assert torch.equal(got, want)
+    assert list(cancelled) == []
+    deadline = time.monotonic() + 10
+    while scheduler.stats()["active"] and time.monotonic() < deadline:  # the last row leaves after its end frame
+        time.sleep(0.01)
+    stats = scheduler.stats()
+    assert stats["batch_sizes"].get(1, 0) >= 8  # the short row stepped alone while a long prompt prefilled
+    assert stats["prefilling"] == 0 and stats["active"] == 0
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Scheduler(engine.model, prefill_chunk=0)
