@@ -146,8 +146,8 @@ class Watermarker:
 
     `fast` (default): mark and plain-decode with `fastmark.FastMark`, silentcipher's network from the
     model's weights computed ~2-3x cheaper on the CPU, within 1e-6 of silentcipher's audio and with the
-    same decoded symbols; used where `FastMark.supports(model)` (a silentcipher 44.1k model on the CPU),
-    and `self.fast` is then that FastMark, else None. The phase search (`thorough`) is silentcipher's own
+    same decoded symbols; used where FastMark computes the model exactly (a silentcipher 44.1k model on
+    the CPU: `FastMark.for_model`), and `self.fast` is then that FastMark, else None. The phase search (`thorough`) is silentcipher's own
     call either way. Thread-safe: FastMark keeps no state; silentcipher calls take a process-wide lock.
     """
 
@@ -161,7 +161,7 @@ class Watermarker:
             raise ValueError(f"expected the 44.1k silentcipher model, got one at {cfg.SR} Hz")
         self.model = model
         self.key = key
-        self.fast = FastMark(model) if fast and FastMark.supports(model) else None
+        self.fast = FastMark.for_model(model) if fast else None
         # Below one STFT window the whole input sits in a single zero-padded analysis frame.
         self.min_samples_44k = cfg.N_FFT
         # The decoder reads one symbol per STFT frame and needs a whole message of 21 frames: the input
