@@ -3,6 +3,7 @@
     python -m csm_multi.bench --quick                 # tiny preset, CPU, seconds (CI runs this)
     python -m csm_multi.bench --device cuda           # csm-1b-sized random weights on a GPU
     python -m csm_multi.bench --quantize int8         # CPU: also int8 weights, ours and transformers'
+    python -m csm_multi.bench --quantize int4         # CPU: also int4 weights (int4.py), beside int8 round by round
 
 Prints a table (setting | ms/frame | RTF | frames/s | TTFA | peak mem | ratio) and writes JSON.
 On CPU it also times the floor for each setting: a frame's weight products alone (`bench_products`).
@@ -141,7 +142,7 @@ def bench_products(model: CSM, batch: int, repeats: int = 3) -> Row:
 
 
 def _setting(preset: str, dtype: torch.dtype, quantization: str = "none") -> str:
-    return f"{preset} {'int8 weights' if quantization == 'int8' else str(dtype)[6:]}"
+    return f"{preset} {str(dtype)[6:] if quantization == 'none' else quantization + ' weights'}"
 
 
 @torch.inference_mode()
@@ -263,14 +264,17 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
                 for b in batches}
 
     def ours(name, **kw):
+        m = model  # the model of the moment (int8 and int4 rows time two models in one phase)
+
         def timer(b):
-            row = bench_ours(model, dev, b, frames, codec, held=_bytes_on(hf, dev), **kw)
+            row = bench_ours(m, dev, b, frames, codec, held=_bytes_on(hf, dev), **kw)
             row.engine = name or row.engine
             return row
-        return {(name, model.quantization, kw.get("graphed", False), b): (lambda b=b: timer(b)) for b in batches}
+        return {(name, m.quantization, kw.get("graphed", False), b): (lambda b=b: timer(b)) for b in batches}
 
     def floor():
-        return {("floor", model.quantization, b): (lambda b=b: bench_products(model, b)) for b in batches}
+        m = model
+        return {("floor", m.quantization, b): (lambda b=b: bench_products(m, b)) for b in batches}
 
     model = model.to(dev, dt)
     codec = MimiCodec(build_mimi(None, device=dev))
@@ -299,10 +303,13 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
         from .quant import quantize as quantize_model
 
         del model
-        model = quantize_model(fuse_layers(_random_model(config, seed)), quantize)
+        timers = {}
+        for mode in ("int8", "int4") if quantize == "int4" else (quantize,):  # int4 is timed beside int8
+            model = quantize_model(fuse_layers(_random_model(config, seed)), mode)
+            timers.update({**ours(None), **floor()})
         if hf is not None:
             quantize_transformers(hf)
-        sched.phase({**ours(None), **floor(), **hf_timers()})
+        sched.phase({**timers, **hf_timers()})
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(),
@@ -347,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="CPU: also time int8 weights (ours and transformers, same scheme)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="CPU: also time int8 weights (ours and transformers, same scheme); int4: ours with "
+                        "int4 weights too, in the same rounds as int8 (transformers stays int8)")
     p.add_argument("--fuse", action="store_true",
                    help="CUDA: our rows with fused layers (fused.py; always on for CPU)")
     p.add_argument("--rounds", type=int, default=3,

@@ -255,7 +255,8 @@ def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb
                  **kwargs) -> Engine:
     """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and
     float32 products run on oneDNN (`fused.py`); quantize="int8" gives the CPU model int8
-    weights instead (`quant.py`). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off,
+    weights instead (`quant.py`), quantize="int4" int4 ones on ONNX Runtime (`int4.py`: converted
+    once, then read from its cache; an ImportError naming the pip command when onnxruntime is missing). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off,
     None: the engine's default)."""
     from .fused import fuse_layers, pack_linears
     from .quant import MODES, quantize as quantize_model

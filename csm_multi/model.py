@@ -103,8 +103,8 @@ class CSM(nn.Module):
         self.register_buffer("_codebook_offsets", torch.arange(k) * v, persistent=False)
         self._cache_batch_size: int | None = None
         self.cache_version = 0  # bumped whenever caches are reallocated (captured graphs go stale)
-        self.quantization = "none"  # "int8" after quant.quantize
-        self.codebook_heads: nn.ModuleList | None = None  # audio_head as int8 or packed Linears (CPU)
+        self.quantization = "none"  # "int8" or "int4" after quant.quantize
+        self.codebook_heads: nn.ModuleList | None = None  # audio_head as int8/int4 or packed Linears (CPU)
         self.fused = False  # True after fused.fuse_layers (CPU by default; CUDA with bench --fuse)
         self.packed = False  # True after fused.pack_linears (CPU float32: oneDNN products)
 

@@ -1,6 +1,7 @@
-"""Weight quantization for CPU inference: int8 weights, activations quantized per call.
+"""Weight quantization for CPU inference: int8 weights, activations quantized per call; or int4.
 
-One job: turn a float CSM's `nn.Linear` layers into int8 ones. Knows no loop, no I/O.
+One job: turn a float CSM's `nn.Linear` layers into int8 ones (here) or int4 ones (`int4.py`:
+ONNX Runtime's blockwise MatMulNBits, converted weights cached on disk). Knows no loop.
 
 Why this scheme on CPU: at batch 1 a frame is ~32 matrix-vector products per layer stack, each
 bound by how many weight bytes come from memory (csm-1b reads ~4.4 GB of fp32 backbone weights
@@ -25,13 +26,15 @@ from torch import nn
 
 from .model import CSM
 
-MODES = ("none", "int8")
+MODES = ("none", "int8", "int4")
 
 
-def quantize(model: CSM, mode: str = "int8") -> CSM:
-    """Quantize `model` in place for CPU inference (mode "int8"; "none" returns it unchanged).
+def quantize(model: CSM, mode: str = "int8", *, cache: str | None = None) -> CSM:
+    """Quantize `model` in place for CPU inference (mode "int8" or "int4"; "none" returns it unchanged).
 
-    The model must be float32 on the CPU. Its KV caches are dropped (re-made on next use).
+    The model must be float32 on the CPU. Its KV caches are dropped (re-made on next use). "int4"
+    needs onnxruntime and onnx (`int4.BackendMissing`, an ImportError, says how to install them);
+    `cache` is its converted-weight folder (default $CSM_INT4_CACHE, else ~/.cache/csm-multi/int4).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
@@ -40,13 +43,18 @@ def quantize(model: CSM, mode: str = "int8") -> CSM:
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
         raise ValueError(
-            f"int8 quantization runs on CPU float32 models (got {p.device.type} {str(p.dtype)[6:]}); "
+            f"{mode} quantization runs on CPU float32 models (got {p.device.type} {str(p.dtype)[6:]}); "
             "on a GPU use bfloat16, which the CUDA-graph path is built for"
         )
     if model.packed:
         raise ValueError("quantize the model before fused.pack_linears (packed float layers cannot be quantized)")
-    int8_linears(model, ("backbone", "decoder", "projection", "codebook0_head"))
-    model.codebook_heads = int8_heads(model.audio_head.detach())
+    if mode == "int4":
+        from .int4 import int4_model
+
+        int4_model(model, cache)
+    else:
+        int8_linears(model, ("backbone", "decoder", "projection", "codebook0_head"))
+        model.codebook_heads = int8_heads(model.audio_head.detach())
     model.quantization = mode
     model.drop_caches()
     return model

@@ -90,8 +90,10 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
                    help="local checkpoint file/dir or hub repo instead of sesame/csm-1b (env CSM_CHECKPOINT)")
     p.add_argument("--device", default=setting("device"),
                    help="cuda or cpu (env CSM_DEVICE; default: cuda when available)")
-    p.add_argument("--quantize", default=setting("quantize"), choices=["none", "int8"],
-                   help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size (env CSM_QUANTIZE)")
+    p.add_argument("--quantize", default=setting("quantize"), choices=["none", "int8", "int4"],
+                   help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size; int4: int4 weights on "
+                        "ONNX Runtime (pip install onnxruntime onnx), converted once and cached in "
+                        "~/.cache/csm-multi/int4 or $CSM_INT4_CACHE (env CSM_QUANTIZE)")
     p.add_argument("--prefix-cache-mb", type=int, default=setting("prefix_cache_mb"),
                    help="memory for the backbone state of finished prompts, reused by prompts that start the same "
                         "way (a dialogue line prefills only what follows the last line); 0 turns it off "
