@@ -32,6 +32,7 @@ import torch
 
 DEFAULT_MAX_MB = 512  # about 8,000 positions of csm-1b's fp32 backbone state (64 KiB each)
 MIN_REUSE = 8  # shorter common runs are prefilled: copying them would save nothing worth having
+MAX_ENTRIES = 256  # a lookup compares the prompt with every entry: keep that cheap for small models too
 
 
 @dataclass
@@ -61,16 +62,19 @@ def common_length(a_tokens: torch.Tensor, a_mask: torch.Tensor, b_tokens: torch.
 
 
 class PrefixCache:
-    """KV states of finished prompts for `model`'s backbone, at most `max_bytes` of them (see the
-    module doc). Thread-safe; the copies themselves run on the caller's thread (the one running the
-    model). `hits`, `misses` and `reused` (positions not prefilled again) count its use."""
+    """KV states of finished prompts for `model`'s backbone (see the module doc): at most `max_bytes`
+    and `max_entries` of them, the least recently used going first. Thread-safe; the copies run on
+    the caller's thread (the one running the model). `hits`, `misses` and `reused` (positions not
+    prefilled again) count its use."""
 
-    def __init__(self, model, max_bytes: int = DEFAULT_MAX_MB << 20, min_reuse: int = MIN_REUSE):
+    def __init__(self, model, max_bytes: int = DEFAULT_MAX_MB << 20, min_reuse: int = MIN_REUSE,
+                 max_entries: int = MAX_ENTRIES):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"the prefix cache size must be a whole number of bytes >= 0, got {max_bytes!r}")
         self.model = model
         self.max_bytes = max_bytes
         self.min_reuse = min_reuse
+        self.max_entries = max_entries
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
         self._next = 0
         self._lock = threading.Lock()
@@ -154,7 +158,7 @@ class PrefixCache:
             self._entries[self._next] = entry
             self._next += 1
             total = sum(e.nbytes for e in self._entries.values())
-            while total > self.max_bytes:
+            while total > self.max_bytes or len(self._entries) > self.max_entries:
                 _, old = self._entries.popitem(last=False)
                 total -= old.nbytes
 

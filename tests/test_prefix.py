@@ -149,6 +149,11 @@ def test_entries_are_bounded_in_bytes_and_subsumed_when_extended(model):
     assert cache.load(prompt, torch.ones_like(prompt, dtype=torch.bool), row=0) == 25
     # never the whole prompt: its last frame is always computed
     assert cache.load(b_tokens[:10], b_mask[:10], row=0) == 9
+    few = PrefixCache(model, min_reuse=1, max_entries=2)
+    for seed in range(4):
+        few.store(*frames(12, 10 + seed), row=0)
+    assert len(few) == 2  # the two newest
+    assert few.load(*frames(12, 13), row=0) == 11 and few.load(*frames(12, 10), row=0) == 0
     with pytest.raises(ValueError, match="prefix cache size"):
         PrefixCache(model, max_bytes=-1)
     with pytest.raises(ValueError, match="prefix_cache_mb"):
