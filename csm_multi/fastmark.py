@@ -61,9 +61,9 @@ _CENTRE_ABOVE_MEAN_OVER_STD = 2.0
 # their channel's mean are convolved directly; above this share of rows holding some, the whole layer is.
 _CLIP_SPREADS = 16.0
 _MAX_SPLIT_SHARE = 0.3
-# NNPACK calls cover at most _NNPACK_MAX_FRAMES STFT frames (~6 s), longer clips go in chunks of
-# _NNPACK_FRAMES (16 whole 6-wide tiles): see _nnpack.
-_NNPACK_MAX_FRAMES, _NNPACK_FRAMES = 128, 96
+# NNPACK calls cover at most _NNPACK_MAX_FRAMES STFT frames (~10 s), longer clips go in even chunks of
+# at most _NNPACK_FRAMES (32 whole 6-wide tiles): see _nnpack.
+_NNPACK_MAX_FRAMES, _NNPACK_FRAMES = 224, 192
 _FAILED = {"messages": [], "confidences": [], "error": "Could not find message", "status": False}
 
 _nnpack_lock = threading.Lock()
@@ -137,15 +137,18 @@ def _nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     (~1.8x that call's output), until the thread ends: called from a server's worker threads it would
     pile up, one per thread. So every call goes to one dedicated thread (NNPACK serialises concurrent
     calls on its thread pool anyway: nothing is lost), and clips over `_NNPACK_MAX_FRAMES` frames go in
-    chunks of `_NNPACK_FRAMES`, which bound that one workspace (~0.3 GB; a minute of audio whole would
-    need ~3.6 GB) for one more copy of a long clip's layer input and output."""
+    chunks of at most `_NNPACK_FRAMES`, which bound that one workspace at ~0.7 GB (a minute of audio
+    whole would need ~3.6 GB), for one more copy of such a clip's layer input and output (measured on
+    10 s: 0.39 s per second of audio in chunks of 96 frames, 0.25 s whole)."""
     width = x.shape[3]
     if width <= _NNPACK_MAX_FRAMES:
         return _on_nnpack_thread(x, weight, bias, [1, 1])
+    chunks = -(-width // _NNPACK_FRAMES)
+    step = -(-width // (chunks * 6)) * 6  # even chunks of whole 6-wide tiles: no tile wasted but the last's
     padded = F.pad(x, (1, 1))  # the zero columns at both ends; inside, each chunk reads its neighbours'
     out = torch.empty(1, weight.shape[0], x.shape[2], width, dtype=x.dtype)
-    for start in range(0, width, _NNPACK_FRAMES):
-        stop = min(width, start + _NNPACK_FRAMES)
+    for start in range(0, width, step):
+        stop = min(width, start + step)
         out[..., start:stop] = _on_nnpack_thread(padded[..., start:stop + 2], weight, bias, [1, 0])
     return out
 

@@ -10,8 +10,8 @@ silentcipher itself (and its librosa / pydub / scipy imports) is imported only w
 Departs from the reference CSM code, which uses a fork of silentcipher: the PyPI package (1.0.5)
 takes numpy arrays, not tensors, so tensors cross into numpy only at the silentcipher calls. On the
 CPU, marking and plain decoding go through `fastmark.FastMark` (the same network from the same weights,
-~2-3x cheaper, within 1e-6 of silentcipher's audio, the same decoded symbols); the phase search, other
-devices and look-alike models (tests' fakes) keep silentcipher's own calls.
+~1.5-2.5x cheaper, within 1e-6 of silentcipher's audio, the same decoded symbols); the phase search,
+other devices and look-alike models (tests' fakes) keep silentcipher's own calls.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ _CKPT_DIR = "44_1_khz/73999_iteration"  # the 44.1k checkpoint inside sony/silen
 _CKPT_FILES = ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_*.ckpt")  # not opt.ckpt (23 MB, unused)
 _KEY_DOMAIN = b"csm_multi watermark key v1\x00"  # so a key is not a bare hash of the secret
 
-# A check decodes a few windows of a clip, never all of it: silentcipher's decoder takes ~1.6 s of CPU
-# (2 cores) and ~50 MB per second of audio, so a 10-minute upload decoded whole needs over 20 GB.
+# A check decodes a few windows of a clip, never all of it: the decoder takes ~0.7 s of CPU (2 cores;
+# silentcipher's own ~1-1.6 s) and ~115 MB (its own ~50 MB) per second of audio, so a 10-minute upload
+# decoded whole would need over 20 GB.
 WINDOW_MESSAGES = 3  # a window is 3 whole 21-symbol messages (2.93 s at 44.1 kHz): 3 votes per symbol
 MAX_WINDOWS = 3  # per check: at most 3 windows (start, middle, end), so at most 8.8 s of audio is decoded
 _READ_MARGIN = 64  # samples read beyond each side of a window, so the resampler's edges fall outside it
@@ -145,10 +146,11 @@ class Watermarker:
     itself runs on the device it was built on.
 
     `fast` (default): mark and plain-decode with `fastmark.FastMark`, silentcipher's network from the
-    model's weights computed ~2-3x cheaper on the CPU, within 1e-6 of silentcipher's audio and with the
-    same decoded symbols; used where FastMark computes the model exactly (a silentcipher 44.1k model on
-    the CPU: `FastMark.for_model`), and `self.fast` is then that FastMark, else None. The phase search (`thorough`) is silentcipher's own
-    call either way. Thread-safe: FastMark keeps no state; silentcipher calls take a process-wide lock.
+    model's weights computed ~1.5-2.5x cheaper on the CPU, within 1e-6 of silentcipher's audio (3e-7
+    measured) and with the same decoded symbols; used where FastMark computes the model exactly (a
+    silentcipher 44.1k model on the CPU: `FastMark.for_model`), and `self.fast` is then that FastMark,
+    else None. The phase search (`thorough`) is silentcipher's own call either way. Thread-safe:
+    FastMark keeps no state; silentcipher calls take a process-wide lock.
     """
 
     def __init__(self, model, key: tuple[int, ...] | list[int] = CSM_1B_GH_WATERMARK, fast: bool = True):
@@ -262,7 +264,8 @@ class Watermarker:
         middle and end of the clip; a clip under 8.8 s gets windows covering all of it but its last
         hop (46 ms), one under 2.93 s a single window of all of it. Each starts a whole number of STFT
         hops into the clip, where `apply`'s frames fell. Silent windows are skipped. So a check decodes
-        at most 8.8 s of audio whatever the clip's length: ~15 s of 2 CPU cores and ~160 MB.
+        at most 8.8 s of audio whatever the clip's length: ~6 s of 2 CPU cores and ~350 MB (silentcipher's
+        own decoder: ~10-15 s and ~160 MB).
 
         Combining them: the key is found ("matches_key") as soon as one window decodes it; the rest
         are skipped. One window, not a majority: a clip edited after marking (trimmed, spliced into

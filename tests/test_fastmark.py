@@ -27,10 +27,16 @@ TOLERANCE = 1e-6  # the issue's bound on the marked audio, max abs difference
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
-def pair(request):
-    """(silentcipher model, FastMark on its weights), one per seed."""
+def seeded(request):
+    """(seed, silentcipher model, FastMark on its weights), one per seed."""
     model = build_random_silentcipher(seed=request.param)
-    return model, FastMark(model)
+    return request.param, model, FastMark(model)
+
+
+@pytest.fixture(scope="module")
+def pair(seeded):
+    """(silentcipher model, FastMark on its weights), one per seed."""
+    return seeded[1:]
 
 
 def reference_encode(model, y: np.ndarray) -> np.ndarray:
@@ -48,15 +54,15 @@ def noise_44k(seconds: float, level: float = 0.15, seed: int = 1) -> np.ndarray:
 
 
 def noise_24k(seconds: float, level: float = 0.15, seed: int = 2) -> np.ndarray:
-    x = torch.from_numpy((level * np.random.default_rng(seed).standard_normal(int(seconds * 24_000))).astype(np.float32))
-    return AF.resample(x, 24_000, SR).numpy()
+    x = level * np.random.default_rng(seed).standard_normal(int(seconds * 24_000))
+    return AF.resample(torch.from_numpy(x.astype(np.float32)), 24_000, SR).numpy()
 
 
 def with_gaps(y: np.ndarray) -> np.ndarray:
     """Two silent stretches, each longer than an STFT window (so some frames are exactly zero)."""
     y = y.copy()
-    y[int(0.05 * SR):int(0.17 * SR)] = 0
-    y[int(0.3 * SR):int(0.42 * SR)] = 0
+    y[int(0.03 * SR):int(0.15 * SR)] = 0
+    y[int(0.2 * SR):int(0.32 * SR)] = 0
     return y
 
 
@@ -66,7 +72,7 @@ INPUTS = {  # 0.35 s (9 STFT frames) unless said
     "white noise from 24 kHz": lambda: noise_24k(0.35),
     "shorter than one window": lambda: speech_like(0.35)[:3000],
     "a few samples": lambda: noise_44k(0.35)[:37],
-    "silent stretches": lambda: with_gaps(speech_like(0.5)),
+    "silent stretches": lambda: with_gaps(speech_like(0.35)),
     "odd length (not a multiple of the hop)": lambda: noise_24k(0.5)[:15_333],
     "loud (peak 0.95)": lambda: speech_like(0.35, level=0.95),
     "quiet (peak 0.005)": lambda: speech_like(0.35, level=0.005),
@@ -158,13 +164,13 @@ def test_winograd_split_is_as_accurate_as_direct():
 
 
 def test_long_clips_go_to_nnpack_in_chunks():
-    """Over 128 frames NNPACK is called on chunks of 96 (bounding its per-thread workspace): the same result."""
+    """Over 224 frames NNPACK is called on even chunks of at most 192 (bounding its workspace): the same result."""
     if not nnpack_usable():
         pytest.skip("no NNPACK here")
     from csm_multi.fastmark import _nnpack
 
     g = torch.Generator().manual_seed(2)
-    x, w, b = torch.randn(1, 32, 40, 250, generator=g), torch.randn(64, 32, 3, 3, generator=g), torch.randn(64)
+    x, w, b = torch.randn(1, 32, 40, 400, generator=g), torch.randn(64, 32, 3, 3, generator=g), torch.randn(64)
     whole = torch._nnpack_spatial_convolution(x, w, b, [1, 1], [1, 1])
     exact = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
     chunked = _nnpack(x, w, b)
@@ -193,13 +199,16 @@ def test_silent_input_comes_back_unchanged(pair):
         assert fast.decode_wav(silent, SR) == reference_decode(model, silent)
 
 
-def test_decode_reads_the_same_symbols_and_answers(pair):
+# Unmarked noise (noise_44k(0.93, seed=n)) the untrained decoder of each model seed reads a message from.
+READABLE_NOISE = {0: 11, 1: 1}
+
+
+def test_decode_reads_the_same_symbols_and_answers(seeded):
     """Marked audio and unmarked noise, one whole message (0.93 s): the same dict and the same per-frame
-    argmax as silentcipher's decoder. The untrained decoder reads a message from one of the two noise
-    clips (a different one per seed: rng 11 for seed 0, rng 1 for seed 1) and fails on the others, so
-    both kinds of answer are compared."""
-    model, fast = pair
-    clips = (reference_encode(model, speech_like(0.93, seed=5)), noise_44k(0.93, seed=1), noise_44k(0.93, seed=11))
+    argmax as silentcipher's decoder. The untrained decoder fails on the first and reads a message from
+    the second, so both kinds of answer are compared."""
+    seed, model, fast = seeded
+    clips = (reference_encode(model, speech_like(0.93, seed=5)), noise_44k(0.93, seed=READABLE_NOISE[seed]))
     answers = []
     for y in clips:
         want, symbols = silentcipher_decode(model, y)
@@ -208,7 +217,7 @@ def test_decode_reads_the_same_symbols_and_answers(pair):
         assert fast._read(got) == want  # decode_wav is symbols, then _read: called whole once, below
         answers.append(want)
     assert fast.decode_wav(clips[1], SR) == answers[1]
-    assert {a["status"] for a in answers} == {True, False}
+    assert [a["status"] for a in answers] == [False, True]
 
 
 class FixedReader(torch.nn.Module):
@@ -273,9 +282,10 @@ def test_threads_give_the_serial_results():
     fast = FastMark(build_random_silentcipher(seed=0))
     clips = [speech_like(0.35, seed=s) if s % 2 else noise_24k(0.35, seed=s) for s in range(4)]
 
-    def work(i):
+    def work(i):  # decode_wav is symbols, then _read (no state): the symbols are what threads could spoil
         marked, _ = fast.encode_wav(clips[i], SR, KEY, message_sdr=MESSAGE_SDR_DB)
-        return marked, fast.decode_wav(np.concatenate([marked, marked, marked]), SR), fast.symbols(marked)
+        symbols = fast.symbols(marked)
+        return marked, fast._read(symbols), symbols
 
     serial = [work(i) for i in range(4)]
     results: list = [None] * 4

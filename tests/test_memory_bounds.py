@@ -120,7 +120,9 @@ def test_watermark_check_of_a_10_minute_upload_is_bounded(measured):
     row = measured["check_watermark", "48k_stereo_10min.flac"]
     assert row["outcome"].startswith("ok") and "'windows': 3, 'seconds_checked': 8.78, 'seconds_total': 600.0" in \
         row["outcome"], row
-    assert row["peak_mb"] < BOUND_MB / 4, row  # a few windows, not the file: measured ~160 MB
+    # A few windows, one at a time, not the file: measured ~380 MB through FastMark's Winograd route
+    # (silentcipher's own decoder ~160 MB), whatever the upload's length; the page runs one check at a time.
+    assert row["peak_mb"] < BOUND_MB / 2, row
 
 
 @pytest.mark.parametrize("file", ["8k_10min.wav", "48k_stereo_10min.flac"])

@@ -177,7 +177,8 @@ def test_app_and_cli_read_the_same_environment_variables(tmp_path, monkeypatch, 
 
     env = {"CSM_MODEL": "csm-1b", "CSM_CHECKPOINT": str(tmp_path / "ckpt"), "CSM_DEVICE": "cpu",
            "CSM_QUANTIZE": "int8", "CSM_TOKENIZER_REPO": "./tok", "CSM_TRUST_TOKENIZER": "1",
-           "CSM_ASR_MODEL": "./whisper", "CSM_PROFILES_DIR": str(tmp_path / "libraries")}
+           "CSM_ASR_MODEL": "./whisper", "CSM_PROFILES_DIR": str(tmp_path / "libraries"),
+           "CSM_PREFIX_CACHE_MB": "64"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     seen: dict[str, dict] = {"app": {}, "cli": {}}
@@ -199,7 +200,7 @@ def test_app_and_cli_read_the_same_environment_variables(tmp_path, monkeypatch, 
     app, command_line = seen["app"], seen["cli"]
     assert {k: app[k] for k in command_line} == command_line == {
         "model": "csm-1b", "checkpoint": str(tmp_path / "ckpt"), "device": "cpu", "quantize": "int8",
-        "tokenizer_repo": "./tok", "trust_tokenizer": True, "watermark": True}
+        "tokenizer_repo": "./tok", "trust_tokenizer": True, "watermark": True, "prefix_cache_mb": 64}
     assert app["asr"] == "./whisper" and app["profiles_dir"] == str(tmp_path / "libraries")
     assert cli(["profiles", "list"]) == 0
     assert f"no profiles in {tmp_path / 'libraries' / 'shared'}" in capsys.readouterr().out
