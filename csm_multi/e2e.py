@@ -50,6 +50,7 @@ Bob: Dawn it is. I will wake you when the first birds start to sing.
 """
 VOICES = {"alice": "alice", "bob": "bob"}
 STAGES = ("prefill", "frames", "decode", "watermark", "rest")
+APP_CASE = "through the app (gradio_client)"
 
 
 @dataclass
@@ -98,18 +99,19 @@ class Clock:
 
 def build(preset: str, mode: str, seed: int = 0, watermark: bool = True) -> Engine:
     """An engine like `loaders.build_engine`'s on CPU for `preset`'s size with random weights:
-    fused layers, then int8 weights (`mode` "int8") or oneDNN-packed float32 products ("fp32")."""
+    fused layers, then int8 weights (`mode` "int8"), int4 weights through ONNX Runtime ("int4") or
+    oneDNN-packed float32 products ("fp32")."""
     from .bench import _random_model
     from .fused import fuse_layers, pack_linears
     from .quant import quantize
 
     model = fuse_layers(_random_model(get_preset(preset), seed))
-    if mode == "int8":
-        quantize(model, "int8")
+    if mode in ("int8", "int4"):
+        quantize(model, mode)
     elif mode == "fp32":
         pack_linears(model)
     else:
-        raise ValueError(f"mode must be fp32 or int8, got {mode!r}")
+        raise ValueError(f"mode must be fp32, int8 or int4, got {mode!r}")
     codec = MimiCodec(build_mimi(None, seed=seed))
     marker = Watermarker(build_random_silentcipher(seed=seed)) if watermark else None
     return Engine(model, ByteTokenizer(), codec, marker, watermark=watermark)
@@ -183,11 +185,75 @@ def transformers_case(hf, engine: Engine, prompts: list[int], frames: list[int],
             "stages_s": {k: round(sum(line[k] for line in lines), 3) for k in ("generate", "decode", "watermark")}}
 
 
+APP_MODELS = {"csm-1b": "csm-1b-random", "tiny": "tiny"}  # the app's --model for a preset's size
+
+
+def app_case(mode: str, line_s: float, voice_s: float, rounds: int = 1, watermark: bool = True,
+             timeout_s: float = 1800, log=print, preset: str = "csm-1b") -> dict:
+    """SCRIPT through the web app, as a visitor renders it: `app.py --model csm-1b-random` (csm-1b's
+    size, random weights; "tiny" for the tiny preset) in a subprocess with `mode`'s --quantize, two
+    voices saved from `voice_s` seconds of audio each, then `rounds` renders over gradio_client after a
+    warm-up render of 1 s lines, each timed from the call to the dialogue file fetched. The in-process
+    cases' numbers plus what the app adds (the queue, Gradio, the exports it writes). The page lets a
+    line run its "max seconds" plus RenderConfig's 0.8 s allowance, so it is asked for `line_s` less
+    that (at least 1 s, the page's minimum): the same frames as the in-process cases' lines."""
+    if preset not in APP_MODELS:
+        raise ValueError(f"the app case runs the presets {sorted(APP_MODELS)}, not {preset!r}")
+    ask_s = max(line_s - RenderConfig().extra_ms / 1000, 1.0)
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    from .stress import AppServer, _fetch, _reference_clip
+
+    with tempfile.TemporaryDirectory(prefix="csm-e2e-app-") as scratch:
+        root = Path(scratch)
+        clip = _reference_clip(root / "voice.wav", voice_s)
+        quantize = None if mode == "fp32" else mode
+        with AppServer(root / "profiles", root / "tmp", model=APP_MODELS[preset], quantize=quantize,
+                       watermark=watermark) as server:
+            client = Client(server.url, verbose=False, httpx_kwargs={"timeout": timeout_s}, download_files=False)
+            key = "e2e-benchmark-visitor"
+            for name in VOICES:
+                client.predict(key, handle_file(clip), f"This is the voice of {name}, reading a few words.", name,
+                               api_name="/add_profile")
+            mapping = {"headers": ["speaker", "profile"], "data": [["Alice", "alice"], ["Bob", "bob"]]}
+            runs = []
+            for r in range(rounds + 1):  # the first, with 1 s lines, pays the first calls' one-off costs
+                start = time.perf_counter()
+                out = client.predict(key, SCRIPT, mapping, 0.9, 50, 7, ask_s if r else 1.0, 0, "conversational",
+                                     api_name="/render_script")
+                _fetch(out[2], timeout_s)
+                total = time.perf_counter() - start
+                found = re.search(r"lines, ([\d.]+) s", str(out[1]))
+                if found is None:
+                    raise RuntimeError(f"the app's render answered {out[1]!r}")
+                if r:
+                    audio_s = float(found[1])
+                    runs.append({"total_s": round(total, 3), "audio_s": audio_s, "rtf": round(total / audio_s, 3),
+                                 "audio_s_per_s": round(audio_s / total, 3)})
+                    log(f"{mode} app round {r}: {total:.1f} s for {audio_s} s of audio")
+            memory = server.memory_mb()
+    median = sorted(runs, key=lambda c: c["total_s"])[(len(runs) - 1) // 2]
+    return {**median, "total_rounds_s": [c["total_s"] for c in runs], "max_line_s_asked": ask_s,
+            "server_peak_rss_mb": round(memory.get("VmHWM", float("nan")))}
+
+
 def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float = 2.4, voice_s: float = 5.0,
-        with_hf: bool = True, fast: bool = True, watermark: bool = True, seed: int = 0, log=print) -> dict:
-    """Every case of every mode, `rounds` interleaved rounds each; the JSON `main` writes."""
+        with_hf: bool = True, fast: bool = True, watermark: bool = True, seed: int = 0, log=print,
+        app: bool = False, app_rounds: int = 1, app_only: bool = False) -> dict:
+    """Every case of every mode, `rounds` interleaved rounds each; the JSON `main` writes. `app`: then
+    `app_rounds` renders of the same script through the web app at csm-1b size (`app_case`, not
+    interleaved with the others: two csm-1b engines at once would not fit in this machine's memory);
+    `app_only`: that case alone."""
     results = {}
     for mode in modes:
+        if app_only:
+            results[mode] = {APP_CASE: app_case(mode, line_s, voice_s, app_rounds, watermark, log=log,
+                                                 preset=preset)}
+            continue
         engine = build(preset, mode, seed, watermark)
         engine.serve()
         voices = voice_prompts(engine, voice_s, seed)
@@ -198,7 +264,7 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
 
             hf = hf_model(_random_model(get_preset(preset), seed).state_dict(), get_preset(preset), small_codec=True)
             hf = hf.eval()
-            if mode == "int8":
+            if mode in ("int8", "int4"):  # transformers has no int4 CPU path: int4 is compared with its int8
                 quantize_transformers(hf)
         cases: dict[str, list[dict]] = {}
         specs = [("ours, prefix cache", {}), ("ours, no prefix cache", {"cached": False})]
@@ -228,6 +294,9 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
                         round(h["total_s"] / c["total_s"], 3) for c, h in zip(runs, cases["transformers"])]
         results[mode] = summary
         engine = hf = None  # before the next mode's copies are built
+        if app:  # after this mode's in-process engines are gone: a csm-1b-sized app needs their memory
+            summary[APP_CASE] = app_case(mode, line_s, voice_s, app_rounds, watermark,
+                                                                  log=log, preset=preset)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
             "preset": preset, "rounds": rounds, "line_s": line_s, "voice_s": voice_s, "watermark": watermark,
@@ -256,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m csm_multi.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny preset, short lines, one round (CI)")
     p.add_argument("--preset", default="csm-1b")
-    p.add_argument("--modes", nargs="+", default=["int8"], choices=["fp32", "int8"])
+    p.add_argument("--modes", nargs="+", default=["int8"], choices=["fp32", "int8", "int4"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--line-s", type=float, default=None,
                    help="seconds of audio per line (random weights never end early; default 2.4, --quick 0.8)")
@@ -264,13 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-fast", action="store_true", help="skip the fast-mode render")
     p.add_argument("--no-watermark", action="store_true")
+    p.add_argument("--app", action="store_true",
+                   help="also render the script through the web app (app.py --model csm-1b-random), after each mode")
+    p.add_argument("--app-rounds", type=int, default=1)
+    p.add_argument("--app-only", action="store_true", help="only the app case (with --app's rounds)")
     p.add_argument("--json", default="e2e.json")
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.modes, a.rounds, a.voice_s = "tiny", ["fp32"], 1, 1.0
     a.line_s = a.line_s or (0.8 if a.quick else 2.4)
     result = run(a.preset, a.modes, a.rounds, a.line_s, a.voice_s, with_hf=not a.no_transformers, fast=not a.no_fast,
-                 watermark=not a.no_watermark)
+                 watermark=not a.no_watermark, app=a.app or a.app_only, app_rounds=a.app_rounds, app_only=a.app_only)
     print(table(result))
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)

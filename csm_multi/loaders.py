@@ -41,6 +41,15 @@ UNTRAINED_WARNING = (
     "its output is noise, not speech. Set HF_TOKEN with access to sesame/csm-1b and meta-llama/Llama-3.2-1B "
     "and use --model csm-1b for real speech."
 )
+BENCHMARK_WARNING = (
+    "OFFLINE BENCHMARK: 'csm-1b-random' is csm-1b's size with RANDOM, UNTRAINED weights (model, Mimi codec and "
+    "watermarker): it costs what csm-1b costs, but its output is noise. Use it to measure speed and memory; "
+    "use --model csm-1b for real speech."
+)
+# Offline models of random weights: name -> (the preset whose sizes it has, what Status calls it).
+RANDOM_MODELS = {"tiny": ("tiny", "tiny (random weights, offline demo)"),
+                 "csm-1b-random": ("csm-1b", "csm-1b size, random weights (offline benchmark)")}
+MODEL_CHOICES = ("auto", "csm-1b", "tiny", "csm-1b-random")
 
 
 def hf_token(env=os.environ) -> str | None:
@@ -286,7 +295,8 @@ def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device:
                   seed: int = 0) -> Engine:
     """Build a ready Engine.
 
-    model: "csm-1b" (published weights), "tiny" (random, offline) or "auto" (csm-1b, else tiny).
+    model: "csm-1b" (published weights), "tiny" (random, offline), "csm-1b-random" (csm-1b's size,
+    random weights: an offline benchmark of what csm-1b costs) or "auto" (csm-1b, else tiny).
     checkpoint: a local file/directory or hub repo to read instead of sesame/csm-1b.
     watermark: False disables the watermark explicitly; True with no loadable watermarker raises.
     tokenizer_repo: a copy of the Llama 3.2 tokenizer (hub id or folder) used when meta-llama's gated
@@ -312,23 +322,24 @@ def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device:
 
     if model == "csm-1b":
         return _build_real(checkpoint, dev, dt, watermark, key, token, tokenizer, False)
-    if model != "tiny":
-        get_preset(model)  # raises a clear ValueError for unknown names
-        raise ValueError(f"preset {model!r} has no loader; use csm-1b, tiny or auto")
+    if model not in RANDOM_MODELS:
+        raise ValueError(f"unknown model {model!r} (--model, CSM_MODEL); use {', '.join(MODEL_CHOICES)}")
 
-    log.warning(UNTRAINED_WARNING)
-    config = get_preset("tiny")
+    preset, label = RANDOM_MODELS[model]
+    warning = UNTRAINED_WARNING if model == "tiny" else BENCHMARK_WARNING
+    log.warning(warning)
+    config = get_preset(preset)
     if checkpoint:
         csm = load_csm(resolve_checkpoint(checkpoint, token), config, dev, dt)
     else:
         csm = CSM(config).init_random_(seed).to(device=dev, dtype=dt).eval()
     codec = MimiCodec(build_mimi(None, device=dev, seed=seed))
     marker = Watermarker(build_random_silentcipher(device=dev, seed=seed), key) if watermark else None
-    info = EngineInfo(model="tiny (random weights, offline demo)", device=str(dev), dtype=str(dt).replace("torch.", ""),
+    info = EngineInfo(model=label, device=str(dev), dtype=str(dt).replace("torch.", ""),
                       tokenizer=ByteTokenizer.name, codec="Mimi (random codebooks)",
                       watermark="on (random watermarker)" if marker else "OFF", codec_id=f"mimi-random-{seed}",
                       untrained=True,
-                      notes=[UNTRAINED_WARNING])
+                      notes=[warning])
     return Engine(csm, ByteTokenizer(), codec, marker, watermark=watermark, info=info)
 
 

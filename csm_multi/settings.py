@@ -84,8 +84,9 @@ def env_name(name: str) -> str:
 def engine_flags(p: argparse.ArgumentParser) -> None:
     """The flags that choose and load the engine, as both the app and the CLI take them."""
     p.add_argument("--model", default=setting("model"),
-                   help="csm-1b, tiny (random weights, offline) or auto: csm-1b when the hub is reachable, "
-                        "else tiny (env CSM_MODEL; default auto)")
+                   help="csm-1b, tiny (random weights, offline), csm-1b-random (csm-1b's size with random "
+                        "weights: an offline benchmark of its speed and memory; noise) or auto: csm-1b when the hub "
+                        "is reachable, else tiny (env CSM_MODEL; default auto)")
     p.add_argument("--checkpoint", default=setting("checkpoint"),
                    help="local checkpoint file/dir or hub repo instead of sesame/csm-1b (env CSM_CHECKPOINT)")
     p.add_argument("--device", default=setting("device"),

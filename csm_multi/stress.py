@@ -1,6 +1,7 @@
-"""Load test: N gradio_client visitors against the web app on the offline tiny preset.
+"""Load test: N gradio_client visitors against the web app, on the offline tiny preset by default.
 
     python -m csm_multi.stress --clients 20 --requests 1 [--json stress.json]
+    python -m csm_multi.stress --model csm-1b-random --quantize int8 --clients 4 --compare  # csm-1b's cost
 
 Starts `app.py` in a subprocess (its real main(), queue and limits) with a throwaway profiles
 folder and TMPDIR. Each visitor uses its own library key: it adds one profile, renders
@@ -38,11 +39,16 @@ BUSY = "queue is full"
 
 class AppServer:
     """`app.py --model tiny --no-watermark` on 127.0.0.1 in a subprocess, with its own TMPDIR (so
-    its outputs and Gradio's uploads land under `tmp_dir`). Use as a context manager."""
+    its outputs and Gradio's uploads land under `tmp_dir`). Use as a context manager. `model`,
+    `quantize` and `watermark` choose the engine as app.py's flags do (e.g. "csm-1b-random" with
+    quantize "int8": what csm-1b costs, offline)."""
 
-    def __init__(self, profiles_dir: str | Path, tmp_dir: str | Path, *extra_args: str):
+    def __init__(self, profiles_dir: str | Path, tmp_dir: str | Path, *extra_args: str, model: str = "tiny",
+                 quantize: str | None = None, watermark: bool = False):
         self.profiles_dir, self.tmp_dir = Path(profiles_dir), Path(tmp_dir)
-        self.extra_args = extra_args
+        self.extra_args = (*(("--quantize", quantize) if quantize else ()), *(() if watermark else ("--no-watermark",)),
+                           *extra_args)
+        self.model = model
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -50,7 +56,8 @@ class AppServer:
     def outputs_root(self) -> Path:
         return self.tmp_dir / "csm-multi-outputs"
 
-    def start(self, timeout_s: float = 180) -> AppServer:
+    def start(self, timeout_s: float | None = None) -> AppServer:
+        timeout_s = timeout_s or (180 if self.model == "tiny" else 900)  # a csm-1b-sized engine: minutes
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -60,7 +67,7 @@ class AppServer:
         self.log_path = self.tmp_dir / f"app-{port}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(APP), "--model", "tiny", "--no-watermark", "--host", "127.0.0.1",
+                [sys.executable, str(APP), "--model", self.model, "--host", "127.0.0.1",
                  "--port", str(port), "--profiles-dir", str(self.profiles_dir), *self.extra_args],
                 env=env, cwd=APP.parent, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -262,17 +269,25 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, timeout_s: float = 300,
         deadline_s: float = 900, retries: int = 5, libraries_in_memory: int | None = None,
-        workdir: str | Path | None = None, max_batch: int | None = None) -> dict:
+        workdir: str | Path | None = None, max_batch: int | None = None, engine: dict | None = None) -> dict:
     """Start the app, run `clients` visitors at once, stop the app; returns the figures as a dict.
     Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for.
     `max_batch`: the app's --max-batch (None: its default). Before the visitors come, one render
-    alone is timed (`alone_s`), so `render_wall_s / alone_s` says what sharing the server cost."""
+    alone is timed (`alone_s`), so `render_wall_s / alone_s` says what sharing the server cost. `engine`:
+    AppServer's model, quantize and watermark (default: tiny, no watermark)."""
     with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
         root = Path(workdir or scratch)
         clip = _reference_clip(root / "reference.wav", clip_s)
-        with AppServer(root / "profiles", root / "tmp", *_app_args(libraries_in_memory, max_batch)) as server:
+        with AppServer(root / "profiles", root / "tmp", *_app_args(libraries_in_memory, max_batch),
+                       **(engine or {})) as server:
             report = visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries)
-    return {**report, "max_batch": max_batch}
+    return {**report, "max_batch": max_batch, "engine": _engine_label(engine)}
+
+
+def _engine_label(engine: dict | None) -> dict:
+    engine = engine or {}
+    return {"model": engine.get("model", "tiny"), "quantize": engine.get("quantize") or "none",
+            "watermark": bool(engine.get("watermark", False))}
 
 
 def _app_args(libraries_in_memory: int | None, max_batch: int | None) -> tuple[str, ...]:
@@ -332,20 +347,23 @@ def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: flo
 
 def run_compare(clients: int = 8, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, rounds: int = 3,
                 max_batch: int = 8, timeout_s: float = 300, deadline_s: float = 900,
-                libraries_in_memory: int | None = None) -> dict:
+                libraries_in_memory: int | None = None, engine: dict | None = None) -> dict:
     """Two apps at once, `--max-batch max_batch` and `--max-batch 1`, visited in turn for `rounds`
     rounds (batched, serial, batched, ...: both see the same drift of a noisy machine). Returns each
     round's figures and the ratios per round and their medians."""
     with tempfile.TemporaryDirectory(prefix="csm-stress-") as scratch:
         root = Path(scratch)
         clip = _reference_clip(root / "reference.wav", clip_s)
-        with AppServer(root / "b-profiles", root / "b-tmp", *_app_args(libraries_in_memory, max_batch)) as batched, \
-                AppServer(root / "s-profiles", root / "s-tmp", *_app_args(libraries_in_memory, 1)) as serial:
+        engine = engine or {}
+        with AppServer(root / "b-profiles", root / "b-tmp", *_app_args(libraries_in_memory, max_batch),
+                       **engine) as batched, \
+                AppServer(root / "s-profiles", root / "s-tmp", *_app_args(libraries_in_memory, 1), **engine) as serial:
             runs: dict[str, list[dict]] = {"batched": [], "serial": []}
             for r in range(rounds):
                 for name, server in (("batched", batched), ("serial", serial)):
                     runs[name].append({**visit(server, clip, clients, requests, line_s, timeout_s, deadline_s,
-                                               tag=f"r{r}"), "max_batch": max_batch if name == "batched" else 1})
+                                               tag=f"r{r}"), "max_batch": max_batch if name == "batched" else 1,
+                                         "engine": _engine_label(engine)})
     per_round = [compare(b, s) for b, s in zip(runs["batched"], runs["serial"])]
     medians = {k: _median([p[k] for p in per_round]) for k in per_round[0] if k != "refused"}
     medians["refused"] = {k: sum(p["refused"][k] for p in per_round) for k in ("batched", "serial")}
@@ -359,8 +377,11 @@ def _median(values):
 
 def format_report(r: dict) -> str:
     batch = "app default" if r.get("max_batch") is None else r["max_batch"]
+    eng = r.get("engine") or _engine_label(None)
+    model = eng["model"] + (f" {eng['quantize']}" if eng["quantize"] != "none" else "") + \
+        (", watermark on" if eng["watermark"] else "")
     lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of <= "
-             f"{r['line_s']:g} s, tiny preset, {os.cpu_count()} CPU cores, --max-batch {batch}: {r['wall_s']:.1f} s",
+             f"{r['line_s']:g} s, {model}, {os.cpu_count()} CPU cores, --max-batch {batch}: {r['wall_s']:.1f} s",
              f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed), "
              f"{r.get('audio_s_per_s', 0):.2f} s of audio per second",
              f"one render alone: {r.get('alone_s', float('nan')):.2f} s; the {r['clients']} visitors' renders, "
@@ -397,9 +418,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="two apps at once, with --max-batch (default 8) and with --max-batch 1, visited in turn for "
                         "--rounds rounds; prints each round and the median ratios")
     p.add_argument("--rounds", type=int, default=3, help="with --compare: rounds, the two apps visited in turn")
+    p.add_argument("--model", default="tiny",
+                   help="the app's --model (default tiny; csm-1b-random: csm-1b's size and cost, random weights)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], help="the app's --quantize (default: the app's)")
+    p.add_argument("--watermark", action="store_true", help="leave the app's watermark on (default: off)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     kwargs = {"libraries_in_memory": args.libraries_in_memory} if args.libraries_in_memory is not None else {}
+    kwargs["engine"] = {"model": args.model, "quantize": args.quantize, "watermark": args.watermark}
     if args.compare:
         report = run_compare(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.rounds,
                              args.max_batch or 8, args.timeout, args.deadline, **kwargs)

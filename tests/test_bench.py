@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from csm_multi import bench
 
 
@@ -158,3 +160,21 @@ def test_quick_end_to_end_benchmark_times_every_stage_of_every_line(tmp_path, ca
     assert cases["transformers"]["audio_s"] == full["audio_s"]
     assert cases["transformers"]["stages_s"]["generate"] > 0
     assert len(cached["speedup_vs_transformers_rounds"]) == 1
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_through_the_app(tmp_path):
+    """`python -m csm_multi.e2e --quick --app-only`: the same 4-line script rendered by a visitor of the
+    real app (a subprocess, gradio_client): two voices saved, a warm-up render, then a timed one. The
+    page's shortest line (1 s plus the 0.8 s allowance: 22 frames, random weights never end early) is
+    asked for, as --quick's 0.8 s lines are shorter."""
+    from csm_multi import e2e
+
+    out = tmp_path / "e2e-app.json"
+    assert e2e.main(["--quick", "--app-only", "--json", str(out)]) == 0
+    case = json.loads(out.read_text())["modes"]["fp32"]
+    assert set(case) == {e2e.APP_CASE}
+    app = case[e2e.APP_CASE]
+    assert app["max_line_s_asked"] == 1.0 and len(app["total_rounds_s"]) == 1
+    assert app["audio_s"] == pytest.approx(4 * 22 * 0.08, abs=0.05)  # the page says it to 0.1 s
+    assert app["rtf"] == round(app["total_s"] / app["audio_s"], 3) and app["server_peak_rss_mb"] > 0

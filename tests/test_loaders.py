@@ -27,6 +27,21 @@ def test_tiny_engine_says_it_is_untrained_and_generates():
     assert utt.codes.shape[0] == 32 and not utt.watermarked
 
 
+def test_csm_1b_random_has_csm_1b_sizes_and_says_it_is_a_benchmark(monkeypatch, caplog):
+    """`--model csm-1b-random` builds csm-1b's preset with random weights offline (here the preset is
+    swapped for tiny's after it is asked for, so the test stays small) and says its output is noise."""
+    from csm_multi.config import get_preset
+
+    asked = []
+    monkeypatch.setattr(loaders, "get_preset", lambda name: asked.append(name) or get_preset("tiny"))
+    engine = build_engine("csm-1b-random", watermark=False)
+    assert asked == ["csm-1b"]
+    assert engine.info.untrained and "OFFLINE BENCHMARK" in engine.info.notes[0] and "noise" in engine.info.notes[0]
+    assert engine.info.model == "csm-1b size, random weights (offline benchmark)" and "OFFLINE BENCHMARK" in caplog.text
+    utt = engine.generate("Hello.", 0, sampling=SamplingConfig(seed=1, max_audio_length_ms=240))
+    assert utt.codes.shape[0] == 32
+
+
 def test_auto_falls_back_to_tiny_offline(caplog):
     engine = build_engine("auto", watermark=False)
     assert engine.info.untrained
@@ -40,7 +55,7 @@ def test_real_model_offline_is_a_clear_error():
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(ValueError, match=r"unknown model 'csm-7b' \(--model, CSM_MODEL\); use auto, csm-1b, tiny, csm-1b-random"):
         build_engine("csm-7b")
 
 

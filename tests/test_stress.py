@@ -46,18 +46,33 @@ def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(stress, "run", lambda *a, **k: seen.update(args=a, kwargs=k) or fake)
     out = tmp_path / "r.json"
     stress.main(["--clients", "3", "--requests", "2", "--libraries-in-memory", "4", "--json", str(out)])
-    assert seen["args"][:2] == (3, 2) and seen["kwargs"] == {"libraries_in_memory": 4}
+    assert seen["args"][:2] == (3, 2) and seen["kwargs"] == {
+        "libraries_in_memory": 4, "engine": {"model": "tiny", "quantize": None, "watermark": False}}
     text = capsys.readouterr().out
     assert "2.00 requests/s" in text and "busy (queue full) 1" in text and "1000 MB peak" in text
+    assert "render(s) of <= 1 s, tiny, " in text
     assert out.read_text().startswith("{") and '"peak": 1000' in out.read_text()
+    fake["engine"] = stress._engine_label({"model": "csm-1b-random", "quantize": "int8", "watermark": True})
+    stress.main(["--clients", "3", "--model", "csm-1b-random", "--quantize", "int8", "--watermark"])
+    assert seen["kwargs"]["engine"] == {"model": "csm-1b-random", "quantize": "int8", "watermark": True}
+    assert "render(s) of <= 1 s, csm-1b-random int8, watermark on, " in capsys.readouterr().out
+
+
+def test_app_server_passes_the_engine_flags(tmp_path):
+    """What AppServer starts app.py with: tiny without the watermark unless told otherwise."""
+    plain = stress.AppServer(tmp_path / "p", tmp_path / "t", "--max-batch", "2")
+    assert (plain.model, plain.extra_args) == ("tiny", ("--no-watermark", "--max-batch", "2"))
+    big = stress.AppServer(tmp_path / "p", tmp_path / "t", model="csm-1b-random", quantize="int8", watermark=True)
+    assert (big.model, big.extra_args) == ("csm-1b-random", ("--quantize", "int8"))
 
 
 def test_compare_visits_two_apps_in_turn_and_reports_median_ratios(tmp_path, monkeypatch, capsys):
-    order = []
+    order, engines = [], []
 
     class FakeServer:
-        def __init__(self, profiles, tmp, *args):
+        def __init__(self, profiles, tmp, *args, **engine):
             self.batch = int(args[args.index("--max-batch") + 1])
+            engines.append(engine)
             self.url = f"http://fake-{self.batch}/"
 
         def __enter__(self):
@@ -80,8 +95,11 @@ def test_compare_visits_two_apps_in_turn_and_reports_median_ratios(tmp_path, mon
     monkeypatch.setattr(stress, "AppServer", FakeServer)
     monkeypatch.setattr(stress, "visit", fake_visit)
     out = tmp_path / "c.json"
-    report = stress.main(["--clients", "8", "--compare", "--rounds", "2", "--json", str(out)])
+    report = stress.main(["--clients", "8", "--compare", "--rounds", "2", "--model", "csm-1b-random",
+                          "--quantize", "int8", "--json", str(out)])
     assert order == [(8, "r0"), (1, "r0"), (8, "r1"), (1, "r1")]  # interleaved, fresh libraries per round
+    assert engines == [{"model": "csm-1b-random", "quantize": "int8", "watermark": False}] * 2  # both apps alike
+    assert report["batched"][0]["engine"] == {"model": "csm-1b-random", "quantize": "int8", "watermark": False}
     assert [p["render_phase_speedup"] for p in report["per_round"]] == [2.5, 2.2]
     assert report["ratios"]["render_phase_speedup"] == 2.35  # the median of the rounds
     assert report["ratios"]["batched_renders_over_alone"] == 4.5 and report["ratios"]["serial_renders_over_alone"] == 10.5
