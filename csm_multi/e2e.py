@@ -197,9 +197,6 @@ def app_case(mode: str, line_s: float, voice_s: float, rounds: int = 1, watermar
     cases' numbers plus what the app adds (the queue, Gradio, the exports it writes). The page lets a
     line run its "max seconds" plus RenderConfig's 0.8 s allowance, so it is asked for `line_s` less
     that (at least 1 s, the page's minimum): the same frames as the in-process cases' lines."""
-    if preset not in APP_MODELS:
-        raise ValueError(f"the app case runs the presets {sorted(APP_MODELS)}, not {preset!r}")
-    ask_s = max(line_s - RenderConfig().extra_ms / 1000, 1.0)
     import re
     import tempfile
     from pathlib import Path
@@ -207,6 +204,10 @@ def app_case(mode: str, line_s: float, voice_s: float, rounds: int = 1, watermar
     from gradio_client import Client, handle_file
 
     from .stress import AppServer, _fetch, _reference_clip
+
+    if preset not in APP_MODELS:
+        raise ValueError(f"the app case runs the presets {sorted(APP_MODELS)}, not {preset!r}")
+    ask_s = max(line_s - RenderConfig().extra_ms / 1000, 1.0)
 
     with tempfile.TemporaryDirectory(prefix="csm-e2e-app-") as scratch:
         root = Path(scratch)
@@ -295,8 +296,7 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
         results[mode] = summary
         engine = hf = None  # before the next mode's copies are built
         if app:  # after this mode's in-process engines are gone: a csm-1b-sized app needs their memory
-            summary[APP_CASE] = app_case(mode, line_s, voice_s, app_rounds, watermark,
-                                                                  log=log, preset=preset)
+            summary[APP_CASE] = app_case(mode, line_s, voice_s, app_rounds, watermark, log=log, preset=preset)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
             "preset": preset, "rounds": rounds, "line_s": line_s, "voice_s": voice_s, "watermark": watermark,

@@ -46,10 +46,10 @@ BENCHMARK_WARNING = (
     "watermarker): it costs what csm-1b costs, but its output is noise. Use it to measure speed and memory; "
     "use --model csm-1b for real speech."
 )
-# Offline models of random weights: name -> (the preset whose sizes it has, what Status calls it).
-RANDOM_MODELS = {"tiny": ("tiny", "tiny (random weights, offline demo)"),
-                 "csm-1b-random": ("csm-1b", "csm-1b size, random weights (offline benchmark)")}
-MODEL_CHOICES = ("auto", "csm-1b", "tiny", "csm-1b-random")
+# Offline models of random weights: name -> (the preset whose sizes it has, what Status calls it, its warning).
+RANDOM_MODELS = {"tiny": ("tiny", "tiny (random weights, offline demo)", UNTRAINED_WARNING),
+                 "csm-1b-random": ("csm-1b", "csm-1b size, random weights (offline benchmark)", BENCHMARK_WARNING)}
+MODEL_CHOICES = ("auto", "csm-1b", *RANDOM_MODELS)
 
 
 def hf_token(env=os.environ) -> str | None:
@@ -265,8 +265,9 @@ def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb
     """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and
     float32 products run on oneDNN (`fused.py`); quantize="int8" gives the CPU model int8
     weights instead (`quant.py`), quantize="int4" int4 ones on ONNX Runtime (`int4.py`: converted
-    once, then read from its cache; an ImportError naming the pip command when onnxruntime is missing). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off,
-    None: the engine's default)."""
+    once, then read from its cache; an ImportError naming the pip command when onnxruntime is
+    missing). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off, None: the engine's
+    default)."""
     from .fused import fuse_layers, pack_linears
     from .quant import MODES, quantize as quantize_model
 
@@ -325,8 +326,7 @@ def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device:
     if model not in RANDOM_MODELS:
         raise ValueError(f"unknown model {model!r} (--model, CSM_MODEL); use {', '.join(MODEL_CHOICES)}")
 
-    preset, label = RANDOM_MODELS[model]
-    warning = UNTRAINED_WARNING if model == "tiny" else BENCHMARK_WARNING
+    preset, label, warning = RANDOM_MODELS[model]
     log.warning(warning)
     config = get_preset(preset)
     if checkpoint:
