@@ -34,6 +34,7 @@ if os.environ["NO_TORCH_COMPILE"]:
 from moshi.models import MimiModel, loaders
 from moshi.quantization.core_vq import EuclideanCodebook
 
+from . import omp
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME
 from .errors import AudioInputError, CheckpointFormatError, WeightsUnavailableError
 
@@ -120,6 +121,7 @@ class MimiCodec:
         self._twins: list[MimiCodec] = []  # idle stream twins (see _borrow)
         self._twins_lock = threading.Lock()
 
+    @omp.released
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """(S,) -> (K, T) or (B, S) -> (B, K, T) int64 codes, T = ceil(S / 1920).
 
@@ -142,6 +144,7 @@ class MimiCodec:
         codes = codes.long()
         return codes if audio.dim() == 2 else codes[0]
 
+    @omp.released
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(K, T) -> (T * 1920,) or (B, K, T) -> (B, T * 1920) float32 waveform."""
         self._check_not_streaming()
@@ -222,6 +225,7 @@ class MimiStream:
         self.batch_size = batch_size
         self.closed = False
 
+    @omp.released
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Next chunk: (B, K, t) -> (B, t * 1920) float32, continuing from the previous chunks.
 

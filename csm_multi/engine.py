@@ -15,6 +15,7 @@ from numbers import Integral
 
 import torch
 
+from . import omp
 from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig, check_seed
 from .errors import ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
@@ -192,6 +193,7 @@ class Engine:
             graph = self._graphs[key] = FrameGraph(self.model, batch, sampler, padded)
         return graph
 
+    @omp.released
     def serve(self, **limits) -> Scheduler:
         """Hand the model to a continuous-batching `Scheduler` (limits: its keyword arguments, e.g.
         max_rows, max_waiting, per_visitor). From now on generate, stream and generate_batch are
@@ -249,6 +251,7 @@ class Engine:
             on_stage(WATERMARKING)
         return [self._watermark(a) for a in audio]
 
+    @omp.released
     @torch.inference_mode()
     def generate_codes(self, text: str, speaker: int, context: Sequence[Segment] = (),
                        sampling: SamplingConfig = SamplingConfig(),
@@ -270,6 +273,7 @@ class Engine:
         stacked = torch.stack(codes, dim=1) if codes else torch.zeros(k, 0, dtype=torch.long, device=self.device)
         return stacked, seed, n_prompt
 
+    @omp.released
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(K, T) codes -> (T * 1920,) float32 CPU waveform (not watermarked)."""
@@ -329,6 +333,7 @@ class Engine:
         return AudioChunk(audio=self._watermark(audio), frames=done, seed=seed,
                           watermarked=self.watermarker is not None)
 
+    @omp.released
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[tuple[str, int, Sequence[Segment]]],
                        sampling: SamplingConfig = SamplingConfig(),

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import omp
+
 SR = 44_100
 # Batch norm runs as h * scale + (beta - mean * scale) from one-pass sums, E[h^2] - mean^2: both cancel
 # where a channel's mean dwarfs its spread. Where some channel's |mean| exceeds this many standard
@@ -168,6 +170,7 @@ def _on_nnpack_thread(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return executor.submit(_nnpack_call, x, weight, bias, padding).result()
 
 
+@omp.released
 def _nnpack_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: list[int]) -> torch.Tensor:
     with torch.no_grad():  # not inference_mode: its output is updated in place by callers outside it too
         return torch._nnpack_spatial_convolution(x, weight, bias, padding, [1, 1])

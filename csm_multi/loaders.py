@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import omp
 from .checkpoints import check_shapes, read_state_dict, to_ours
 from .config import ModelConfig, get_preset
 from .engine import Engine, EngineInfo
@@ -260,6 +261,7 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+@omp.released  # the main thread's OpenMP pool is not kept after loading (omp.py)
 def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb: int | None = None,
                  **kwargs) -> Engine:
     """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import omp
 from .errors import BusyError
 from .frames import is_eos
 from .generate import Sampler, depth_frame, next_frame_input
@@ -107,6 +108,7 @@ class Ticket:
     def frames(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 0.5) -> Iterator[torch.Tensor]:
         """The request's frames as they are made. `on_wait(place)` hears the wait-queue place every
         `poll_s` while the request waits. Leaving the loop early (break, an exception) cancels it."""
+        omp.release()  # this thread waits while another generates: its idle OpenMP pool would slow that one (omp.py)
         try:
             while True:
                 try:
@@ -286,6 +288,11 @@ class Scheduler:
             while True:
                 with self._cond:
                     self._drop_cancelled()
+                    idle = not (self._closed or self._rows or self._pending or self._waiting)
+                if idle:  # nothing to do: its OpenMP pool goes, so other threads' keep their fast hand-off (omp.py)
+                    omp.release()
+                with self._cond:
+                    self._drop_cancelled()
                     while not (self._closed or self._rows or self._pending or self._waiting):
                         self._cond.wait()
                         self._drop_cancelled()
@@ -293,7 +300,8 @@ class Scheduler:
                         break
                     joining = self._admit()
                 try:
-                    self._step([t for t in joining if not self._skip(t)])
+                    with omp.holding():  # the frame loop keeps its pool
+                        self._step([t for t in joining if not self._skip(t)])
                 except Exception as e:  # e.g. out of memory: every running request hears it, the loop goes on
                     log.exception("generation step failed")
                     for t in joining:

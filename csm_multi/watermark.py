@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torchaudio.functional as AF
 
+from . import omp
 from .config import SAMPLE_RATE
 from .errors import WatermarkUnavailableError
 from .fastmark import FastMark
@@ -188,6 +189,7 @@ class Watermarker:
         audio = audio.detach().float()
         return audio if sample_rate == SILENTCIPHER_SR else AF.resample(audio, sample_rate, SILENTCIPHER_SR)
 
+    @omp.released
     @torch.no_grad()
     def apply(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         """`audio` (S,) marked with the key: same length, rate, dtype and device.
@@ -220,6 +222,7 @@ class Watermarker:
         mark = mark[:n] if mark.numel() >= n else torch.nn.functional.pad(mark, (0, n - mark.numel()))
         return (audio.float() + mark).to(audio.dtype)
 
+    @omp.released
     @torch.no_grad()
     def decode(self, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, thorough: bool = False) -> dict:
         """silentcipher's raw answer for all of `audio`, in one call: {"status": bool, "messages":
