@@ -9,6 +9,7 @@ Every action has an api_name, so `gradio_client` can drive it (README has an exa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import html
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine
+from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine, omp
 from csm_multi.config import MAX_SEED
 from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
@@ -308,9 +309,14 @@ def _answered_in_place(fn, outputs):
                 yield refusal(Refused(problem))
                 return
             try:
-                yield from fn(*args, **kwargs)
+                with contextlib.closing(fn(*args, **kwargs)) as steps:
+                    for item in steps:
+                        omp.release()  # each step may run on another thread: none keeps an idle OpenMP pool
+                        yield item
             except Refused as e:
                 yield refusal(e)
+            finally:
+                omp.release()
         generator.answers_in_place = True
         return generator
 
@@ -319,7 +325,8 @@ def _answered_in_place(fn, outputs):
         if problem := _PAGE_PROBLEM.get():
             return refusal(Refused(problem))
         try:
-            return fn(*args, **kwargs)
+            with omp.work():  # the handler's thread does not keep an idle OpenMP pool (csm_multi/omp.py)
+                return fn(*args, **kwargs)
         except Refused as e:
             return refusal(e)
     function.answers_in_place = True
@@ -1332,6 +1339,7 @@ def serve(argv: list[str]) -> None:
     if not zero_gpu():
         log.info("OpenAI-compatible speech API at http://%s:%s/v1/audio/speech", args.host, args.port)
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
+    omp.release()  # the main thread only serves from here: no idle OpenMP pool of its own (csm_multi/omp.py)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
                 allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, app_kwargs={"routes": api})

@@ -112,3 +112,27 @@ def test_the_scheduler_frees_its_pool_when_idle_and_so_does_a_waiting_caller():
     assert frames > 0
     # ... which it gave back; the scheduler's thread is there (+1), its pool is not (it is idle)
     assert idle == start, (start, idle)
+
+
+def test_the_apps_handlers_leave_no_idle_pool_on_their_threads():
+    """Every event handler of the page is wrapped (app._answered_in_place): a plain handler's thread
+    frees its pool when it returns, a generator handler's after each step it yields."""
+    import app as app_module
+
+    handler = app_module._answered_in_place(lambda: parallel_op(), None)
+    out = on_a_thread(handler)
+    assert out["after"] == out["before"] and out["value"] == parallel_op()
+
+    def steps():
+        yield parallel_op()
+        yield parallel_op()
+
+    seen = []
+
+    def pull():
+        for value in app_module._answered_in_place(steps, None)():
+            seen.append((value, threads()))
+        return len(seen)
+
+    out = on_a_thread(pull)
+    assert out["value"] == 2 and all(count == out["before"] for _, count in seen), (out, seen)
