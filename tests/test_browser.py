@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -393,7 +394,14 @@ def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
     pause.fill("2")
     pause.press("Enter")
     expect(page.get_by_text(re.compile(r"^Pause before line 2 set"))).to_be_visible()
-    result = next(last[3] for last in list(studio._last.values()) if "[pause 1s]" in last[0])  # this page's
+    def kept():  # this page's last rendering, as the server keeps it for a reload
+        return next(last[3] for last in list(studio._last.values()) if "[pause 1s]" in last[0])
+
+    deadline = time.monotonic() + 15  # the editor's events may still be finishing on the server
+    while time.monotonic() < deadline and not (kept().clips[1].line.text == "Hi there, Alice."
+                                                and kept().pause_before_ms(1) == 2000):
+        time.sleep(0.1)
+    result = kept()
     assert result.clips[1].line.text == "Hi there, Alice." and result.pause_before_ms(1) == 2000
     assert result.clips[0].take == 2
 
