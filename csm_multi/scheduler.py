@@ -288,12 +288,8 @@ class Scheduler:
             while True:
                 with self._cond:
                     self._drop_cancelled()
-                    idle = not (self._closed or self._rows or self._pending or self._waiting)
-                if idle:  # nothing to do: its OpenMP pool goes, so other threads' keep their fast hand-off (omp.py)
-                    omp.release()
-                with self._cond:
-                    self._drop_cancelled()
                     while not (self._closed or self._rows or self._pending or self._waiting):
+                        omp.release()  # idle: its OpenMP pool goes, so other threads keep their fast hand-off (omp.py)
                         self._cond.wait()
                         self._drop_cancelled()
                     if self._closed:
