@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import contextvars
 import html
+import itertools
 import logging
 import math
 import os
@@ -743,6 +744,8 @@ def build_demo(studio: Studio):
             fail(e)
 
     # ---- the per-line editor: each rendered line's takes, text and pause -----------------------
+    editor_draws = itertools.count(1)
+
     def line_editor(result, voices):
         """One row per rendered line (numbered 1..N as in the manifest's order): what was said, by whom,
         how long, its takes to switch between, a new take, its text to edit and re-render, its pause."""
@@ -757,12 +760,13 @@ def build_demo(studio: Studio):
                 editor_actions["rerender_stale"], [key, last_result, last_voices], shown,
                 api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
         shown_rows = result.clips[:MAX_EDITOR_ROWS]
+        draw = f"csm-draw-{next(editor_draws)}"  # each drawing's own class: a client can tell it has landed
         for i, clip in enumerate(shown_rows):
             takes = result.candidates(i)
             with gr.Group():
                 with gr.Row(equal_height=True):
                     gr.Markdown(f"**{i + 1}** · {html.escape(clip.line.speaker)} → {html.escape(clip.profile or NONE)}"
-                                f" · {clip.duration_s:.1f} s · {_take_label(clip)}", elem_classes=["csm-line-head"])
+                                f" · {clip.duration_s:.1f} s · {_take_label(clip)}", elem_classes=["csm-line-head", draw])
                     gr.Audio(value=(24_000, _int16(clip.audio)), type="numpy", show_label=False, interactive=False,
                              label=f"Line {i + 1}", scale=2, buttons=[])
                 with gr.Row(equal_height=True):

@@ -368,6 +368,17 @@ def _render_two_lines(page, script: str, takes: int = 1):
     expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
 
 
+def _redrawn(page, act, message: str, timeout=120_000):
+    """Do `act`, wait for its `message`, then for the per-line editor to be drawn again from the new
+    result: an action's message comes before the editor is redrawn, and a field filled in the old
+    editor is replaced by the new one (with the old value) when the redraw lands."""
+    drawing = "() => [...document.querySelector('.csm-line-head').classList].find(c => c.startsWith('csm-draw-'))"
+    before = page.evaluate(drawing)
+    act()
+    expect(page.get_by_text(re.compile(message))).to_be_visible(timeout=timeout)
+    page.wait_for_function(f"() => ({drawing})() !== {before!r}", timeout=timeout)
+
+
 def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
     """The per-line editor: takes to switch between, a new take, a text edit re-rendered on its own,
     a pause typed for one line; the timeline follows, and a click on a line plays from there."""
@@ -378,30 +389,23 @@ def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
     expect(takes.get_by_role("radio")).to_have_count(2)
     expect(page.get_by_label("Pause before (s)").nth(1)).to_have_value("1")
 
-    page.get_by_role("button", name="New take").first.click()
-    expect(page.get_by_text(re.compile(r"^New take of line 1"))).to_be_visible(timeout=120_000)
+    _redrawn(page, page.get_by_role("button", name="New take").first.click, r"^New take of line 1")
     expect(takes.get_by_role("radio")).to_have_count(3)
-    takes.get_by_role("radio").nth(2).check()
-    expect(page.get_by_text(re.compile(r"^Line 1: take 3 kept"))).to_be_visible(timeout=30_000)
+    _redrawn(page, takes.get_by_role("radio").nth(2).check, r"^Line 1: take 3 kept", timeout=30_000)
     expect(page.get_by_text(re.compile(r"Line 2 heard an earlier version"))).to_be_visible()
-    page.get_by_role("button", name="Re-render line 2").click()
-    expect(page.get_by_text(re.compile(r"^Re-rendered line\(s\) 2"))).to_be_visible(timeout=120_000)
+    _redrawn(page, page.get_by_role("button", name="Re-render line 2").click, r"^Re-rendered line\(s\) 2")
+    expect(page.get_by_text(re.compile(r"Line 2 heard an earlier version"))).to_have_count(0)
 
     page.get_by_label("Text of line 2").fill("Hi there, Alice.")
-    page.get_by_role("button", name="Re-render with this text").nth(1).click()
-    expect(page.get_by_text(re.compile(r"^Line 2 re-rendered with the new text"))).to_be_visible(timeout=120_000)
+    _redrawn(page, page.get_by_role("button", name="Re-render with this text").nth(1).click,
+             r"^Line 2 re-rendered with the new text")
+    expect(page.get_by_label("Text of line 2")).to_have_value("Hi there, Alice.")
     pause = page.get_by_label("Pause before (s)").nth(1)
     pause.fill("2")
-    pause.press("Enter")
-    expect(page.get_by_text(re.compile(r"^Pause before line 2 set"))).to_be_visible()
-    def kept():  # this page's last rendering, as the server keeps it for a reload
-        return next(last[3] for last in list(studio._last.values()) if "[pause 1s]" in last[0])
-
-    deadline = time.monotonic() + 15  # the editor's events may still be finishing on the server
-    while time.monotonic() < deadline and not (kept().clips[1].line.text == "Hi there, Alice."
-                                                and kept().pause_before_ms(1) == 2000):
-        time.sleep(0.1)
-    result = kept()
+    _redrawn(page, lambda: pause.press("Enter"), r"^Pause before line 2 set")
+    expect(page.get_by_label("Pause before (s)").nth(1)).to_have_value("2")
+    # this page's last rendering, as the server keeps it for a reload (kept before the page is answered)
+    result = next(last[3] for last in list(studio._last.values()) if "[pause 1s]" in last[0])
     assert result.clips[1].line.text == "Hi there, Alice." and result.pause_before_ms(1) == 2000
     assert result.clips[0].take == 2
 
