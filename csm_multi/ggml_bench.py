@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 
 from .config import PRESETS, LlamaConfig, ModelConfig
 from .model import CSM
@@ -48,19 +48,12 @@ def _libs():
     return gguf, llama_cpp
 
 
-def rope_factors(head_dim: int, base: float, factor: float, low=1.0, high=4.0, old_ctx=8192) -> np.ndarray:
-    """Llama-3 rope scaling (torchtune's Llama3ScaledRoPE) as the divisor of each frequency."""
-    out = []
-    for f in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)):
-        wavelength = 2 * math.pi / f
-        if wavelength < old_ctx / high:
-            out.append(1.0)
-        elif wavelength > old_ctx / low:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelength - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+def rope_factors(cfg: LlamaConfig) -> np.ndarray:
+    """The divisor of each plain rotary frequency (llama.cpp's `rope_freqs`), taken from the Llama-3
+    scaled rope our stacks use (torchtune's `Llama3ScaledRoPE`), so the two cannot drift apart."""
+    plain = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))  # as torchtune
+    scaled = Llama3ScaledRoPE(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, scale_factor=cfg.rope_scale_factor).theta
+    return (plain / scaled).numpy()
 
 
 def write_gguf(path: str, sd: dict, prefix: str, cfg: LlamaConfig, output: np.ndarray | None, qname: str,
@@ -94,7 +87,7 @@ def write_gguf(path: str, sd: dict, prefix: str, cfg: LlamaConfig, output: np.nd
     w.add_tensor("output_norm.weight", sd[f"{prefix}norm.scale"])
     if output is not None:
         matrix("output.weight", output)
-    w.add_tensor("rope_freqs.weight", rope_factors(cfg.head_dim, cfg.rope_base, cfg.rope_scale_factor))
+    w.add_tensor("rope_freqs.weight", rope_factors(cfg))
     names = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
              "attn_output": "attn.output_proj", "ffn_gate": "mlp.w1", "ffn_down": "mlp.w2", "ffn_up": "mlp.w3"}
     for i in range(cfg.num_layers):

@@ -369,8 +369,8 @@ def _render_two_lines(page, script: str, takes: int = 1):
 
 def _redrawn(page, act, message: str, timeout=120_000):
     """Do `act`, wait for its `message`, then for the per-line editor to be drawn again from the new
-    result: an action's message comes before the editor is redrawn, and a field filled in the old
-    editor is replaced by the new one (with the old value) when the redraw lands."""
+    result: an action's message comes before the redraw, and the redraw sets every field from the
+    result, so a field filled before it lands goes back to its old value."""
     drawing = "() => [...document.querySelector('.csm-line-head').classList].find(c => c.startsWith('csm-draw-'))"
     before = page.evaluate(drawing)
     act()

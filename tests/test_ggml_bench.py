@@ -5,19 +5,18 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 
+from csm_multi.config import LlamaConfig
 from csm_multi.ggml_bench import rope_factors
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_rope_factors_give_torchtunes_scaled_frequencies(head_dim):
-    base = 500_000.0
-    plain = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    scaled = Llama3ScaledRoPE(head_dim, 2048, base, scale_factor=32).theta.double().numpy()
-    factors = rope_factors(head_dim, base, 32.0)
-    assert factors.min() == 1.0 and factors.max() == 32.0  # both ends of the scaling are present
-    np.testing.assert_allclose(plain / factors, scaled, rtol=1e-6)
+def test_rope_factors_span_llama3_scaling_from_none_to_the_full_factor(head_dim):
+    factors = rope_factors(LlamaConfig(num_layers=1, num_heads=1, num_kv_heads=1, embed_dim=head_dim,
+                                       intermediate_dim=8))
+    assert factors.shape == (head_dim // 2,)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # high frequencies kept, low ones divided by 32
+    assert np.all(np.diff(factors) >= 0)  # the longer the wavelength, the more it is scaled
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
