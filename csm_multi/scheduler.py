@@ -17,12 +17,15 @@ Admission: at most `max_rows` rows (`row_budget`, when given, may lower it at ru
 free GPU memory), a bounded FIFO wait queue (`max_waiting`, and `waiting_per_visitor` for one
 visitor), and a per-visitor share (`per_visitor` rows) that applies while other visitors wait: a
 visitor's extra requests are admitted only into rows nobody else is waiting for. Beyond the bounds,
-`submit` raises `BusyError`. A joining request's prompt goes through the backbone in the same step
-as the running rows' next frame (its own call: a prompt of S positions), and its first frame shares
-that step's depth-decoder pass with them, so a join delays the others by its backbone prefill only
-(LLM servers also split long prefills into chunks; not done here). With a `prefix.PrefixCache`, the
-longest run of frames the prompt shares with a kept state is copied into its row instead, and only
-the rest is prefilled; a row that ends leaves its state (prompt + fed frames) to the cache.
+`submit` raises `BusyError`. A joining request's prompt goes through the backbone in the same steps
+as the running rows' next frames (its own calls, at most `prefill_chunk` positions a step), and its
+first frame shares that step's depth-decoder pass with them, so a join delays the others by one
+chunk of prefill per step. With a `prefix.PrefixCache`, the longest run of frames the prompt shares
+with a kept state is copied into its row instead, and only the rest is prefilled. The lookup is made
+when the prompt's prefill begins, and a prompt's state is kept as soon as its prefill is done, so
+prompts queued together share it: the takes of a line (the same prompt: prefilled once), the lines
+of a fast-mode script and visitors using the same voices. A row that ends leaves its state (prompt
++ fed frames) to the cache too, for the next line of a dialogue.
 """
 
 from __future__ import annotations
@@ -184,6 +187,7 @@ class Scheduler:
         self._closed = False
         self.steps = 0  # batched frame steps run
         self.frames = 0  # frames made (all rows)
+        self.prefilled = 0  # prompt positions run through the backbone (those copied from the prefix cache are not)
         self.batch_sizes: Counter[int] = Counter()
         self.peak_rows = 0
         model.setup_caches(max_rows)
@@ -213,6 +217,7 @@ class Scheduler:
             return {"active": len(self._rows), "prefilling": len(self._pending), "waiting": len(self._waiting),
                     "max_rows": self.max_rows,
                     "limit": self._limit(), "steps": self.steps, "frames": self.frames, "peak_rows": self.peak_rows,
+                    "prefilled_positions": self.prefilled,
                     "batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
     def close(self, timeout: float = 30) -> None:
@@ -357,15 +362,16 @@ class Scheduler:
             request = ticket.request
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed)
-            row = _Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0))
-            slot = n + len(self._pending)
-            row.done = self.prefix.load(request.tokens, request.mask, slot) if self.prefix is not None else 0
-            self._pending.append(row)
+            self._pending.append(_Row(ticket, generator, pos=request.tokens.size(0) - 1, last=torch.empty(0)))
         new: list[_Row] = []
         budget = self.prefill_chunk
         while self._pending and budget > 0:  # FIFO: only the first prompt advances until it is done
             row, slot = self._pending[0], n + len(new)
             request, size = row.ticket.request, row.ticket.request.tokens.size(0)
+            if row.done == 0 and self.prefix is not None:
+                # Looked up now, not when it joined: the prompts prefilled just before it are kept by
+                # then, so the takes of a line, or lines and visitors sharing voices, prefill once.
+                row.done = self.prefix.load(request.tokens, request.mask, slot)
             end = min(size, row.done + budget)
             tokens = request.tokens[None, row.done:end].to(self.device)
             mask = request.mask[None, row.done:end].to(self.device)
@@ -373,9 +379,12 @@ class Scheduler:
             self.model.use_rows(slice(slot, slot + 1), input_pos, visible=end)
             h = self.model.backbone_step(tokens, mask, input_pos)
             budget -= end - row.done
+            self.prefilled += end - row.done
             row.done = end
             if end < size:
                 break
+            if self.prefix is not None:  # its prompt's state, for the prompts queued behind it
+                self.prefix.store(request.tokens, request.mask, slot)
             hidden.append(h)
             new.append(self._pending.pop(0))
         everyone = [*rows, *new]

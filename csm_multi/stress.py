@@ -1,12 +1,13 @@
 """Load test: N gradio_client visitors against the web app, on the offline tiny preset by default.
 
-    python -m csm_multi.stress --clients 20 --requests 1 [--json stress.json]
+    python -m csm_multi.stress --clients 20 --requests 1 [--lines 2] [--json stress.json]
     python -m csm_multi.stress --model csm-1b-random --quantize int8 --clients 4 --compare  # csm-1b's cost
 
 Starts `app.py` in a subprocess (its real main(), queue and limits) with a throwaway profiles
 folder and TMPDIR. Each visitor uses its own library key: it adds one profile, renders
-`--requests` one-line scripts with it, lists its library (which must hold exactly its own
-profile) and reads the status. Prints requests/s, p50/p95/max latency per endpoint, errors by kind
+`--requests` scripts of `--lines` lines (2 by default; conversational, so line 2 hears line 1)
+spoken in that voice, lists its library (which must hold exactly its own profile) and reads the
+status. Prints requests/s, p50/p95/max latency per endpoint, errors by kind
 (busy = the queue was full, failed, timeout, mixed = a visitor saw another visitor's voices), the
 server's peak RSS and its LRU sizes. Talks to the app only over HTTP; imports no model code.
 """
@@ -174,8 +175,13 @@ def _call(rec: Recorder, endpoint: str, fn, timeout_s: float, retries: int):
     return None
 
 
+def script(speaker: str, render: int, lines: int) -> str:
+    """A visitor's script: `lines` lines, all spoken by `speaker`."""
+    return "\n".join(f"{speaker}: Line {i + 1} of render {render}." for i in range(lines))
+
+
 def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeout_s: float, retries: int,
-            rec: Recorder, report: dict, tag: str = "") -> None:
+            rec: Recorder, report: dict, tag: str = "", lines: int = 2) -> None:
     from gradio_client import Client, handle_file
 
     key, name = f"stress-visitor{tag}-{index:03d}", f"Voice {index}"
@@ -197,9 +203,9 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
         mapping = {"headers": ["speaker", "profile"], "data": [[name, name]]}
         rec.render_started()
         for r in range(requests):
-            out = api("render_script", key, f"{name}: Line {r}.", mapping, 0.9, 50, index * 100 + r, line_s, 0,
+            out = api("render_script", key, script(name, r, lines), mapping, 0.9, 50, index * 100 + r, line_s, 0,
                       "conversational")
-            if out is not None and not str(out[1]).startswith("Done: 1 lines"):
+            if out is not None and not str(out[1]).startswith(f"Done: {lines} lines"):
                 rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
             elif out is not None:
                 rec.audio(float(re.search(r"lines, ([\d.]+) s", str(out[1]))[1]))
@@ -243,8 +249,10 @@ def _fetch(file_data, timeout_s: float) -> int:
         return len(response.read())
 
 
-def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, tag: str = "", rounds: int = 2) -> float:
-    """Seconds one visitor's one-line render takes with nobody else there (best of `rounds`, after a warm-up)."""
+def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, tag: str = "", rounds: int = 2,
+                  lines: int = 2) -> float:
+    """Seconds one visitor's render of `lines` lines takes with nobody else there (best of `rounds`, after a
+    warm-up)."""
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout_s}, download_files=False)
@@ -254,7 +262,7 @@ def _render_alone(url: str, clip: str, line_s: float, timeout_s: float, tag: str
     best = float("inf")
     for r in range(rounds + 1):
         start = time.perf_counter()
-        out = client.predict(key, "Alone: Line 0.", mapping, 0.9, 50, 7, line_s, 0, "conversational",
+        out = client.predict(key, script("Alone", 0, lines), mapping, 0.9, 50, 7, line_s, 0, "conversational",
                              api_name="/render_script")
         _fetch(out[2], timeout_s)
         if r:
@@ -269,7 +277,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, timeout_s: float = 300,
         deadline_s: float = 900, retries: int = 5, libraries_in_memory: int | None = None,
-        workdir: str | Path | None = None, max_batch: int | None = None, engine: dict | None = None) -> dict:
+        workdir: str | Path | None = None, max_batch: int | None = None, engine: dict | None = None,
+        lines: int = 2) -> dict:
     """Start the app, run `clients` visitors at once, stop the app; returns the figures as a dict.
     Every call has `timeout_s`, the whole run `deadline_s`: a hung visitor is reported, never waited for.
     `max_batch`: the app's --max-batch (None: its default). Before the visitors come, one render
@@ -280,7 +289,7 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
         clip = _reference_clip(root / "reference.wav", clip_s)
         with AppServer(root / "profiles", root / "tmp", *_app_args(libraries_in_memory, max_batch),
                        **(engine or {})) as server:
-            report = visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries)
+            report = visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries, lines=lines)
     return {**report, "max_batch": max_batch, "engine": _engine_label(engine)}
 
 
@@ -296,15 +305,17 @@ def _app_args(libraries_in_memory: int | None, max_batch: int | None) -> tuple[s
 
 
 def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: float, timeout_s: float,
-          deadline_s: float, retries: int = 5, tag: str = "") -> dict:
+          deadline_s: float, retries: int = 5, tag: str = "", lines: int = 2) -> dict:
     """One round against a running app: time one render alone, then `clients` visitors at once (their
-    library keys carry `tag`, so rounds do not share libraries); the figures as a dict."""
-    alone_s = _render_alone(server.url, clip, 1.0, timeout_s, tag)
+    library keys carry `tag`, so rounds do not share libraries), each render a script of `lines`
+    lines of at most `line_s` seconds; the figures as a dict."""
+    alone_s = _render_alone(server.url, clip, line_s, timeout_s, tag, lines=lines)
     rec, statuses = Recorder(), {}
     rec.ready = threading.Barrier(clients)
     at_start = server.memory_mb()
     threads = [threading.Thread(target=visitor, daemon=True, name=f"visitor-{i}",
-                                args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses, tag))
+                                args=(server.url, i, clip, requests, line_s, timeout_s, retries, rec, statuses, tag,
+                                      lines))
                for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -325,7 +336,8 @@ def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: flo
     first, last = rec.render_window
     render_wall = last - first if last > first else float("nan")
     return {
-        "clients": clients, "requests_per_client": requests, "line_s": line_s, "wall_s": round(wall, 2),
+        "clients": clients, "requests_per_client": requests, "lines": lines, "line_s": line_s,
+        "wall_s": round(wall, 2),
         "alone_s": round(alone_s, 3), "audio_s": round(rec.audio_s, 2), "render_wall_s": round(render_wall, 2),
         "audio_s_per_s": round(rec.audio_s / render_wall, 3) if not math.isnan(render_wall) else 0.0,
         "completed_requests": done, "requests_per_s": round(done / wall, 3) if wall else 0.0, "hung_clients": hung,
@@ -347,7 +359,7 @@ def visit(server: AppServer, clip: str, clients: int, requests: int, line_s: flo
 
 def run_compare(clients: int = 8, requests: int = 1, line_s: float = 1.0, clip_s: float = 1.5, rounds: int = 3,
                 max_batch: int = 8, timeout_s: float = 300, deadline_s: float = 900,
-                libraries_in_memory: int | None = None, engine: dict | None = None) -> dict:
+                libraries_in_memory: int | None = None, engine: dict | None = None, lines: int = 2) -> dict:
     """Two apps at once, `--max-batch max_batch` and `--max-batch 1`, visited in turn for `rounds`
     rounds (batched, serial, batched, ...: both see the same drift of a noisy machine). Returns each
     round's figures and the ratios per round and their medians."""
@@ -362,7 +374,7 @@ def run_compare(clients: int = 8, requests: int = 1, line_s: float = 1.0, clip_s
             for r in range(rounds):
                 for name, server in (("batched", batched), ("serial", serial)):
                     runs[name].append({**visit(server, clip, clients, requests, line_s, timeout_s, deadline_s,
-                                               tag=f"r{r}"), "max_batch": max_batch if name == "batched" else 1,
+                                               tag=f"r{r}", lines=lines), "max_batch": max_batch if name == "batched" else 1,
                                          "engine": _engine_label(engine)})
     per_round = [compare(b, s) for b, s in zip(runs["batched"], runs["serial"])]
     medians = {k: _median([p[k] for p in per_round]) for k in per_round[0] if k != "refused"}
@@ -380,8 +392,10 @@ def format_report(r: dict) -> str:
     eng = r.get("engine") or _engine_label(None)
     model = eng["model"] + (f" {eng['quantize']}" if eng["quantize"] != "none" else "") + \
         (", watermark on" if eng["watermark"] else "")
-    lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of <= "
-             f"{r['line_s']:g} s, {model}, {os.cpu_count()} CPU cores, --max-batch {batch}: {r['wall_s']:.1f} s",
+    n = r.get("lines", 1)
+    lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of {n} "
+             f"line{'s' * (n != 1)} <= {r['line_s']:g} s, {model}, {os.cpu_count()} CPU cores, --max-batch {batch}: "
+             f"{r['wall_s']:.1f} s",
              f"throughput: {r['requests_per_s']:.2f} requests/s ({r['completed_requests']} completed), "
              f"{r.get('audio_s_per_s', 0):.2f} s of audio per second",
              f"one render alone: {r.get('alone_s', float('nan')):.2f} s; the {r['clients']} visitors' renders, "
@@ -408,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=20, help="visitors at once (default 20)")
     p.add_argument("--requests", type=int, default=1, help="renders per visitor (default 1)")
+    p.add_argument("--lines", type=int, default=2, help="lines per rendered script, all in the visitor's voice "
+                   "(default 2: line 2 is conditioned on line 1)")
     p.add_argument("--line-seconds", type=float, default=1.0, help="max seconds per rendered line (app minimum: 1)")
     p.add_argument("--clip-seconds", type=float, default=1.5, help="length of each visitor's reference clip")
     p.add_argument("--timeout", type=float, default=300, help="seconds per call before it counts as a timeout")
@@ -424,8 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--watermark", action="store_true", help="leave the app's watermark on (default: off)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.lines < 1:
+        p.error(f"--lines must be a whole number >= 1, got {args.lines}")
     kwargs = {"libraries_in_memory": args.libraries_in_memory} if args.libraries_in_memory is not None else {}
     kwargs["engine"] = {"model": args.model, "quantize": args.quantize, "watermark": args.watermark}
+    kwargs["lines"] = args.lines
     if args.compare:
         report = run_compare(args.clients, args.requests, args.line_seconds, args.clip_seconds, args.rounds,
                              args.max_batch or 8, args.timeout, args.deadline, **kwargs)

@@ -13,7 +13,7 @@ from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import get_preset
 from csm_multi.context import ContextBudget
 from csm_multi.engine import Engine
-from csm_multi.frames import Segment
+from csm_multi.frames import Segment, format_text
 from csm_multi.model import CSM
 from csm_multi.prefix import PrefixCache, common_length, fed_frames
 from csm_multi.render import RenderConfig, ScriptRenderer
@@ -68,6 +68,36 @@ def test_a_dialogue_reuses_earlier_lines_and_makes_the_same_codes(model, codec, 
     voices = sum(engine.segment_positions(profile(v)) for v in VOICES.values())
     assert prefix.reused >= 3 * voices
     assert cached.clips[-1].context[:2] == ["profile:alice-voice", "profile:bob-voice"]  # fixed order
+
+
+@pytest.mark.parametrize("mode", ["conversational", "fast"])
+def test_takes_of_a_line_prefill_their_prompt_once_and_keep_their_codes(model, codec, mode):
+    """Three takes per line through the scheduler: a line's three identical prompts join together,
+    the first is prefilled and its state kept the moment its prefill is done, and the other two copy
+    it and compute only their last position. In fast mode the later lines also find the voice
+    prompts the first line prefilled. Every take's codes equal those of a render without the cache."""
+    config = RenderConfig(seed=4, topk=50, max_line_ms=400, extra_ms=0, takes=3, mode=mode)
+    runs = {}
+    for mb in (0, 64):
+        engine = Engine(model, ByteTokenizer(), codec, watermark=False, prefix_cache_mb=mb)
+        scheduler = engine.serve()
+        try:
+            result = ScriptRenderer(engine, profile).render(SCRIPT, VOICES, config)
+            runs[mb] = result, scheduler.stats()["prefilled_positions"]
+        finally:
+            engine.stop_serving()
+    (full, without), (cached, prefilled) = runs[0], runs[64]
+    for i in range(len(full.clips)):
+        for a, b in zip(full.candidates(i), cached.candidates(i), strict=True):
+            assert torch.equal(a.codes, b.codes), f"line {i + 1}, take {a.take}"
+    prompts = [c.context_positions + len(engine.tokenizer.encode(format_text(c.speaker_id, c.model_text)))
+               for c in full.clips]
+    assert without == 3 * sum(prompts)  # no cache: every take prefills its whole prompt
+    # With it, a line's first take prefills at most what follows the voice prompts (in fast mode
+    # the first line's, in a dialogue the earlier lines' too), and the other two one position each.
+    voices = sum(engine.segment_positions(profile(v)) for v in VOICES.values())
+    assert all(c.context[:2] == ["profile:alice-voice", "profile:bob-voice"] for c in cached.clips)
+    assert prefilled <= prompts[0] + sum(p - voices for p in prompts[1:]) + 2 * len(prompts)
 
 
 def test_the_state_a_line_ends_with_is_what_a_full_prefill_computes(model, codec):

@@ -1,4 +1,5 @@
-"""Load: 20 gradio_client visitors at once against the app (tiny preset, real queue settings).
+"""Load: 20 gradio_client visitors at once against the app (tiny preset, real queue settings), each
+saving a voice and rendering a 2-line script with it.
 
 Every call completes or gets a clear "queue is full" answer; no visitor sees another's voices; the
 studio's LRU of open libraries stays at its size. Figures (latency, RSS) are printed by
@@ -24,6 +25,7 @@ def test_twenty_visitors_at_once(tmp_path):
     # the scheduler's queue (64 places) and the page's concurrency are sized for this: nobody is refused
     assert r["errors"]["busy"] == 0 and r["errors"]["gave_up"] == 0, r["error_samples"]
     assert r["alone_s"] > 0 and r["audio_s"] > 0 and r["max_batch"] is None
+    assert r["lines"] == 2  # every render answered "Done: 2 lines" (another answer counts as failed)
     ep = r["endpoints"]
     for name in ("connect", "add_profile", "list_profiles", "status"):  # each visitor: an answer per step
         assert ep[name]["ok"] + ep[name].get("gave_up", 0) == CLIENTS, (name, ep[name])
@@ -35,7 +37,7 @@ def test_twenty_visitors_at_once(tmp_path):
 
 
 def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
-    fake = {"clients": 1, "requests_per_client": 1, "line_s": 1.0, "wall_s": 2.0, "completed_requests": 4,
+    fake = {"clients": 1, "requests_per_client": 1, "lines": 2, "line_s": 1.0, "wall_s": 2.0, "completed_requests": 4,
             "requests_per_s": 2.0, "hung_clients": 0,
             "endpoints": {e: {"ok": 1, "p50_s": 0.1, "p95_s": 0.2, "max_s": 0.3} for e in stress.ENDPOINTS},
             "errors": {"busy": 1, "gave_up": 0, "failed": 0, "timeout": 0, "mixed": 0},
@@ -47,15 +49,25 @@ def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     stress.main(["--clients", "3", "--requests", "2", "--libraries-in-memory", "4", "--json", str(out)])
     assert seen["args"][:2] == (3, 2) and seen["kwargs"] == {
-        "libraries_in_memory": 4, "engine": {"model": "tiny", "quantize": None, "watermark": False}}
+        "libraries_in_memory": 4, "engine": {"model": "tiny", "quantize": None, "watermark": False}, "lines": 2}
     text = capsys.readouterr().out
     assert "2.00 requests/s" in text and "busy (queue full) 1" in text and "1000 MB peak" in text
-    assert "render(s) of <= 1 s, tiny, " in text
+    assert "render(s) of 2 lines <= 1 s, tiny, " in text
     assert out.read_text().startswith("{") and '"peak": 1000' in out.read_text()
     fake["engine"] = stress._engine_label({"model": "csm-1b-random", "quantize": "int8", "watermark": True})
     stress.main(["--clients", "3", "--model", "csm-1b-random", "--quantize", "int8", "--watermark"])
     assert seen["kwargs"]["engine"] == {"model": "csm-1b-random", "quantize": "int8", "watermark": True}
-    assert "render(s) of <= 1 s, csm-1b-random int8, watermark on, " in capsys.readouterr().out
+    assert "render(s) of 2 lines <= 1 s, csm-1b-random int8, watermark on, " in capsys.readouterr().out
+    stress.main(["--clients", "3", "--lines", "1"])
+    assert seen["kwargs"]["lines"] == 1
+    with pytest.raises(SystemExit):
+        stress.main(["--lines", "0"])
+    assert "--lines must be a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_visitors_script_has_its_lines_in_its_voice():
+    assert stress.script("Voice 3", 0, 2) == "Voice 3: Line 1 of render 0.\nVoice 3: Line 2 of render 0."
+    assert stress.script("A", 1, 1) == "A: Line 1 of render 1."
 
 
 def test_app_server_passes_the_engine_flags(tmp_path):
@@ -81,8 +93,8 @@ def test_compare_visits_two_apps_in_turn_and_reports_median_ratios(tmp_path, mon
         def __exit__(self, *exc):
             pass
 
-    def fake_visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries=5, tag=""):
-        order.append((server.batch, tag))
+    def fake_visit(server, clip, clients, requests, line_s, timeout_s, deadline_s, retries=5, tag="", lines=2):
+        order.append((server.batch, tag, lines))
         phase = (4.0 if server.batch == 8 else 10.0) + (1.0 if tag == "r1" else 0.0)
         return {"clients": clients, "requests_per_client": 1, "line_s": 1.0, "wall_s": phase + 2,
                 "completed_requests": 32, "requests_per_s": 1.0, "hung_clients": 0, "alone_s": 1.0, "audio_s": 8.0,
@@ -97,7 +109,7 @@ def test_compare_visits_two_apps_in_turn_and_reports_median_ratios(tmp_path, mon
     out = tmp_path / "c.json"
     report = stress.main(["--clients", "8", "--compare", "--rounds", "2", "--model", "csm-1b-random",
                           "--quantize", "int8", "--json", str(out)])
-    assert order == [(8, "r0"), (1, "r0"), (8, "r1"), (1, "r1")]  # interleaved, fresh libraries per round
+    assert order == [(8, "r0", 2), (1, "r0", 2), (8, "r1", 2), (1, "r1", 2)]  # interleaved, fresh libraries per round
     assert engines == [{"model": "csm-1b-random", "quantize": "int8", "watermark": False}] * 2  # both apps alike
     assert report["batched"][0]["engine"] == {"model": "csm-1b-random", "quantize": "int8", "watermark": False}
     assert [p["render_phase_speedup"] for p in report["per_round"]] == [2.5, 2.2]
