@@ -22,6 +22,9 @@ fast-mode render (lines conditioned on voices only, all four in one batch) gives
 audio seconds per second. Weights are random, so lines never end early: every case generates the
 same frames. Text goes through the byte tokenizer (the Llama one cannot be downloaded here), so
 text takes ~3x the positions it would with csm-1b's tokenizer.
+
+`--overlap` also asks whether line i's watermark should run beside line i+1's generation instead of
+before it (`overlap_case`): on this project's 2-core CPU it should not (README).
 """
 
 from __future__ import annotations
@@ -185,6 +188,61 @@ def transformers_case(hf, engine: Engine, prompts: list[int], frames: list[int],
             "stages_s": {k: round(sum(line[k] for line in lines), 3) for k in ("generate", "decode", "watermark")}}
 
 
+OVERLAP_WAYS = ("serial", "overlapped, watermark on 1 thread", "overlapped, watermark on 2 threads")
+
+
+def overlap_case(engine: Engine, voices, line_s: float, rounds: int = 2, log=print) -> dict:
+    """Should a dialogue watermark line i while line i+1 is generated? (Decoding cannot move: the
+    renderer trims line i's codes by its decoded audio before line i+1 hears them.) Per round and
+    in turn: line i+1's codes (through the scheduler, both voices as context) after line i's
+    watermark, and beside it on another thread with 1 or 2 intra-op threads; seconds from the start
+    of the watermark to line i+1's last frame. The renderer keeps whichever is faster."""
+    if engine.watermarker is None:
+        return {}
+    import threading
+
+    from .config import SamplingConfig
+
+    context = [voices(v) for v in VOICES.values()]
+    frames = round(line_s * 1000 / FRAME_MS)
+    sampling = SamplingConfig(seed=3, max_audio_length_ms=frames * FRAME_MS)
+    with torch.inference_mode():
+        audio = engine.decode(engine.generate_codes("The line that was just spoken.", 0, context, sampling)[0])
+    line = "And the next line, generated while that one is watermarked."
+    engine.generate_codes(line, 1, context, sampling)  # warm-up, and the voices' state in the prefix cache
+
+    def watermark(threads: int | None) -> None:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            engine.watermarker.apply(audio)
+        finally:
+            torch.set_num_threads(before)
+
+    def way(name: str) -> float:
+        t0 = time.perf_counter()
+        if name == "serial":
+            watermark(None)
+            engine.generate_codes(line, 1, context, sampling)
+        else:
+            side = threading.Thread(target=watermark, args=(1 if "1 thread" in name else 2,))
+            side.start()
+            engine.generate_codes(line, 1, context, sampling)
+            side.join()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in OVERLAP_WAYS}
+    for r in range(rounds):
+        for name in OVERLAP_WAYS[r % 3:] + OVERLAP_WAYS[: r % 3]:  # each round starts with another way
+            times[name].append(round(way(name), 3))
+        log(f"overlap round {r + 1}: " + ", ".join(f"{n} {t[-1]} s" for n, t in times.items()))
+    return {"line_s": line_s, "frames": frames, "audio_s": round(audio.numel() / SAMPLE_RATE, 2),
+            "seconds_rounds": times,
+            "serial_over_overlapped_rounds": {n: [round(a / b, 3) for a, b in zip(times["serial"], t)]
+                                              for n, t in times.items() if n != "serial"}}
+
+
 APP_MODELS = {"csm-1b": "csm-1b-random", "tiny": "tiny"}  # the app's --model for a preset's size
 
 
@@ -244,11 +302,11 @@ def app_case(mode: str, line_s: float, voice_s: float, rounds: int = 1, watermar
 
 def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float = 2.4, voice_s: float = 5.0,
         with_hf: bool = True, fast: bool = True, watermark: bool = True, seed: int = 0, log=print,
-        app: bool = False, app_rounds: int = 1, app_only: bool = False) -> dict:
+        app: bool = False, app_rounds: int = 1, app_only: bool = False, overlap: bool = False) -> dict:
     """Every case of every mode, `rounds` interleaved rounds each; the JSON `main` writes. `app`: then
     `app_rounds` renders of the same script through the web app at csm-1b size (`app_case`, not
     interleaved with the others: two csm-1b engines at once would not fit in this machine's memory);
-    `app_only`: that case alone."""
+    `app_only`: that case alone; `overlap`: also `overlap_case` (watermark beside generation)."""
     results = {}
     for mode in modes:
         if app_only:
@@ -282,6 +340,8 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
                     cases.setdefault("transformers", []).append(
                         transformers_case(hf, engine, ref["prompt_positions"], ref["frames"], seed))
                     log(f"{mode} round {r + 1}: transformers: {cases['transformers'][-1]['total_s']} s")
+            if overlap:
+                overlaps = overlap_case(engine, voices, line_s, rounds, log)
         finally:
             engine.stop_serving()
         summary = {}
@@ -294,6 +354,8 @@ def run(preset: str = "csm-1b", modes=("int8",), rounds: int = 2, line_s: float 
                     summary[name]["speedup_vs_transformers_rounds"] = [
                         round(h["total_s"] / c["total_s"], 3) for c, h in zip(runs, cases["transformers"])]
         results[mode] = summary
+        if overlap:
+            summary["overlap"] = overlaps
         engine = hf = None  # before the next mode's copies are built
         if app:  # after this mode's in-process engines are gone: a csm-1b-sized app needs their memory
             summary[APP_CASE] = app_case(mode, line_s, voice_s, app_rounds, watermark, log=log, preset=preset)
@@ -308,6 +370,8 @@ def table(result: dict) -> str:
               "| TTFA per line s | vs transformers |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, cases in result["modes"].items():
         for name, c in cases.items():
+            if name == "overlap":
+                continue
             st = c.get("stages_s", {})
             if name == "transformers":
                 cells = [st.get("generate", "-"), "(in generate)", st.get("decode", "-"), st.get("watermark", "-"), "-"]
@@ -337,14 +401,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also render the script through the web app (app.py --model csm-1b-random), after each mode")
     p.add_argument("--app-rounds", type=int, default=1)
     p.add_argument("--app-only", action="store_true", help="only the app case (with --app's rounds)")
+    p.add_argument("--overlap", action="store_true",
+                   help="also time a line's watermark beside the next line's generation against one after the other")
     p.add_argument("--json", default="e2e.json")
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.modes, a.rounds, a.voice_s = "tiny", ["fp32"], 1, 1.0
     a.line_s = a.line_s or (0.8 if a.quick else 2.4)
     result = run(a.preset, a.modes, a.rounds, a.line_s, a.voice_s, with_hf=not a.no_transformers, fast=not a.no_fast,
-                 watermark=not a.no_watermark, app=a.app or a.app_only, app_rounds=a.app_rounds, app_only=a.app_only)
+                 watermark=not a.no_watermark, app=a.app or a.app_only, app_rounds=a.app_rounds, app_only=a.app_only,
+                 overlap=a.overlap)
     print(table(result))
+    for mode, cases in result["modes"].items():
+        if cases.get("overlap"):
+            print(f"{mode}: line i's watermark beside line i+1's generation, serial / overlapped per round: "
+                  f"{cases['overlap']['serial_over_overlapped_rounds']}")
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {a.json}")

@@ -162,6 +162,24 @@ def test_quick_end_to_end_benchmark_times_every_stage_of_every_line(tmp_path, ca
     assert len(cached["speedup_vs_transformers_rounds"]) == 1
 
 
+def test_overlap_case_times_the_watermark_beside_the_next_line_and_in_turn(tmp_path, capsys):
+    """`python -m csm_multi.e2e --quick --overlap`: each way (serial, beside it on 1 or 2 threads) is
+    timed once per round, and the ratios are serial over each overlapped way, per round."""
+    from csm_multi import e2e
+
+    out = tmp_path / "e2e.json"
+    assert e2e.main(["--quick", "--line-s", "0.4", "--no-transformers", "--no-fast", "--overlap",
+                     "--json", str(out)]) == 0
+    overlap = json.loads(out.read_text())["modes"]["fp32"]["overlap"]
+    assert set(overlap["seconds_rounds"]) == set(e2e.OVERLAP_WAYS)
+    assert all(len(t) == 1 and t[0] > 0 for t in overlap["seconds_rounds"].values())
+    serial = overlap["seconds_rounds"]["serial"][0]
+    for way, ratio in overlap["serial_over_overlapped_rounds"].items():
+        assert ratio == [round(serial / overlap["seconds_rounds"][way][0], 3)]
+    assert overlap["frames"] == 5 and overlap["audio_s"] == 0.4
+    assert "watermark beside line i+1's generation, serial / overlapped per round" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_end_to_end_benchmark_through_the_app(tmp_path):
     """`python -m csm_multi.e2e --quick --app-only`: the same 4-line script rendered by a visitor of the
