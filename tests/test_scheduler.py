@@ -355,3 +355,36 @@ def test_long_prompts_join_in_chunks_while_running_rows_keep_making_frames(engin
     assert stats["prefilling"] == 0 and stats["active"] == 0
     with pytest.raises(ValueError, match="prefill_chunk"):
         Scheduler(engine.model, prefill_chunk=0)
+
+
+def test_visitors_with_the_same_voice_share_its_prefill_while_the_first_still_generates(model, codec):
+    """Two visitors render with the same voice prompt at once, a third joins while they generate:
+    the voice is prefilled once (the prompt's state is kept when its prefill is done, not when its
+    row ends), every later prompt prefills only its own text, and every request keeps its solo codes."""
+    voice = [Segment(speaker=0, text="How this voice sounds, in a few words.",
+                     codes=torch.randint(1, 2048, (32, 40), generator=torch.Generator().manual_seed(8)))]
+    plans = [(TEXTS[i], SamplingConfig(topk=50, temperature=0.9, seed=40 + i, max_audio_length_ms=80 * 12))
+             for i in range(3)]
+    solo_engine = Engine(model, ByteTokenizer(), codec, watermark=False, prefix_cache_mb=0)
+    want = [solo_engine.generate_codes(text, 0, voice, s)[0].cpu() for text, s in plans]
+    engine = Engine(model, ByteTokenizer(), codec, watermark=False, prefix_cache_mb=64)
+    scheduler = engine.serve()
+    try:
+        prompts = [engine.build_prompt(text, 0, voice) for text, _ in plans]
+        tickets = [scheduler.submit(GenerationRequest(t, m, s.temperature, s.topk, s.seed, s.max_frames, f"v{i}"))
+                   for i, ((t, m), (_, s)) in enumerate(zip(prompts[:2], plans[:2]))]
+        first = iter(tickets[0])
+        got = [[next(first)]]  # the first two are generating now
+        (t, m), s = prompts[2], plans[2][1]
+        tickets.append(scheduler.submit(GenerationRequest(t, m, s.temperature, s.topk, s.seed, s.max_frames, "v2")))
+        got[0] += list(first)
+        got += [list(ticket) for ticket in tickets[1:]]
+        stats = scheduler.stats()
+    finally:
+        engine.stop_serving()
+    for frames, expected in zip(got, want, strict=True):
+        assert torch.equal(torch.stack(frames, dim=1), expected)
+    voice_positions = engine.segment_positions(voice[0])
+    sizes = [t.size(0) for t, _ in prompts]
+    assert stats["prefilled_positions"] <= sizes[0] + sum(n - voice_positions for n in sizes[1:])
+    assert engine.prefix.hits >= 2
