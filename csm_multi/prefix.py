@@ -8,13 +8,13 @@ it was generated with, and its audio may be trimmed), so only the rest needs a p
 previous line's audio and the new line's text, not every voice prompt and earlier line again.
 LLM servers call this prefix caching (vLLM, SGLang).
 
-`PrefixCache` keeps the KV state of finished rows (prompt + fed frames), each with the frames
-(tokens and mask) it was computed from, in a least-recently-used store bounded in bytes. A new
-prompt takes the longest common run of frames with any entry: position p's keys and values
-depend only on positions 0..p, so the first m positions of an entry are valid for every prompt
-that shares them, and an entry helps even when it diverges later (a new render with the same
-voices reuses the voice prompts of the last one). An entry that is a prefix of a newer one is
-dropped: the newer one serves everything it did.
+`PrefixCache` keeps the KV state of finished rows (prompt + fed frames), and (through the
+scheduler) of each prompt as soon as its prefill is done, each with the frames (tokens and mask) it
+was computed from, in a least-recently-used store bounded in bytes. A new prompt takes the longest
+common run of frames with any entry: position p's keys and values depend only on positions 0..p, so
+the first m positions of an entry are valid for every prompt that shares them, and an entry helps
+even when it diverges later (a new render with the same voices reuses the voice prompts of the last
+one). An entry that is a prefix of a newer one is dropped: the newer one serves everything it did.
 
 Only the backbone is cached (the depth decoder starts afresh every frame). The reused values are
 those computed one frame at a time during generation, so they differ from a full prefill's by
