@@ -33,13 +33,14 @@ import argparse
 import json
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .codec import MimiCodec, build_mimi
-from .config import FRAME_MS, SAMPLE_RATE, get_preset
+from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, get_preset
 from .engine import DECODING, GENERATING, WATERMARKING, Engine
 from .frames import Segment
 from .render import FAST, Progress, RenderConfig, ScriptRenderer
@@ -199,10 +200,6 @@ def overlap_case(engine: Engine, voices, line_s: float, rounds: int = 2, log=pri
     of the watermark to line i+1's last frame. The renderer keeps whichever is faster."""
     if engine.watermarker is None:
         return {}
-    import threading
-
-    from .config import SamplingConfig
-
     context = [voices(v) for v in VOICES.values()]
     frames = round(line_s * 1000 / FRAME_MS)
     sampling = SamplingConfig(seed=3, max_audio_length_ms=frames * FRAME_MS)

@@ -13,7 +13,7 @@ from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import get_preset
 from csm_multi.context import ContextBudget
 from csm_multi.engine import Engine
-from csm_multi.frames import Segment, format_text
+from csm_multi.frames import Segment
 from csm_multi.model import CSM
 from csm_multi.prefix import PrefixCache, common_length, fed_frames
 from csm_multi.render import RenderConfig, ScriptRenderer
@@ -90,8 +90,7 @@ def test_takes_of_a_line_prefill_their_prompt_once_and_keep_their_codes(model, c
     for i in range(len(full.clips)):
         for a, b in zip(full.candidates(i), cached.candidates(i), strict=True):
             assert torch.equal(a.codes, b.codes), f"line {i + 1}, take {a.take}"
-    prompts = [c.context_positions + len(engine.tokenizer.encode(format_text(c.speaker_id, c.model_text)))
-               for c in full.clips]
+    prompts = [c.context_positions + c.context_split["text"] for c in full.clips]
     assert without == 3 * sum(prompts)  # no cache: every take prefills its whole prompt
     # With it, a line's first take prefills at most what follows the voice prompts (in fast mode
     # the first line's, in a dialogue the earlier lines' too), and the other two one position each.

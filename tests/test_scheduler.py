@@ -48,8 +48,9 @@ def solo(engine: Engine, text: str, speaker: int, sampling: SamplingConfig) -> t
     return engine.generate_codes(text, speaker, (), sampling)[0].cpu()
 
 
-def request(engine: Engine, text: str, sampling: SamplingConfig, seed: int, visitor=None, speaker=0) -> GenerationRequest:
-    tokens, mask = engine.build_prompt(text, speaker)
+def request(engine: Engine, text: str, sampling: SamplingConfig, seed: int, visitor=None, speaker=0,
+            context=()) -> GenerationRequest:
+    tokens, mask = engine.build_prompt(text, speaker, context)
     return GenerationRequest(tokens, mask, sampling.temperature, sampling.topk, seed, sampling.max_frames, visitor)
 
 
@@ -370,13 +371,12 @@ def test_visitors_with_the_same_voice_share_its_prefill_while_the_first_still_ge
     engine = Engine(model, ByteTokenizer(), codec, watermark=False, prefix_cache_mb=64)
     scheduler = engine.serve()
     try:
-        prompts = [engine.build_prompt(text, 0, voice) for text, _ in plans]
-        tickets = [scheduler.submit(GenerationRequest(t, m, s.temperature, s.topk, s.seed, s.max_frames, f"v{i}"))
-                   for i, ((t, m), (_, s)) in enumerate(zip(prompts[:2], plans[:2]))]
+        tickets = [scheduler.submit(request(engine, text, s, s.seed, f"v{i}", context=voice))
+                   for i, (text, s) in enumerate(plans[:2])]
         first = iter(tickets[0])
         got = [[next(first)]]  # the first two are generating now
-        (t, m), s = prompts[2], plans[2][1]
-        tickets.append(scheduler.submit(GenerationRequest(t, m, s.temperature, s.topk, s.seed, s.max_frames, "v2")))
+        text, s = plans[2]
+        tickets.append(scheduler.submit(request(engine, text, s, s.seed, "v2", context=voice)))
         got[0] += list(first)
         got += [list(ticket) for ticket in tickets[1:]]
         stats = scheduler.stats()
@@ -385,6 +385,6 @@ def test_visitors_with_the_same_voice_share_its_prefill_while_the_first_still_ge
     for frames, expected in zip(got, want, strict=True):
         assert torch.equal(torch.stack(frames, dim=1), expected)
     voice_positions = engine.segment_positions(voice[0])
-    sizes = [t.size(0) for t, _ in prompts]
+    sizes = [engine.build_prompt(text, 0, voice)[0].size(0) for text, _ in plans]
     assert stats["prefilled_positions"] <= sizes[0] + sum(n - voice_positions for n in sizes[1:])
     assert engine.prefix.hits >= 2
