@@ -1189,11 +1189,7 @@ def build_demo(studio: Studio):
                                          api_name="import_profile"))
         refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
-        # On typing only (`input`, not `change`): a draft restored on reload, an opened project and a reopened
-        # rendering set the script together with their own map, and a fill triggered by that script change
-        # read the map from before it; under load that fill came last and a reload lost a voice chosen
-        # as "(none)" (test_browser: the reload test failed once in a full run).
-        script.input(fill_mapping, [key, script, mapping], [mapping], api_name=False)
+        script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
         for block in draft_inputs:
             block.change(save_draft, [key, drafts, *draft_inputs], [drafts], api_name=False, queue=False,
                          show_progress="hidden")

@@ -171,6 +171,18 @@ def test_the_speaker_map_follows_the_library(app_url, page, tmp_path):
     expect(alice).to_have_value(CHOOSE)
 
 
+def test_a_speaker_typed_into_the_script_gets_a_voice_row(app_url, page, tmp_path):
+    """Typing a script with speakers the page has not seen yet redraws the map: a row per new speaker,
+    with the saved voice of the same name chosen, and the default script's speakers gone."""
+    _open(page, app_url)
+    _save_voice(page, tmp_path, "Dora")
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Dora: First line.\nEve: Second line.")
+    expect(page.get_by_label("Voice for Dora")).to_have_value("Dora", timeout=20_000)
+    expect(page.get_by_label("Voice for Eve")).to_have_value(CHOOSE)
+    expect(page.get_by_label("Voice for Alice")).to_have_count(0)
+
+
 def _choose(page, label: str, option: str):
     """Pick `option` in the dropdown labelled `label` (Gradio's dropdown is a combobox with a list)."""
     box = page.get_by_label(label)
