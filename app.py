@@ -586,27 +586,43 @@ def build_demo(studio: Studio):
         except CsmError as e:
             fail(e)
 
-    def follow_library(key, script, table, renamed=None):
-        """The mapping after the library changed (a rename followed once), and the rename consumed."""
-        return fill_mapping(key, script, table, renamed), None
+    def follow_library(key, script, choices, renamed=None):
+        """The mapping and its choices after the library changed (a rename followed once), and the
+        rename consumed."""
+        if renamed:
+            choices = {spk: renamed.get(c, c) for spk, c in (choices or {}).items()}
+        return *fill_mapping(key, script, choices), None
 
     # ---- script ---------------------------------------------------------------------------
-    def fill_mapping(key, script, table=None, renamed=None):
-        """One row per script speaker: the profile already chosen in the table if it still exists, or
-        (none) if that was chosen (so edits to the script, the library, or an opened project keep the
-        map; `renamed` old -> new name follows a rename), else the same-name profile, else "" (no voice
-        chosen yet: Render asks first)."""
+    # The map's cells also live in `voice_choices`, a server-side State (speaker_key -> cell), written
+    # by every handler that sets the map (a fill, a dropdown, a restored draft, an opened project, a
+    # reopened rendering, a rename) in the same answer. The fills read it, not the map's table: a
+    # table is read when its event is sent, so a fill sent before a choice (or before a restored map
+    # had landed) and answered after it put the old map back; a State is read when the fill runs.
+    MAX_CHOICES = 64  # speakers remembered per page (a script has at most a few dozen)
+
+    def choices_of(rows) -> dict[str, str]:
+        """speaker_key -> cell for map rows [[speaker, cell], ...] (the last MAX_CHOICES)."""
+        out = {speaker_key(cell(r[0])): cell(r[1]) for r in rows or [] if len(r) >= 2 and cell(r[0])}
+        return dict(list(out.items())[-MAX_CHOICES:])
+
+    def fill_mapping(key, script, choices=None):
+        """The map's rows and choices: one row per script speaker, the profile already in its cell if it
+        still exists, or (none) if that was chosen (so edits to the script, the library, or an opened
+        project keep the map), else the same-name profile, else "" (no voice chosen yet: Render asks
+        first). Speakers that left the script keep their cells in the choices, should they come back."""
         try:
             voices = studio.default_voices(key, script)
             names = set(studio.profile_names(key))
         except CsmError:
-            return gr.skip()
-        chosen = {speaker_key(spk): (renamed or {}).get(c, c) for spk, c in mapping_cells(table).items()}
+            return gr.skip(), gr.skip()
         rows = []
         for spk, default in voices.items():
-            c = chosen.get(speaker_key(spk), "")
+            c = (choices or {}).get(speaker_key(spk), "")
             rows.append([spk, c if c == NONE or c in names else default or ""])
-        return rows
+        now = choices_of(rows)
+        kept = {k: c for k, c in (choices or {}).items() if k not in now}
+        return rows, dict(list({**kept, **now}.items())[-MAX_CHOICES:])
 
     def speaker_map(table, voices_table):
         """The Script tab's speaker map: a voice dropdown per script speaker, choices from the library."""
@@ -619,11 +635,14 @@ def build_demo(studio: Studio):
         for spk, value in rows.items():
             box = gr.Dropdown(choices=choices, value=value if value == NONE or value in names else "",
                               label=f"Voice for {spk}", interactive=True, min_width=160)
-            box.input(partial(set_voice, spk), [mapping, box], [mapping], api_name=False, queue=False,
-                      show_progress="hidden")
+            box.input(partial(set_voice, spk), [mapping, box, voice_choices], [mapping, voice_choices],
+                      api_name=False, queue=False, show_progress="hidden")
 
-    def set_voice(speaker, table, value):
-        return [[spk, value if spk == speaker else c] for spk, c in mapping_cells(table).items()]
+    def set_voice(speaker, table, value, choices):
+        value = cell(value)
+        rows = [[spk, value if spk == speaker else c] for spk, c in mapping_cells(table).items()]
+        chosen = {k: c for k, c in (choices or {}).items() if k != speaker_key(speaker)}
+        return rows, dict(list({**chosen, speaker_key(speaker): value}.items())[-MAX_CHOICES:])
 
     def without_voice(voices, table) -> list[str]:
         """The speakers that would be rendered without a reference voice although nobody chose (none)."""
@@ -889,7 +908,7 @@ def build_demo(studio: Studio):
         note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
         return (*tab_values(project.script, project.voices, c), note, *rendered[1:6], project.voices,
                 *library_view(key),
-                *rendered[6:])
+                *rendered[6:], choices_of(tab_values(project.script, project.voices, c)[1]))
 
     def tab_values(script_text, voices, c: RenderConfig) -> tuple:
         """The Script tab's script, speaker map and settings for a project or a rendering."""
@@ -907,7 +926,7 @@ def build_demo(studio: Studio):
         except CsmError as e:
             fail(e)
         return (*tab_values(script_text, voices, c), f"Reopened the last rendering: {rendered[0]}",
-                *rendered[1:6], voices, *rendered[6:])
+                *rendered[1:6], voices, *rendered[6:], choices_of(tab_values(script_text, voices, c)[1]))
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
@@ -994,13 +1013,19 @@ def build_demo(studio: Studio):
         """The draft this browser kept for this library; each value checked as if typed (else left)."""
         draft = drafts.get(key) if isinstance(drafts, dict) and isinstance(key, str) else None
         if not isinstance(draft, list) or len(draft) != len(draft_inputs):
-            return [gr.skip()] * len(draft_inputs)
-        out = []
+            return [gr.skip()] * (len(draft_inputs) + 1)
+        out, choices = [], gr.skip()
         for block, value in zip(draft_inputs, draft):
             if block is mapping:
                 value = {"headers": ["speaker", "profile"], "data": value}
-            out.append(gr.skip() if argument_problem(block, value) else value["data"] if block is mapping else value)
-        return out
+            if argument_problem(block, value):
+                out.append(gr.skip())
+            elif block is mapping:
+                out.append(value["data"])
+                choices = choices_of(value["data"])
+            else:
+                out.append(value)
+        return [*out, choices]
 
     def init_key(saved):
         key = saved if isinstance(saved, str) and LIBRARY_KEY.fullmatch(saved) else new_library_key()
@@ -1118,6 +1143,7 @@ def build_demo(studio: Studio):
             ask, dont_ask = gr.State(False), gr.State(True)  # render_script's `asked`
         transcript_for = gr.State(None)  # the profile whose transcript the box holds (None: not loaded)
         renamed = gr.State(None)  # the last rename, old -> new name, for the speaker map to follow
+        voice_choices = gr.State({})  # the voices chosen on this page: see fill_mapping
 
         with gr.Tab("Quick"):
             q_text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
@@ -1157,18 +1183,16 @@ def build_demo(studio: Studio):
         def library_changed(event, follow_rename: bool = False):
             """After the library changed: the Quick tab's choices, then the speaker map."""
             event = event.then(profile_choices, [key, q_profile], [q_profile], api_name=False)
-            inputs = [key, script, mapping, renamed] if follow_rename else [key, script, mapping]
-            return event.then(follow_library, inputs, [mapping, renamed], api_name=False)
+            inputs = [key, script, voice_choices, renamed] if follow_rename else [key, script, voice_choices]
+            return event.then(follow_library, inputs, [mapping, voice_choices, renamed], api_name=False)
 
         draft_inputs = [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes]
         demo.load(init_key, [saved_key], [key, saved_key], api_name=False).then(  # page set-up: not API endpoints
-            restore_draft, [key, drafts], draft_inputs, api_name=False, queue=False).then(
+            restore_draft, [key, drafts], [*draft_inputs, voice_choices], api_name=False, queue=False).then(
             list_profiles, [key], [library, chosen], api_name=False).then(
             profile_choices, [key], [q_profile], api_name=False).then(
-            # with the map restore_draft gave it: without it, this filled the map afresh and, when it came after
-            # the restored script's own fill, a reload lost the voices chosen (a race seen under load)
-            fill_mapping, [key, script, mapping], [mapping], api_name=False).then(status, [key], [status_md],
-                                                                              api_name=False)
+            fill_mapping, [key, script, voice_choices], [mapping, voice_choices], api_name=False).then(
+            status, [key], [status_md], api_name=False)
 
         library_changed(save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
                                        api_name="add_profile"))
@@ -1189,7 +1213,7 @@ def build_demo(studio: Studio):
                                          api_name="import_profile"))
         refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
 
-        script.change(fill_mapping, [key, script, mapping], [mapping], api_name=False)
+        script.change(fill_mapping, [key, script, voice_choices], [mapping, voice_choices], api_name=False)
         for block in draft_inputs:
             block.change(save_draft, [key, drafts, *draft_inputs], [drafts], api_name=False, queue=False,
                          show_progress="hidden")
@@ -1228,10 +1252,11 @@ def build_demo(studio: Studio):
         open_event = open_file.upload(
             open_project, [key, open_file],
             [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
-             files, manifest, context_view, last_result, last_voices, library, chosen, *shown[6:]],
+             files, manifest, context_view, last_result, last_voices, library, chosen, *shown[6:], voice_choices],
             api_name="open_project")
         reopen_btn.click(reopen_last, [key], [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                                              *shown[:6], last_voices, *shown[6:]], api_name="reopen_last")
+                                              *shown[:6], last_voices, *shown[6:], voice_choices],
+                     api_name="reopen_last")
         library_changed(open_event)
         q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
                     api_name="say", concurrency_id="gpu")

@@ -183,6 +183,39 @@ def test_a_speaker_typed_into_the_script_gets_a_voice_row(app_url, page, tmp_pat
     expect(page.get_by_label("Voice for Alice")).to_have_count(0)
 
 
+# every queued event (a refill of the speaker map, a render) reaches the server 3 s after the page
+# sent it, as on a slow link or behind a busy queue; quick events (a chosen voice) are not held
+LATE_QUEUE_JS = """(() => {
+  const send = window.fetch;
+  window.fetch = async (url, ...rest) => {
+    if (String(url).includes("/queue/join")) await new Promise(r => setTimeout(r, 3000));
+    return send(url, ...rest);
+  };
+})();"""
+
+
+def test_a_voice_chosen_while_the_map_is_refilled_is_kept(app_url, page):
+    """A refill of the speaker map sent before a voice was chosen (an edit of the script), or before a
+    reload's draft was back, and answered after it, must not put the earlier map back: the fills read
+    the choices when they run, not when the page sent them (with the table as sent, Bob's (none)
+    went back to "choose a voice" here, and a reload then lost it too)."""
+    page.add_init_script(LATE_QUEUE_JS)
+    _open(page, app_url, 1440, 900)
+    page.get_by_role("tab", name="Script").click()
+    expect(page.get_by_label("Voice for Bob")).to_be_visible(timeout=30_000)  # the set-up chain, held too
+    page.wait_for_timeout(4000)  # its last answers have landed
+    page.get_by_label("Script", exact=True).fill("Alice: Still here.\nBob: Me too.")  # the same speakers
+    _choose(page, "Voice for Bob", "(none) no reference voice")  # while the refill is held
+    page.wait_for_timeout(5000)  # the refill has landed
+    expect(page.get_by_label("Voice for Bob")).to_have_value("(none) no reference voice")
+    page.reload()
+    expect(page.get_by_label("Profile", exact=True)).to_be_attached()
+    page.get_by_role("tab", name="Script").click()
+    expect(page.get_by_label("Script", exact=True)).to_have_value("Alice: Still here.\nBob: Me too.")
+    page.wait_for_timeout(8000)  # the restored script's refill and the set-up chain's, both held
+    expect(page.get_by_label("Voice for Bob")).to_have_value("(none) no reference voice")
+
+
 def _choose(page, label: str, option: str):
     """Pick `option` in the dropdown labelled `label` (Gradio's dropdown is a combobox with a list)."""
     box = page.get_by_label(label)
