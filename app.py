@@ -30,7 +30,7 @@ from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine, omp
 from csm_multi.config import MAX_SEED
 from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
-from csm_multi.profiles import clean_name
+from csm_multi.profiles import MAX_NAME_CHARS, clean_name
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
 from csm_multi.script import speaker_key
 from csm_multi.settings import engine_flags, setting
@@ -640,6 +640,8 @@ def build_demo(studio: Studio):
 
     def set_voice(speaker, table, value, choices):
         value = cell(value)
+        if len(value) > MAX_NAME_CHARS:  # no profile has such a name: kept as "no voice chosen", not stored
+            value = ""
         rows = [[spk, value if spk == speaker else c] for spk, c in mapping_cells(table).items()]
         chosen = {k: c for k, c in (choices or {}).items() if k != speaker_key(speaker)}
         return rows, dict(list({**chosen, speaker_key(speaker): value}.items())[-MAX_CHOICES:])

@@ -93,7 +93,8 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
                    help="cuda or cpu (env CSM_DEVICE; default: cuda when available)")
     p.add_argument("--quantize", default=setting("quantize"), choices=["none", "int8", "int4"],
                    help="int8: int8 weights on CPU, ~4x faster per frame at csm-1b size; int4: int4 weights on "
-                        "ONNX Runtime (pip install onnxruntime onnx), converted once and cached in "
+                        "ONNX Runtime (less memory than int8, not faster on a 2-core AVX2 CPU; pip install "
+                        "onnxruntime onnx), converted once and cached in "
                         "~/.cache/csm-multi/int4 or $CSM_INT4_CACHE (env CSM_QUANTIZE)")
     p.add_argument("--prefix-cache-mb", type=int, default=setting("prefix_cache_mb"),
                    help="memory for the backbone state of finished prompts, reused by prompts that start the same "
