@@ -304,7 +304,13 @@ def run(preset: str, device: str, dtype: str, batches: list[int], frames: int, w
 
         del model
         timers = {}
-        for mode in ("int8", "int4") if quantize == "int4" else (quantize,):  # int4 is timed beside int8
+        # int4 and bf16 are timed beside int8, bf16 also beside float32 (its rival as the CPU default)
+        modes = {"int4": ("int8", "int4"), "bf16": ("none", "int8", "bf16")}.get(quantize, (quantize,))
+        for mode in modes:
+            if mode == "none":
+                model = pack_linears(fuse_layers(_random_model(config, seed)))
+                timers.update(ours("ours (eager, in the rounds of the modes below)"))
+                continue
             model = quantize_model(fuse_layers(_random_model(config, seed)), mode)
             timers.update({**ours(None), **floor()})
         if hf is not None:
@@ -354,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="CPU: also time int8 weights (ours and transformers, same scheme); int4: ours with "
-                        "int4 weights too, in the same rounds as int8 (transformers stays int8)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "bf16"],
+                   help="CPU: also time int8 weights (ours and transformers, same scheme); int4 or bf16: ours with "
+                        "those weights too, in the same rounds as int8 (transformers stays int8)")
     p.add_argument("--fuse", action="store_true",
                    help="CUDA: our rows with fused layers (fused.py; always on for CPU)")
     p.add_argument("--rounds", type=int, default=3,

@@ -110,7 +110,7 @@ def build(preset: str, mode: str, seed: int = 0, watermark: bool = True) -> Engi
     from .quant import quantize
 
     model = fuse_layers(_random_model(get_preset(preset), seed))
-    if mode in ("int8", "int4"):
+    if mode in ("int8", "int4", "bf16"):
         quantize(model, mode)
     elif mode == "fp32":
         pack_linears(model)
@@ -267,7 +267,7 @@ def app_case(mode: str, line_s: float, voice_s: float, rounds: int = 1, watermar
     with tempfile.TemporaryDirectory(prefix="csm-e2e-app-") as scratch:
         root = Path(scratch)
         clip = _reference_clip(root / "voice.wav", voice_s)
-        quantize = None if mode == "fp32" else mode
+        quantize = "none" if mode == "fp32" else mode  # "none": float32 even where the app's auto picks bf16
         with AppServer(root / "profiles", root / "tmp", model=APP_MODELS[preset], quantize=quantize,
                        watermark=watermark) as server:
             client = Client(server.url, verbose=False, httpx_kwargs={"timeout": timeout_s}, download_files=False)
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m csm_multi.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny preset, short lines, one round (CI)")
     p.add_argument("--preset", default="csm-1b")
-    p.add_argument("--modes", nargs="+", default=["int8"], choices=["fp32", "int8", "int4"])
+    p.add_argument("--modes", nargs="+", default=["int8"], choices=["fp32", "int8", "int4", "bf16"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--line-s", type=float, default=None,
                    help="seconds of audio per line (random weights never end early; default 2.4, --quick 0.8)")

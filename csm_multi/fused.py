@@ -126,33 +126,58 @@ def fuse_layers(model: CSM) -> CSM:
 
 
 class PackedLinear(nn.Module):
-    """A bias-free float32 Linear run by oneDNN (PyTorch's mkldnn ops) on a weight reordered once
-    into oneDNN's blocked layout. On CPU, PyTorch's default path (MKL sgemm) is slow on AMD
-    processors and for a few rows at a time; this one read ~19 GB/s against 11.5 for batch 1 and
-    4.3x faster at batch 4 on the project's 2-core EPYC (bench/README). Same values up to float
-    rounding. x (..., in_features) -> (..., out_features).
+    """A bias-free Linear run by oneDNN (PyTorch's mkldnn ops) on a weight reordered once into
+    oneDNN's blocked layout. On CPU, PyTorch's default path (MKL sgemm) is slow on AMD processors
+    and for a few rows at a time; this one read ~19 GB/s against 11.5 for batch 1 and 4.3x faster
+    at batch 4 on the project's 2-core EPYC (bench/README). float32 x (..., in_features) ->
+    float32 (..., out_features).
+
+    `dtype` float32 (default): the same values as F.linear up to float rounding. bfloat16: the
+    weight is kept in bf16 (half the bytes to read) and the input rounded to bf16 for the product,
+    which oneDNN accumulates in float32 and rounds to bf16 (`--quantize bf16`; fast only where the
+    CPU multiplies bf16 natively: `bf16_native`).
     """
 
-    def __init__(self, weight: torch.Tensor):  # (out_features, in_features)
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32):  # (out_features, in_features)
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()),
+        self.dtype = dtype
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous()),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if self.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "").float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {str(self.dtype)[6:]} oneDNN"
 
 
-def onednn_works() -> bool:
-    """Whether this PyTorch build has the packed oneDNN linear and it computes what F.linear does."""
+def onednn_works(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has the packed oneDNN linear for `dtype` weights and it computes what
+    F.linear does (to float rounding; to bf16's for bfloat16)."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
         gen = torch.Generator().manual_seed(0)
         w, x = torch.randn(24, 40, generator=gen), torch.randn(3, 2, 40, generator=gen)
-        return torch.allclose(PackedLinear(w)(x), F.linear(x, w), rtol=1e-4, atol=1e-5)
+        got, want = PackedLinear(w, dtype)(x), F.linear(x, w)
+        if dtype == torch.float32:
+            return torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        return bool((got - want).norm() <= 2e-2 * want.norm())  # bf16 rounds inputs and weights: ~0.4% here
     except (RuntimeError, AttributeError, NotImplementedError):  # a build or CPU without these kernels
         return False
+
+
+def bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), where bf16 products run
+    at memory speed; elsewhere oneDNN emulates them and `--quantize bf16` is slower than float32."""
+    cpu = getattr(torch._C, "_cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu is not None else False
 
 
 MIN_PACKED = 2**20  # weights below this many elements stay on PyTorch's product: oneDNN's call costs
@@ -160,19 +185,20 @@ MIN_PACKED = 2**20  # weights below this many elements stay on PyTorch's product
 # csm-1b matrix is at least 1024 x 1024; the tiny preset's are all smaller.
 
 
-def pack_linears(model: CSM, min_elements: int | None = None) -> CSM:
+def pack_linears(model: CSM, min_elements: int | None = None, dtype: torch.dtype = torch.float32) -> CSM:
     """Swap each float32 `nn.Linear` of a CPU model (layers, projection, codebook-0 head) with at
     least `min_elements` (default `MIN_PACKED`) weights for a `PackedLinear`, and give the stacked
     codebook heads 1..K-1 packed copies in `model.codebook_heads` (as `quant.quantize` does with int8).
 
     In place; the last step before generating (after `fuse_layers`; int8 models are left as they
     are). `model.packed` says whether anything was packed: where oneDNN is missing or wrong, or
-    every matrix is small, the model is left unchanged.
+    every matrix is small, the model is left unchanged. `dtype` bfloat16 keeps the packed weights in
+    bf16 (`quant.quantize(model, "bf16")` calls it so).
     """
     if model.packed or model.quantization != "none":
         return model
     p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not onednn_works():
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not onednn_works(dtype):
         return model
     min_elements = MIN_PACKED if min_elements is None else min_elements
     with torch.no_grad():
@@ -180,8 +206,8 @@ def pack_linears(model: CSM, min_elements: int | None = None) -> CSM:
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and child.bias is None and child.weight.numel() >= min_elements and (
                         parent is not model or name in ("projection", "codebook0_head")):
-                    setattr(parent, name, PackedLinear(child.weight))
+                    setattr(parent, name, PackedLinear(child.weight, dtype))
         if model.audio_head[0].numel() >= min_elements:
-            model.codebook_heads = nn.ModuleList(PackedLinear(head.t()) for head in model.audio_head.detach())
+            model.codebook_heads = nn.ModuleList(PackedLinear(head.t(), dtype) for head in model.audio_head.detach())
     model.packed = any(isinstance(m, PackedLinear) for m in model.modules())
     return model

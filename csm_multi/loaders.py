@@ -262,19 +262,20 @@ def _device(name: str) -> torch.device:
 
 
 @omp.released  # the main thread's OpenMP pool is not kept after loading (omp.py)
-def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb: int | None = None,
+def build_engine(model: str = "auto", *, quantize: str = "auto", prefix_cache_mb: int | None = None,
                  **kwargs) -> Engine:
     """Build a ready Engine (arguments: see `_build_engine`). On CPU the layers are fused and
     float32 products run on oneDNN (`fused.py`); quantize="int8" gives the CPU model int8
     weights instead (`quant.py`), quantize="int4" int4 ones on ONNX Runtime (`int4.py`: converted
     once, then read from its cache; an ImportError naming the pip command when onnxruntime is
-    missing). `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off, None: the engine's
-    default)."""
+    missing), quantize="bf16" bf16 ones on oneDNN. "auto" (default) is `auto_quantize`'s choice:
+    bf16 on a CPU that multiplies it natively for a csm-1b-sized model, else "none" (float32).
+    `prefix_cache_mb` bounds the prefix cache (`prefix.py`; 0: off, None: the engine's default)."""
     from .fused import fuse_layers, pack_linears
     from .quant import MODES, quantize as quantize_model
 
-    if quantize not in MODES:
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)}")
+    if quantize not in MODES and quantize != "auto":
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of auto, {', '.join(MODES)}")
     if prefix_cache_mb is not None and (isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int)
                                         or prefix_cache_mb < 0):
         raise ValueError(f"the prefix cache size (--prefix-cache-mb, CSM_PREFIX_CACHE_MB) must be a whole number "
@@ -282,6 +283,11 @@ def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb
     engine = _build_engine(model, **kwargs)
     if engine.device.type == "cpu":  # same results, fewer ops (fused.py); CUDA runs one graph per frame
         fuse_layers(engine.model)
+    if quantize == "auto":
+        quantize = auto_quantize(engine.model)
+        if quantize != "none":
+            log.info("this CPU multiplies bf16 natively: weight products in bf16, float32 elsewhere "
+                     "(--quantize bf16; --quantize none for float32 throughout)")
     if quantize != "none":
         quantize_model(engine.model, quantize)
         engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"
@@ -290,6 +296,21 @@ def build_engine(model: str = "auto", *, quantize: str = "none", prefix_cache_mb
     if prefix_cache_mb is not None:
         engine.prefix.max_bytes = prefix_cache_mb << 20
     return engine
+
+
+def auto_quantize(model) -> str:
+    """The default CPU mode for `model`: "bf16" where the CPU multiplies bf16 in hardware, oneDNN has
+    the product, and the model has csm-1b-sized matrices (at least `fused.MIN_PACKED` weights: there
+    the products are bound by the bytes they read, halved in bf16); else "none" (float32). bf16
+    products move csm-1b's logits less than the whole model in bf16 does (README, CPU modes), within
+    the issue's rule for a default (at most 2x bf16's error); small models gain nothing from it."""
+    from .fused import MIN_PACKED, bf16_native, onednn_works
+
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not bf16_native():
+        return "none"
+    large = any(isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PACKED for m in model.modules())
+    return "bf16" if large and onednn_works(torch.bfloat16) else "none"
 
 
 def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device: str | None = None,

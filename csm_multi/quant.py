@@ -1,4 +1,5 @@
-"""Weight quantization for CPU inference: int8 weights, activations quantized per call; or int4.
+"""Weight quantization for CPU inference: int8 weights, activations quantized per call; or int4; or
+bf16 weights (`fused.PackedLinear` in bfloat16: for CPUs that multiply bf16 natively).
 
 One job: turn a float CSM's `nn.Linear` layers into int8 ones (here) or int4 ones (`int4.py`:
 ONNX Runtime's blockwise MatMulNBits, converted weights cached on disk). Knows no loop.
@@ -26,11 +27,14 @@ from torch import nn
 
 from .model import CSM
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "bf16")
 
 
 def quantize(model: CSM, mode: str = "int8", *, cache: str | None = None) -> CSM:
-    """Quantize `model` in place for CPU inference (mode "int8" or "int4"; "none" returns it unchanged).
+    """Quantize `model` in place for CPU inference (mode "int8", "int4" or "bf16"; "none" returns it
+    unchanged). "bf16": every weight product's matrix in bfloat16 on oneDNN (`fused.PackedLinear`),
+    activations rounded to bf16 for the products only; embeddings, norms, attention, the KV cache and
+    sampling stay float32. A RuntimeError where this PyTorch has no oneDNN bf16 product.
 
     The model must be float32 on the CPU. Its KV caches are dropped (re-made on next use). "int4"
     needs onnxruntime and onnx (`int4.BackendMissing`, an ImportError, says how to install them);
@@ -52,6 +56,13 @@ def quantize(model: CSM, mode: str = "int8", *, cache: str | None = None) -> CSM
         from .int4 import int4_model
 
         int4_model(model, cache)
+    elif mode == "bf16":
+        from .fused import pack_linears
+
+        pack_linears(model, min_elements=0, dtype=torch.bfloat16)
+        if not model.packed:
+            raise RuntimeError("--quantize bf16 needs PyTorch's oneDNN bf16 products, which this build or CPU lacks: "
+                               "use --quantize none (float32) or int8")
     else:
         int8_linears(model, ("backbone", "decoder", "projection", "codebook0_head"))
         model.codebook_heads = int8_heads(model.audio_head.detach())

@@ -295,7 +295,7 @@ def run(clients: int = 20, requests: int = 1, line_s: float = 1.0, clip_s: float
 
 def _engine_label(engine: dict | None) -> dict:
     engine = engine or {}
-    return {"model": engine.get("model", "tiny"), "quantize": engine.get("quantize") or "none",
+    return {"model": engine.get("model", "tiny"), "quantize": engine.get("quantize") or "auto",  # the app's default
             "watermark": bool(engine.get("watermark", False))}
 
 
@@ -390,7 +390,7 @@ def _median(values):
 def format_report(r: dict) -> str:
     batch = "app default" if r.get("max_batch") is None else r["max_batch"]
     eng = r.get("engine") or _engine_label(None)
-    model = eng["model"] + (f" {eng['quantize']}" if eng["quantize"] != "none" else "") + \
+    model = eng["model"] + (f" {eng['quantize']}" if eng["quantize"] not in ("none", "auto") else "") + \
         (", watermark on" if eng["watermark"] else "")
     n = r.get("lines", 1)
     lines = [f"csm-multi stress: {r['clients']} clients x {r['requests_per_client']} render(s) of {n} "
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="with --compare: rounds, the two apps visited in turn")
     p.add_argument("--model", default="tiny",
                    help="the app's --model (default tiny; csm-1b-random: csm-1b's size and cost, random weights)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], help="the app's --quantize (default: the app's)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], help="the app's --quantize (default: the app's)")
     p.add_argument("--watermark", action="store_true", help="leave the app's watermark on (default: off)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import SamplingConfig
 from csm_multi.engine import Engine
 from csm_multi.frames import text_frames
+from csm_multi.fused import PackedLinear, fuse_layers, onednn_works
 from csm_multi.model import StaticKVCache
 from csm_multi.quant import quantize
 from csm_multi.text import ByteTokenizer
@@ -112,3 +113,88 @@ def test_build_engine_quantizes_on_request_and_says_so(capsys):
         build_engine("tiny", device="cpu", watermark=False, quantize="int2")
     assert cli.main(["info", "--model", "tiny", "--no-watermark", "--quantize", "int8"]) == 0
     assert "int8 weights" in capsys.readouterr().out
+
+
+# ---- bf16 products (`--quantize bf16`) ----------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not onednn_works(torch.bfloat16), reason="no oneDNN bf16 product in this PyTorch/CPU")
+
+
+@torch.inference_mode()
+def _first_frame(model):
+    """The first frame's backbone state, codebook-0 logits and codebook 1..K-1 logits for one prompt."""
+    tokens, mask = text_frames([128000, *b"[0]Hello there.", 128001], model.config.audio_num_codebooks)
+    tokens, mask = tokens[None], mask[None]
+    model.setup_caches(1)
+    model.reset_caches()
+    h = model.backbone_step(tokens, mask, torch.arange(tokens.size(1))[None])
+    model.decoder.reset_caches()
+    d = model.decoder_step(torch.stack([h, h], 1), model.decoder_positions[:1, :2])
+    heads = torch.stack([model.codebook_logits(i, d) for i in range(1, model.config.audio_num_codebooks)])
+    return [t.float() for t in (h, model.codebook0_head(h), heads)]
+
+
+@needs_bf16
+def test_bf16_products_keep_the_rest_float32_and_move_the_logits_no_more_than_bf16(tiny_model):
+    q = quantize(fuse_layers(copy.deepcopy(tiny_model)), "bf16")
+    assert q.quantization == "bf16" and _linears(q) == []  # every product, small ones too
+    packed = [m for m in q.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * (q.config.backbone.num_layers + q.config.decoder.num_layers) + 2 + len(q.codebook_heads)
+    assert all(m.dtype == torch.bfloat16 for m in packed)
+    assert q.audio_head.dtype == torch.float32 and torch.equal(q.text_embeddings.weight, tiny_model.text_embeddings.weight)
+    ref = _first_frame(tiny_model)
+    bar = _first_frame(copy.deepcopy(tiny_model).to(torch.bfloat16))  # the whole model in bf16: the bar
+    got = _first_frame(q)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    for name, r, b, g in zip(("hidden state", "codebook 0", "codebooks 1..K-1"), ref, bar, got):
+        assert g.dtype == torch.float32, name
+        assert 0 < rel(g, r) <= 2 * rel(b, r), name  # bf16 rounding shows, and no more than bf16's
+
+
+@needs_bf16
+def test_bf16_engine_generates_the_same_codes_for_a_seed_and_says_so():
+    from csm_multi.loaders import build_engine
+
+    engine = build_engine("tiny", device="cpu", watermark=False, quantize="bf16")
+    assert engine.model.quantization == "bf16" and "bf16 weights" in engine.info.dtype
+    sampling = SamplingConfig(topk=20, seed=3, max_audio_length_ms=400)
+    utt, again = (engine.generate("Hi.", 0, sampling=sampling) for _ in range(2))
+    assert utt.codes.max() < 2048 and torch.equal(utt.codes, again.codes)
+    assert torch.isfinite(utt.audio).all() and utt.audio.numel() > 0
+
+
+def test_bf16_refuses_clearly_where_oneDNN_has_no_bf16_product(tiny_model, monkeypatch):
+    import csm_multi.fused as fused
+
+    monkeypatch.setattr(fused, "onednn_works", lambda dtype=torch.float32: dtype == torch.float32)
+    with pytest.raises(RuntimeError, match="--quantize bf16 needs .* use --quantize none"):
+        quantize(fuse_layers(copy.deepcopy(tiny_model)), "bf16")
+
+
+def test_auto_takes_bf16_only_for_large_matrices_on_a_cpu_that_multiplies_bf16(tiny_model, monkeypatch):
+    import csm_multi.fused as fused
+    from csm_multi.loaders import auto_quantize, build_engine
+
+    monkeypatch.setattr(fused, "bf16_native", lambda: True)
+    monkeypatch.setattr(fused, "onednn_works", lambda dtype=torch.float32: True)
+    assert auto_quantize(tiny_model) == "none"  # the tiny preset's products are too small to gain
+    monkeypatch.setattr(fused, "MIN_PACKED", 1)  # as if its matrices were csm-1b's
+    assert auto_quantize(tiny_model) == "bf16"
+    assert auto_quantize(copy.deepcopy(tiny_model).to(torch.bfloat16)) == "none"  # a bf16 model stays as it is
+    monkeypatch.setattr(fused, "bf16_native", lambda: False)  # AVX2 only: oneDNN would emulate bf16, slower
+    assert auto_quantize(tiny_model) == "none"
+    assert build_engine("tiny", device="cpu", watermark=False).model.quantization == "none"
+
+
+@needs_bf16
+def test_auto_builds_the_bf16_engine_where_it_applies_and_says_so(monkeypatch, caplog):
+    import csm_multi.fused as fused
+    from csm_multi.loaders import build_engine
+
+    monkeypatch.setattr(fused, "bf16_native", lambda: True)
+    monkeypatch.setattr(fused, "MIN_PACKED", 1)
+    with caplog.at_level("INFO", logger="csm_multi"):
+        engine = build_engine("tiny", device="cpu", watermark=False)
+    assert engine.model.quantization == "bf16" and "bf16 weights" in engine.info.dtype
+    assert "--quantize none for float32" in caplog.text
+    assert build_engine("tiny", device="cpu", watermark=False, quantize="none").model.quantization == "none"
