@@ -908,9 +908,8 @@ def build_demo(studio: Studio):
             fail(e)
         c = project.config
         note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
-        return (*tab_values(project.script, project.voices, c), note, *rendered[1:6], project.voices,
-                *library_view(key),
-                *rendered[6:], choices_of(tab_values(project.script, project.voices, c)[1]))
+        values = tab_values(project.script, project.voices, c)
+        return (*values, note, *rendered[1:6], project.voices, *library_view(key), *rendered[6:], choices_of(values[1]))
 
     def tab_values(script_text, voices, c: RenderConfig) -> tuple:
         """The Script tab's script, speaker map and settings for a project or a rendering."""
@@ -927,8 +926,9 @@ def build_demo(studio: Studio):
             rendered = _finished(result)
         except CsmError as e:
             fail(e)
-        return (*tab_values(script_text, voices, c), f"Reopened the last rendering: {rendered[0]}",
-                *rendered[1:6], voices, *rendered[6:], choices_of(tab_values(script_text, voices, c)[1]))
+        values = tab_values(script_text, voices, c)
+        return (*values, f"Reopened the last rendering: {rendered[0]}", *rendered[1:6], voices, *rendered[6:],
+                choices_of(values[1]))
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
