@@ -601,10 +601,13 @@ def build_demo(studio: Studio):
     # had landed) and answered after it put the old map back; a State is read when the fill runs.
     MAX_CHOICES = 64  # speakers remembered per page (a script has at most a few dozen)
 
+    def capped(choices: dict[str, str]) -> dict[str, str]:
+        """The last MAX_CHOICES entries (the most recently set)."""
+        return dict(list(choices.items())[-MAX_CHOICES:])
+
     def choices_of(rows) -> dict[str, str]:
-        """speaker_key -> cell for map rows [[speaker, cell], ...] (the last MAX_CHOICES)."""
-        out = {speaker_key(cell(r[0])): cell(r[1]) for r in rows or [] if len(r) >= 2 and cell(r[0])}
-        return dict(list(out.items())[-MAX_CHOICES:])
+        """speaker_key -> cell for map rows [[speaker, cell], ...]."""
+        return capped({speaker_key(cell(r[0])): cell(r[1]) for r in rows or [] if len(r) >= 2 and cell(r[0])})
 
     def fill_mapping(key, script, choices=None):
         """The map's rows and choices: one row per script speaker, the profile already in its cell if it
@@ -622,7 +625,7 @@ def build_demo(studio: Studio):
             rows.append([spk, c if c == NONE or c in names else default or ""])
         now = choices_of(rows)
         kept = {k: c for k, c in (choices or {}).items() if k not in now}
-        return rows, dict(list({**kept, **now}.items())[-MAX_CHOICES:])
+        return rows, capped({**kept, **now})
 
     def speaker_map(table, voices_table):
         """The Script tab's speaker map: a voice dropdown per script speaker, choices from the library."""
@@ -644,7 +647,7 @@ def build_demo(studio: Studio):
             value = ""
         rows = [[spk, value if spk == speaker else c] for spk, c in mapping_cells(table).items()]
         chosen = {k: c for k, c in (choices or {}).items() if k != speaker_key(speaker)}
-        return rows, dict(list({**chosen, speaker_key(speaker): value}.items())[-MAX_CHOICES:])
+        return rows, capped({**chosen, speaker_key(speaker): value})
 
     def without_voice(voices, table) -> list[str]:
         """The speakers that would be rendered without a reference voice although nobody chose (none)."""

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import FRAME_MS, get_preset
+from .config import FRAME_MS, QUANT_MODES, get_preset
 from .frames import text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps inside the CUDA graph")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "bf16"],
+    p.add_argument("--quantize", default="none", choices=QUANT_MODES,
                    help="CPU: also time int8 weights (ours and transformers, same scheme); int4 or bf16: ours with "
                         "those weights too, in the same rounds as int8 (transformers stays int8)")
     p.add_argument("--fuse", action="store_true",

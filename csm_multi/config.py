@@ -89,6 +89,7 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+QUANT_MODES = ("none", "int8", "int4", "bf16")  # CPU weight modes (quant.quantize); "none": float32
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping around
 
 

@@ -185,6 +185,15 @@ MIN_PACKED = 2**20  # weights below this many elements stay on PyTorch's product
 # csm-1b matrix is at least 1024 x 1024; the tiny preset's are all smaller.
 
 
+def large_products(model: CSM) -> bool:
+    """Whether some weight product of `model` is csm-1b-sized (CPU): a Linear of at least MIN_PACKED
+    weights, a packed oneDNN one, or quantized weights. There intra-op threads pay (the scheduler)
+    and the products are bound by the bytes they read (`loaders.auto_quantize`)."""
+    return model.quantization != "none" or any(
+        isinstance(m, PackedLinear) or (isinstance(m, nn.Linear) and m.weight.numel() >= MIN_PACKED)
+        for m in model.modules())
+
+
 def pack_linears(model: CSM, min_elements: int | None = None, dtype: torch.dtype = torch.float32) -> CSM:
     """Swap each float32 `nn.Linear` of a CPU model (layers, projection, codebook-0 head) with at
     least `min_elements` (default `MIN_PACKED`) weights for a `PackedLinear`, and give the stacked

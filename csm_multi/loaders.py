@@ -304,13 +304,12 @@ def auto_quantize(model) -> str:
     the products are bound by the bytes they read, halved in bf16); else "none" (float32). bf16
     products move csm-1b's logits less than the whole model in bf16 does (README, CPU modes), within
     the issue's rule for a default (at most 2x bf16's error); small models gain nothing from it."""
-    from .fused import MIN_PACKED, bf16_native, onednn_works
+    from .fused import bf16_native, large_products, onednn_works
 
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32 or not bf16_native():
         return "none"
-    large = any(isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PACKED for m in model.modules())
-    return "bf16" if large and onednn_works(torch.bfloat16) else "none"
+    return "bf16" if large_products(model) and onednn_works(torch.bfloat16) else "none"
 
 
 def _build_engine(model: str = "auto", *, checkpoint: str | None = None, device: str | None = None,

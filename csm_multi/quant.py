@@ -25,9 +25,10 @@ import warnings
 import torch
 from torch import nn
 
+from .config import QUANT_MODES
 from .model import CSM
 
-MODES = ("none", "int8", "int4", "bf16")
+MODES = QUANT_MODES
 
 
 def quantize(model: CSM, mode: str = "int8", *, cache: str | None = None) -> CSM:

@@ -44,6 +44,7 @@ import torch
 from . import omp
 from .errors import BusyError
 from .frames import is_eos
+from .fused import large_products
 from .generate import Sampler, depth_frame, next_frame_input
 from .model import CSM
 from .prefix import PrefixCache, fed_frames
@@ -178,7 +179,7 @@ class Scheduler:
         # fused.MIN_PACKED weights, else the process's setting. torch keeps the setting per thread, but a
         # thread that has not run a parallel op yet starts from the last value set anywhere: close() sets
         # the previous one again.
-        self.threads = threads or (torch.get_num_threads() if _large(model) else 1)
+        self.threads = threads or (torch.get_num_threads() if large_products(model) else 1)
         self._threads_before = torch.get_num_threads()
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
@@ -462,11 +463,3 @@ class Scheduler:
         return True
 
 
-def _large(model: CSM) -> bool:
-    """Whether some weight product of `model` is big enough for intra-op threads to pay (CPU): a
-    Linear of at least fused.MIN_PACKED weights, a packed oneDNN one, or int8 weights."""
-    from .fused import MIN_PACKED, PackedLinear
-
-    return model.quantization != "none" or any(
-        isinstance(m, PackedLinear) or (isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_PACKED)
-        for m in model.modules())

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import QUANT_MODES
+
 
 def default_profiles_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where voice libraries live unless CSM_PROFILES_DIR says otherwise: outside the working
@@ -91,7 +93,7 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
                    help="local checkpoint file/dir or hub repo instead of sesame/csm-1b (env CSM_CHECKPOINT)")
     p.add_argument("--device", default=setting("device"),
                    help="cuda or cpu (env CSM_DEVICE; default: cuda when available)")
-    p.add_argument("--quantize", default=setting("quantize"), choices=["auto", "none", "int8", "int4", "bf16"],
+    p.add_argument("--quantize", default=setting("quantize"), choices=["auto", *QUANT_MODES],
                    help="CPU weights. auto (default): bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 "
                         "or AMX) and the model is csm-1b-sized, else none (float32); bf16: bf16 weights and "
                         "products, float32 elsewhere (~1.8x float32's speed there, bf16's accuracy); int8: int8 "

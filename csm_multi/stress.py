@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .config import QUANT_MODES
+
 APP = Path(__file__).resolve().parents[1] / "app.py"
 ENDPOINTS = ("connect", "add_profile", "render_script", "list_profiles", "status")
 BUSY = "queue is full"
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="with --compare: rounds, the two apps visited in turn")
     p.add_argument("--model", default="tiny",
                    help="the app's --model (default tiny; csm-1b-random: csm-1b's size and cost, random weights)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], help="the app's --quantize (default: the app's)")
+    p.add_argument("--quantize", choices=QUANT_MODES, help="the app's --quantize (default: the app's)")
     p.add_argument("--watermark", action="store_true", help="leave the app's watermark on (default: off)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)

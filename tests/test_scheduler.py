@@ -302,17 +302,16 @@ def test_a_fast_mode_script_through_the_scheduler_renders_the_same_lines(engine)
 
 
 def test_the_loop_thread_uses_one_intra_op_thread_for_small_products_and_all_for_big_ones(codec):
-    from csm_multi.fused import pack_linears
-    from csm_multi.scheduler import _large
+    from csm_multi.fused import large_products, pack_linears
 
     small = CSM(get_preset("tiny")).init_random_(seed=1).eval()
-    assert not _large(small)
+    assert not large_products(small)
     with Scheduler(small) as scheduler:
         assert scheduler.threads == 1
     with Scheduler(small, threads=2) as scheduler:
         assert scheduler.threads == 2
     packed = pack_linears(fuse_layers(CSM(get_preset("tiny")).init_random_(seed=1).eval()), min_elements=0)
-    assert packed.packed and _large(packed)
+    assert packed.packed and large_products(packed)
     with Scheduler(packed) as scheduler:
         assert scheduler.threads == torch.get_num_threads()
 
