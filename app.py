@@ -32,7 +32,7 @@ from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
 from csm_multi.profiles import MAX_NAME_CHARS, clean_name
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
-from csm_multi.script import speaker_key
+from csm_multi.script import clean_utterance, speaker_key
 from csm_multi.settings import engine_flags, setting
 from csm_multi.studio import EXAMPLE_SCRIPT, LIBRARY_KEY, Studio, StudioLimits, new_library_key
 from csm_multi.takes import MAX_TAKES
@@ -936,7 +936,8 @@ def build_demo(studio: Studio):
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
         try:
-            if not (text or "").strip():
+            text = clean_utterance(text) if isinstance(text, str) else ""
+            if not text:
                 raise CsmError("Text: write some text to speak first")
             if len(text) > studio.limits.max_line_chars:
                 raise CsmError(f"Text: keep it under {studio.limits.max_line_chars} characters (use the Script tab for more)")
@@ -951,7 +952,7 @@ def build_demo(studio: Studio):
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
             chunks = []
-            for chunk in studio.engine.stream(text.strip(), speaker, context, sampling, StreamConfig(),
+            for chunk in studio.engine.stream(text, speaker, context, sampling, StreamConfig(),
                                               visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
                 yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"

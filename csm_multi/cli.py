@@ -33,7 +33,10 @@ def cmd_say(args) -> int:
     from .audio import load_audio, save_audio
     from .frames import Segment
 
-    if not args.text.strip():
+    from .script import clean_utterance
+
+    text = clean_utterance(args.text)  # control characters and undecodable bytes of argv dropped
+    if not text:
         raise CsmError("nothing to say: give the text to speak, e.g. say \"Hello there.\"")
     if args.speaker < 0:
         raise CsmError(f"--speaker must be 0 or more, got {args.speaker}")
@@ -45,10 +48,10 @@ def cmd_say(args) -> int:
         path, _, transcript = item.partition("=")
         if not transcript:
             raise CsmError(f"--context {item!r}: write it as PATH=TRANSCRIPT")
-        context.append(Segment(speaker=args.speaker, text=transcript, audio=load_audio(path)))
+        context.append(Segment(speaker=args.speaker, text=clean_utterance(transcript), audio=load_audio(path)))
     engine = _build(args)
     t0 = time.perf_counter()
-    utt = engine.generate(args.text, args.speaker, context, sampling)
+    utt = engine.generate(text, args.speaker, context, sampling)
     took = time.perf_counter() - t0
     out = save_audio(output, utt.audio)
     mark = "watermarked" if utt.watermarked else "NOT watermarked"

@@ -114,6 +114,10 @@ class Engine:
 
     # ---- prompts --------------------------------------------------------------------------
     def text_frames(self, text: str, speaker: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:  # no encoding can write them; the tokenizer would fail with a codec error
+            raise ValueError(f"text {text[:40]!r}: character {bad} is an unpaired surrogate, which is not text: "
+                             "remove it (csm_multi.script.clean_utterance drops them)")
         return text_frames(self.tokenizer.encode(format_text(speaker, text)), self.config.audio_num_codebooks)
 
     def segment_codes(self, segment: Segment) -> torch.Tensor:

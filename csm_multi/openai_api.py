@@ -39,6 +39,7 @@ from . import scheduler
 from .config import FRAME_MS, MAX_SEED, SAMPLE_RATE, SamplingConfig, StreamConfig
 from .errors import BusyError, ContextTooLongError, CsmError
 from .frames import Segment
+from .script import clean_utterance
 from .studio import LIBRARY_KEY, Studio
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,10 @@ def check_request(body: object, studio: Studio, models: tuple[str, ...]) -> Spee
     if req.model is not None and req.model not in models:
         raise ApiError(400, f"model: {req.model[:60]!r} is not served here; use {models[0]!r} "
                             f"(also accepted: {', '.join(models[1:])})", "model", "model_not_found")
-    text = req.input.strip()
+    text = clean_utterance(req.input)
     if not text:
-        raise ApiError(400, "input: write the text to speak (it is empty)", "input")
+        why = "it is empty" if not req.input.strip() else "it holds only control or invalid characters"
+        raise ApiError(400, f"input: write the text to speak ({why})", "input")
     if len(text) > lim.max_line_chars:
         raise ApiError(400, f"input: {len(text)} characters, the limit is {lim.max_line_chars} on this server: "
                             "split the text and ask for each part", "input", "string_above_max_length")

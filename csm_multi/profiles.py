@@ -69,7 +69,7 @@ from .audio import from_array, load_audio, load_upload, prepare_reference
 from .config import SAMPLE_RATE
 from .errors import AudioInputError, ProfileError
 from .frames import Segment
-from .script import drop_controls, speaker_key
+from .script import drop_controls, speaker_key, unreadable
 
 try:
     import fcntl
@@ -103,7 +103,8 @@ _SPACE_CONTROLS = "".join(c for c in map(chr, range(0x86)) if c.isspace() and un
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ENCODER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULES = (f"use 1-{MAX_NAME_CHARS} characters with at least one letter or digit, and no '/', '\\', "
-               "control characters or Windows device names (CON, PRN, AUX, NUL, COM1-9, LPT1-9)")
+               "control or invalid characters (unpaired surrogates) or Windows device names (CON, PRN, AUX, NUL, "
+               "COM1-9, LPT1-9)")
 
 AudioSource = str | Path | bytes | tuple  # a path, file bytes, or (samples, sample_rate)
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # (S,) float 24 kHz -> (K, T) codes
@@ -138,7 +139,7 @@ def clean_name(name: str) -> str:
     """Validate a display name; returns it stripped, inner whitespace collapsed. ProfileError if bad."""
     if not isinstance(name, str):
         raise ProfileError(f"a profile name must be text, got {type(name).__name__}")
-    if any(c in "/\\" or c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc" for c in name):
+    if any(c in "/\\" or c in _BIDI_CONTROLS or unreadable(c) for c in name):
         raise ProfileError(f"{quoted(name)} is not a valid profile name: {_NAME_RULES}")
     name = " ".join(name.split())
     if not name or name in (".", "..") or len(name) > MAX_NAME_CHARS or not any(c.isalnum() for c in name):

@@ -214,8 +214,8 @@ def _parse_line(line: str, previous: int) -> tuple[str, list[int | str]] | str:
         hint = f", or if this line continues line {previous}, join the two lines" if previous else ""
         return (f"the speaker name is {len(name)} characters, the limit is {MAX_NAME_CHARS} — use a shorter"
                 f" name{hint}")
-    if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name):
-        return f"the speaker name {name!r} contains control characters — retype the name"
+    if any(unreadable(c) or c in _BIDI_CONTROLS for c in name):
+        return f"the speaker name {name!r} contains control characters or invalid text — retype the name"
     if _PAUSE_OPEN.search(name):
         return f"the speaker name {name!r} holds a pause tag — put the pause in the text: `Name: [pause 1s] text`"
     said = _clean_text(rest)
@@ -291,5 +291,18 @@ def _clean_text(text: str) -> str:
 
 
 def drop_controls(text: str, keep: str = "") -> str:
-    """`text` without terminal escape sequences (ESC [ ... m) and control characters (but `keep`)."""
-    return "".join(c for c in _ANSI_ESCAPE.sub("", text) if c in keep or unicodedata.category(c) != "Cc")
+    """`text` without terminal escape sequences (ESC [ ... m), control characters (but `keep`) and
+    unpaired surrogates (not text at all: no encoding can write them, yet JSON can carry them and a
+    browser can send them)."""
+    return "".join(c for c in _ANSI_ESCAPE.sub("", text) if c in keep or not unreadable(c))
+
+
+def unreadable(c: str) -> bool:
+    """A control character or an unpaired surrogate: nothing to read or speak."""
+    return unicodedata.category(c) in ("Cc", "Cs")
+
+
+def clean_utterance(text: str) -> str:
+    """One utterance as every entry point hands it to the engine (Quick, the speech API): control
+    characters but tab and line breaks, and unpaired surrogates, dropped, as in a script; ends stripped."""
+    return drop_controls(text, keep="\t\n\r").strip()

@@ -1,8 +1,8 @@
 """Every API endpoint x every argument x hostile values, over plain HTTP against the running app.
 
 For each endpoint the app lists in `/gradio_api/info`, each argument in turn is left out, sent as
-null, as the wrong type, NaN, +-infinity, huge, empty, and with control characters, the others
-being a call that works. The answer is always either a result or an error whose message names
+null, as the wrong type, NaN, +-infinity, huge, empty, and with control characters and an unpaired
+surrogate, the others being a call that works. The answer is always either a result or an error whose message names
 that argument (by its API name or its label on the page) - never Gradio's message-less error -
 and afterwards the server still serves, nothing was written outside the profile store, and the
 process grew by less than MAX_GROWTH_MB.
@@ -72,7 +72,7 @@ def _hostile(value):
     huge = "x" * 200_000 if isinstance(value, str) else 1e308 if isinstance(value, (int, float)) else (
         {"headers": ["speaker", "profile"], "data": [["A", "B"]] * 100_000} if isinstance(value, dict)
         and "headers" in value else {"path": "x" * 100_000, "meta": {"_type": "gradio.FileData"}})
-    control = ("\x00\x1b[31m\u202e" + value) if isinstance(value, str) else "\x00\x07"
+    control = ("\x00\x1b[31m\u202e\ud800" + value) if isinstance(value, str) else "\x00\x07"
     return {"null": None, "wrong type": wrong, "NaN": NAN, "+inf": INF, "-inf": -INF, "huge": huge,
             "empty": "" if not isinstance(value, dict) else {}, "control characters": control}
 

@@ -86,6 +86,17 @@ def test_say_writes_a_wav(tmp_path, capsys):
     assert "NOT watermarked" in capsys.readouterr().out
 
 
+def test_say_drops_control_characters_and_undecodable_bytes_of_argv(tmp_path, capsys):
+    # a terminal in another encoding: Python hands undecodable argv bytes over as lone surrogates
+    plain, odd = tmp_path / "plain.wav", tmp_path / "odd.wav"
+    for text, out in (("Hello there.", plain), ("Hel\udcfflo \x1b[1mthere.\x00", odd)):
+        assert main(["say", text, "-o", str(out), "--model", "tiny", "--no-watermark", "--seed", "1",
+                     "--max-ms", "400"]) == 0
+    assert np.array_equal(sf.read(str(plain))[0], sf.read(str(odd))[0])
+    assert main(["say", "\udcff\x07", "-o", str(odd), "--model", "tiny"]) == 2
+    assert "nothing to say" in capsys.readouterr().err
+
+
 def test_unknown_speakers_are_listed_with_their_lines(tmp_path, capsys):
     script = tmp_path / "s.txt"
     script.write_text("Alice: Hi.\nZed: Who?\nBob: Yo.\nZed: again\n")

@@ -26,8 +26,10 @@ from csm_multi.audio import MAX_UPLOAD_S, load_audio, load_upload
 from csm_multi.cli import main as cli
 from csm_multi.errors import AudioInputError, ProfileError, ScriptError
 from csm_multi.profiles import PROFILE_FILE, REFERENCE_FILE, ProfileStore
-from csm_multi.script import parse_script
+from csm_multi.engine import Engine
+from csm_multi.script import clean_utterance, parse_script
 from csm_multi.studio import Studio
+from csm_multi.text import ByteTokenizer
 
 SR = 24_000
 
@@ -271,12 +273,27 @@ def test_script_control_characters_and_right_to_left_text():
     assert [(line.speaker, line.text) for line in lines] == [
         ("אליס", "שלום עולם"), ("علي", "مرحبا بك"), ("Bob", "hello there")]
     for name in ("Al\x1bice", "\u202eecilA", "A\x00"):
-        with pytest.raises(ScriptError, match="control characters — retype"):
+        with pytest.raises(ScriptError, match="control characters or invalid text — retype"):
             parse_script(f"{name}: hello")
     with pytest.raises(ScriptError, match="5000 characters, the limit is 1000"):
         parse_script("Alice: " + "y" * 5000)
     with pytest.raises(ScriptError, match="empty"):
         parse_script("")
+
+
+def test_unpaired_surrogates_are_dropped_from_text_and_refused_in_names(tmp_path, store, tiny_model):
+    # Not text at all (no encoding writes them), yet JSON carries them and a browser can send one.
+    assert [(line.speaker, line.text) for line in parse_script("Bob: he\ud800llo\udfff there")] == [("Bob", "hello there")]
+    with pytest.raises(ScriptError, match="control characters or invalid text — retype"):
+        parse_script("Al\ud800ice: hello")
+    assert clean_utterance(" \x00Hi\ud800\tthere\nfriend\x1b[0m ") == "Hi\tthere\nfriend"
+    clip = write(tmp_path / "clip.wav", tone(2.0, SR))
+    with pytest.raises(ProfileError, match="not a valid profile name.*unpaired surrogates"):
+        store.create("Al\udc00ice", clip, "Hello.")
+    assert store.create("Alice", clip, "Hel\ud800lo.").transcript == "Hello."
+    engine = Engine(tiny_model, ByteTokenizer(), codec=None, watermark=False)
+    with pytest.raises(ValueError, match="character 3 is an unpaired surrogate"):
+        engine.text_frames("Hel\ud800lo", 0)  # the library's own callers get a message, not a codec error
 
 
 # ---- the command line --------------------------------------------------------------------------
@@ -339,6 +356,17 @@ def _api_error(client, *args, api_name: str) -> str:
     return str(info.value)
 
 
+def _raw_call(url: str, name: str, data: list) -> str:
+    """The answer of one call through Gradio's REST API, with the arguments as JSON escapes (ASCII)."""
+    import json
+
+    import httpx
+
+    posted = httpx.post(f"{url}gradio_api/call/{name}", content=json.dumps({"data": data}, ensure_ascii=True),
+                        headers={"Content-Type": "application/json"})
+    return httpx.get(f"{url}gradio_api/call/{name}/{posted.json()['event_id']}", timeout=60).text
+
+
 def test_the_app_answers_hostile_calls_with_messages_and_keeps_serving(running_app, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -374,6 +402,9 @@ def test_the_app_answers_hostile_calls_with_messages_and_keeps_serving(running_a
     assert time.perf_counter() - t0 < 10.0
     assert "control characters" in _api_error(client, key, "\u202eecilA: hi", *args, api_name="/render_script")
     assert "limit is 1000" in _api_error(client, key, "A: " + "y" * 1500, *args, api_name="/render_script")
+    # gradio_client cannot send an unpaired surrogate (it encodes UTF-8), a page's JSON can
+    assert "invalid text" in _raw_call(url, "render_script", [key, "A\ud800: hi", *args])
+    assert "write some text" in _raw_call(url, "say", [key, "\udfff\x00", None, 0.9, 50, 1, 1])
 
     assert tree(app_root, skip=studio.profiles_root) == before  # the hostile calls wrote nothing of ours
     root = studio.library(key).root  # made by the first save: refused saves may leave none at all

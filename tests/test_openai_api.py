@@ -253,6 +253,20 @@ def test_wrong_types_and_bad_json_are_openai_errors_not_fastapi_details(url):
     assert r.status_code == 404 and "POST /v1/audio/speech" in r.json()["error"]["message"]
 
 
+def test_control_characters_and_unpaired_surrogates_are_dropped_from_the_input(url):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    # JSON can carry an unpaired surrogate, and a browser can send one: written here as JSON escapes
+    body = b'{"input": "\\u0000\\ud800\\u001b\\udfff", "voice": "none", "response_format": "pcm"}'
+    r = httpx.post(url + "/v1/audio/speech", headers=headers, content=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert "only control or invalid characters" in r.json()["error"]["message"]
+    body = b'{"input": "Hel\\ud800lo\\u0007.", "voice": "none", "response_format": "pcm", "seed": 3}'
+    spoken = httpx.post(url + "/v1/audio/speech", headers=headers, content=body, timeout=60)
+    plain = httpx.post(url + "/v1/audio/speech", headers=headers, timeout=60,
+                       json={"input": "Hello.", "voice": "none", "response_format": "pcm", "seed": 3})
+    assert spoken.status_code == 200 and spoken.content == plain.content  # the same text once cleaned
+
+
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after(url, studio, monkeypatch):
     def busy(*args, **kwargs):
         raise BusyError("the server's generation queue is full")
