@@ -4,6 +4,9 @@ whole engine still generates with them. Also the KV caches, which quantization d
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from csm_multi.engine import Engine
 from csm_multi.frames import text_frames
 from csm_multi.fused import PackedLinear, fuse_layers, onednn_works
 from csm_multi.model import StaticKVCache
+from csm_multi import quant
 from csm_multi.quant import quantize
 from csm_multi.text import ByteTokenizer
 
@@ -61,6 +65,62 @@ def test_int8_logits_stay_close_to_float(pair):
     assert rel(l_q, l_ref) < 0.05
     assert rel(k_q, k_ref) < 0.05  # codebooks 1..K-1 through the int8 heads
     assert l_q.dtype == torch.float32 and k_q.dtype == torch.float32
+
+
+def _in_subprocess(code: str, **env: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+_KINDS = """
+import copy, torch
+from csm_multi import quant
+from csm_multi.config import get_preset
+from csm_multi.model import CSM
+m = quant.quantize(CSM(get_preset("tiny")).init_random_(0))
+print(quant.full_range_works(), sorted({type(x).__name__ for x in m.modules() if type(x).__name__.endswith("Linear")}))
+"""
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="needs fbgemm (x86)")
+def test_full_range_activations_only_where_the_int8_kernel_cannot_saturate():
+    # fbgemm's AVX2 kernels sum pairs of u8 x s8 products in 16 bits: full-range activations would
+    # saturate there, and the probe must see it (FBGEMM_ENABLE_INSTRUCTIONS caps fbgemm's ISA).
+    assert _in_subprocess(_KINDS, FBGEMM_ENABLE_INSTRUCTIONS="AVX2") == "False ['Linear']"
+    assert _in_subprocess(_KINDS, CSM_INT8_REDUCE_RANGE="1") == "False ['Linear']"
+    saturating = """
+import torch, warnings
+from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+warnings.simplefilter("ignore")
+lin = nn.Sequential(nn.Linear(256, 8, bias=False)); nn.init.constant_(lin[0].weight, 0.02)
+q = quantize_dynamic(lin, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
+x = torch.full((1, 256), 3.0); x[0, -1] = 0.0
+want = x @ lin[0].weight.T
+err = lambda rr: float((torch.ops.quantized.linear_dynamic(x, q._packed_params._packed_params, rr) - want).norm() / want.norm())
+print(err(True) < 0.01, err(False) > 0.1)
+"""
+    assert _in_subprocess(saturating, FBGEMM_ENABLE_INSTRUCTIONS="AVX2") == "True True"  # what the probe guards
+    if quant.full_range_works():  # this CPU's fbgemm has VNNI: the engine's own int8 layers use the full range
+        assert _in_subprocess(_KINDS) == "True ['FullRangeLinear']"
+
+
+@pytest.mark.skipif(not quant.full_range_works(), reason="this CPU's int8 kernel needs 7-bit activations")
+@torch.inference_mode()
+def test_full_range_activations_cut_the_int8_products_error(pair):
+    _, q = pair
+    assert {type(m) for m in q.modules() if type(m).__name__.endswith("Linear")} == {quant.FullRangeLinear}
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(1024, 512, bias=False))
+    x = torch.randn(8, 1024)
+    want = x.double() @ lin[0].weight.double().T
+    quant._int8_children(lin)
+    full = lin[0](x).double()
+    reduced = quant.DynamicLinear.forward(lin[0], x).double()  # PyTorch's own: 7-bit activations
+    err = lambda y: float((y - want).norm() / want.norm())  # noqa: E731
+    assert type(lin[0]) is quant.FullRangeLinear and err(full) < 0.75 * err(reduced), (err(full), err(reduced))
 
 
 def test_quantized_engine_generates_decodable_audio(pair):
