@@ -30,6 +30,7 @@ from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine, omp
 from csm_multi.config import MAX_SEED
 from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
+from csm_multi.pacing import Pacer, expected_seconds
 from csm_multi.profiles import MAX_NAME_CHARS, clean_name
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
 from csm_multi.script import clean_utterance, speaker_key
@@ -677,7 +678,7 @@ def build_demo(studio: Studio):
         """`asked` (page state, hidden from the API): False on the Render button, True on "Render anyway"."""
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
-            studio.parse(script)  # script problems first, with line numbers
+            lines = studio.parse(script)  # script problems first, with line numbers
             voices = studio.check_voices(key, studio.voices_for(key, script, mapping_dict(mapping)))
         except (CsmError, ValueError) as e:
             fail(e)
@@ -703,6 +704,11 @@ def build_demo(studio: Studio):
 
         threading.Thread(target=work, daemon=True).start()
         started, lines_done = time.monotonic(), []
+        # the live player: lines held back while they come slower than they play (pacing.Pacer)
+        gaps = [(config.pause_ms if line.pause_before_ms is None else line.pause_before_ms) / 1000 for line in lines]
+        guesses = [expected_seconds(line.text) + gap for line, gap in zip(lines, gaps)]
+        pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses))
+        held = []
         try:
             while True:
                 item = events.get()
@@ -713,12 +719,22 @@ def build_demo(studio: Studio):
                 if kind == "clip":
                     lines_done.append(time.monotonic() - started)
                     pause = np.zeros(24_000 * config.pause_before_ms(payload.line, payload.index) // 1000, np.int16)
-                    chunk = np.concatenate([pause, _int16(payload.audio)])
+                    held.append(np.concatenate([pause, _int16(payload.audio)]))
                     note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
-                    yield (24_000, chunk), note, *[gr.skip()] * 10
+                    if pacer.add(len(held[-1]) / 24_000):
+                        yield (24_000, np.concatenate(held)), note, *[gr.skip()] * 10
+                        held = []
+                    else:
+                        wait = pacer.wait_s()
+                        when = "after the next line" if wait is None else f"in ~{_duration(max(wait, 1.0))}"
+                        yield (gr.skip(), f"{note} Lines come slower than they play here, so playback starts {when} "
+                                          "and then does not pause.", *[gr.skip()] * 10)
                 elif kind == "error":
                     fail(payload)
                 else:
+                    if held:  # the rest of the held lines, before the files
+                        yield (24_000, np.concatenate(held)), gr.skip(), *[gr.skip()] * 10
+                        held = []
                     progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
                     try:
                         note, *shown = _finished(payload, key, (script, voices, config))
@@ -935,6 +951,8 @@ def build_demo(studio: Studio):
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
+        import torch
+
         try:
             text = clean_utterance(text) if isinstance(text, str) else ""
             if not text:
@@ -951,18 +969,28 @@ def build_demo(studio: Studio):
             sampling = SamplingConfig(temperature=float(temperature), topk=int(topk), seed=seed,
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
-            chunks = []
-            for chunk in studio.engine.stream(text, speaker, context, sampling, StreamConfig(),
-                                              visitor=studio.visitor(key)):
+            chunks, held = [], []
+            stream = StreamConfig()
+            pacer = Pacer(expected_seconds(text), sampling.max_audio_length_ms / 1000, stream.chunk_frames * 0.08)
+            for chunk in studio.engine.stream(text, speaker, context, sampling, stream, visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
-                yield (24_000, _int16(chunk.audio)), gr.skip(), f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
+                held.append(chunk.audio)
+                made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
+                if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
+                    yield (24_000, _int16(torch.cat(held))), gr.skip(), made
+                    held = []
+                elif pacer.wait_s() is None:
+                    yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
+                else:
+                    yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
+                                                 f"playback starts in ~{pacer.wait_s():.0f} s and then does not pause.")
+            if held:
+                yield (24_000, _int16(torch.cat(held))), gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)
         if not chunks:
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
-        import torch
-
         try:
             path = studio.write_clip(torch.cat(chunks), "say")
             studio.remember_audio(key, path)

@@ -290,7 +290,12 @@ def build_engine(model: str = "auto", *, quantize: str = "auto", prefix_cache_mb
                      "(--quantize bf16; --quantize none for float32 throughout)")
     if quantize != "none":
         quantize_model(engine.model, quantize)
-        engine.info.dtype = f"{engine.info.dtype} ({quantize} weights)"
+        detail = ""
+        if quantize == "int8":  # which activation scheme ran, for bug reports and benchmarks
+            from .quant import full_range_works
+
+            detail = ", 8-bit activations" if full_range_works() else ", 7-bit activations"
+        engine.info.dtype = f"{engine.info.dtype} ({quantize} weights{detail})"
     elif engine.device.type == "cpu":
         pack_linears(engine.model)
     if prefix_cache_mb is not None:

@@ -245,3 +245,57 @@ def test_the_last_rendering_reopens_and_its_watermark_is_checked_without_upload(
     assert out[8].startswith("Reopened the last rendering: Done: 1 lines")
     with pytest.raises(Exception, match="without a watermark model"):  # the fixture's engine has none
         client.predict(key, api_name="/check_last_render")
+
+
+def test_quick_holds_audio_made_slower_than_real_time_until_it_will_not_pause(app_url, monkeypatch):
+    """On two CPU cores csm-1b makes audio 3-7x slower than real time. Streamed as made, the player
+    would stop for seconds before every chunk; the page holds the first chunks back instead
+    (pacing.Pacer) and says when playback starts. Here the tiny model is slowed to ~3x."""
+    import time
+
+    url, studio = app_url
+    real = studio.engine.stream
+
+    def slow(*args, **kwargs):
+        for chunk in real(*args, **kwargs):
+            time.sleep(chunk.audio.numel() / 24_000 * 3)
+            yield chunk
+
+    monkeypatch.setattr(studio.engine, "stream", slow)
+    client = Client(url, verbose=False)
+    job = client.submit("visitor-slow-01", "Hello there, this is a slower test.", "(none)", 0.9, 50, 3, 4,
+                        api_name="/say")
+    job.result(timeout=120)
+    notes = [out[2] for out in job.outputs()]
+    assert any("playback starts in ~" in n and "does not pause" in n for n in notes), notes
+    assert notes[0].endswith("Measuring the speed before playing…")  # one chunk: no speed yet, held
+    held = [n for n in notes if "playback starts in ~" in n]
+    assert held and 0 < float(held[0].split("Generating at ")[1].split("×")[0]) <= 0.34  # at most 1/3, said so
+    assert not any("playback starts" in n for n in notes[notes.index(held[-1]) + 1:])  # then it plays on
+    assert sf.info(job.outputs()[-1][1]).duration == pytest.approx(4.0, abs=0.1)  # nothing held is lost
+
+
+def test_script_lines_made_slower_than_they_play_are_held_for_the_live_player(app_url, monkeypatch):
+    """The Script tab's "Playing while rendering" holds lines back the same way when they come
+    slower than they play, and hands over the rest before the files; the dialogue is complete."""
+    import time
+
+    url, studio = app_url
+    real = studio.render
+
+    def slow(*args, on_clip=None, **kwargs):
+        def late(clip):
+            time.sleep(clip.audio.numel() / 24_000 * 3)  # ~3x slower than real time
+            on_clip(clip)
+        return real(*args, on_clip=late, **kwargs)
+
+    monkeypatch.setattr(studio, "render", slow)
+    client = Client(url, verbose=False)
+    script = "A: One line here.\nB: And another one.\nA: And a third line to end."
+    job = client.submit("visitor-slow-02", script, {"headers": ["speaker", "profile"], "data": []}, 0.9, 50, 5, 1,
+                        0, "conversational", 1, api_name="/render_script")
+    job.result(timeout=180)
+    notes = [out[1] for out in job.outputs()]
+    assert any("slower than they play here, so playback starts" in n for n in notes), notes
+    assert notes[-1].startswith("Done: 3 lines")
+    assert sf.info(job.outputs()[-1][2]).duration > 1.0

@@ -479,3 +479,42 @@ def test_a_reload_keeps_the_script_and_reopens_the_last_rendering(app_url, page)
     expect(page.get_by_text(re.compile(r"^Reopened the last rendering: Done: 2 lines"))).to_be_visible()
     expect(page.get_by_label("Text of line 2")).to_have_value("Me too.")
     expect(page.get_by_text(re.compile(r"kept-after-a-reload-.*\.zip"))).to_be_visible()
+
+
+def test_a_voice_recorded_with_the_microphone_is_saved_and_renders(app_url, tmp_path):
+    """The page's other way in: the Reference clip's microphone. Chromium's fake capture device
+    (a beeping tone, granted without a prompt) stands in for a tester's microphone."""
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=[*CHROMIUM_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+            viewport={"width": 390, "height": 844}, permissions=["microphone"])  # a phone, where testers record
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_default_timeout(30_000)
+            page.goto(app_url)
+            page.get_by_role("tab", name="Voices").click()
+            clip = _block(page, "Reference clip (1-30 s of one voice)")
+            clip.get_by_label("Record audio").click()
+            clip.get_by_role("button", name="Record", exact=True).click()
+            page.wait_for_timeout(3_000)
+            clip.get_by_role("button", name=re.compile("^Stop")).first.click()
+            expect(clip.locator("audio, .waveform-container").first).to_be_attached()
+            page.get_by_label("Transcript (exactly what the clip says)").fill("a tone from the microphone")
+            page.get_by_label("Profile name").fill("Mic")
+            page.get_by_role("button", name="Save voice profile").click()
+            saved = page.get_by_text(re.compile(r"Saved Mic \((\d+\.\d) s\)"))
+            expect(saved).to_be_visible()
+            assert 1.0 <= float(re.search(r"\((\d+\.\d) s\)", saved.inner_text()).group(1)) <= 30.0
+
+            page.get_by_role("tab", name="Quick").click()
+            page.get_by_label("Text", exact=True).fill("Hello.")
+            page.get_by_label("Voice profile").click()
+            page.get_by_role("option", name="Mic", exact=True).click()
+            page.get_by_role("button", name="Speak").click()
+            expect(page.get_by_text(re.compile(r"\d+\.\d\d s, seed \d+"))).to_be_visible(timeout=120_000)
+            assert errors == []
+        finally:
+            context.close()
