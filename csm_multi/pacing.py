@@ -16,6 +16,7 @@ generation is faster than real time (a GPU, the tiny preset) everything is hande
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,10 +76,15 @@ class Pacer:
         return self.playing
 
     def wait_s(self) -> float | None:
-        """Roughly how long, from now, until playback starts (0 once it has; unknown, None, until
-        the speed is known)."""
+        """How long from now until playback starts, if the speed holds (0 once it has; None until
+        the speed is known). It starts at the first chunk that brings the audio made to P* =
+        (L·(r - 1) + c) / r, where P >= (L - P)·(r - 1) + c first holds."""
         if self.playing:
             return 0.0
-        if not self.rtf:
+        r = self.rtf
+        if not r:
             return None
-        return max(self.needed_s() - self.made_s, 0.0) * self.rtf
+        length = min(max(self.expected_s, self.made_s), self.max_s)
+        target = min((length * (r - 1.0) + self.chunk_s) / r, length) if r > 1.0 else self.made_s
+        chunks = math.ceil(max(target - self.made_s, 0.0) / self.chunk_s - 1e-9)
+        return chunks * self.chunk_s * r

@@ -77,6 +77,8 @@ def test_the_wait_shown_is_known_after_two_chunks_and_falls_to_zero():
         waits.append(pacer.wait_s())
     assert waits[0] > waits[-2] > 0 and waits[-1] == 0.0
     assert pacer.rtf == pytest.approx(4.0)
+    # what it said after the second chunk is when playback did start
+    assert waits[0] == pytest.approx(CHUNK * 4.0 * (len(waits) - 1))
 
 
 def test_an_utterance_longer_than_guessed_raises_the_guess_but_not_past_the_limit():
