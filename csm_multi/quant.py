@@ -13,10 +13,10 @@ than fp32 on this project's 2-core AVX2 machine, so they are not used here.
 
 Per-output-channel weight scales; activations are quantized per call with one scale (per token
 during generation, where a call sees one position), over all 256 levels where fbgemm's kernel
-accumulates in 32 bits (VNNI: `full_range_works`), else over 128 as PyTorch's module does. The stacked `audio_head` (codebooks 1..K-1)
-gets int8 copies, one Linear per codebook in `model.codebook_heads` (the float tensor stays: it
-names the model's dtype and is what checkpoints hold). Embeddings and norms stay float. Logits
-are float, and sampling runs in fp32 as always.
+accumulates in 32 bits (VNNI: `full_range_works`), else over 128 as PyTorch's module does. The
+stacked `audio_head` (codebooks 1..K-1) gets int8 copies, one Linear per codebook in
+`model.codebook_heads` (the float tensor stays: it names the model's dtype and is what checkpoints
+hold). Embeddings and norms stay float. Logits are float, and sampling runs in fp32 as always.
 """
 
 from __future__ import annotations
