@@ -705,7 +705,7 @@ def build_demo(studio: Studio):
         threading.Thread(target=work, daemon=True).start()
         started, lines_done = time.monotonic(), []
         # the live player: lines held back while they come slower than they play (pacing.Pacer)
-        gaps = [(config.pause_ms if line.pause_before_ms is None else line.pause_before_ms) / 1000 for line in lines]
+        gaps = [config.pause_before_ms(line, i) / 1000 for i, line in enumerate(lines)]
         guesses = [expected_seconds(line.text) + gap for line, gap in zip(lines, gaps)]
         pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses))
         held = []

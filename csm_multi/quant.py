@@ -102,6 +102,16 @@ def int8_heads(stacked: torch.Tensor) -> nn.ModuleList:
 
 def _int8_children(container: nn.Module) -> None:
     """Every nn.Linear inside `container` (not the container itself) -> fbgemm int8, in place."""
+    _dynamic_int8(container)
+    if full_range_works():
+        for module in container.modules():
+            if type(module) is DynamicLinear:
+                module.__class__ = FullRangeLinear
+
+
+def _dynamic_int8(container: nn.Module) -> None:
+    """PyTorch's dynamic int8 Linear (per-output-channel weights, fbgemm) for every nn.Linear inside
+    `container`, in place."""
     if "fbgemm" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "fbgemm"
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -109,10 +119,6 @@ def _int8_children(container: nn.Module) -> None:
     with warnings.catch_warnings():  # torch 2.9 flags the torch.ao namespace as moving to torchao
         warnings.simplefilter("ignore", DeprecationWarning)
         quantize_dynamic(container, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    if full_range_works():
-        for module in container.modules():
-            if type(module) is DynamicLinear:
-                module.__class__ = FullRangeLinear
 
 
 class FullRangeLinear(DynamicLinear):
@@ -142,18 +148,14 @@ def full_range_works() -> bool:
     if os.environ.get("CSM_INT8_REDUCE_RANGE", "").lower() in ("1", "true", "yes"):
         return False
     try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
         lin = nn.Sequential(nn.Linear(256, 8, bias=False))
         nn.init.constant_(lin[0].weight, 0.02)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            q = quantize_dynamic(lin, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
         x = torch.full((1, 256), 3.0)
         x[0, -1] = 0.0  # the range's bottom; every other activation quantizes to 255
         with torch.inference_mode():
-            got = torch.ops.quantized.linear_dynamic(x, q._packed_params._packed_params, False)
             want = x @ lin[0].weight.T
+            _dynamic_int8(lin)
+            got = torch.ops.quantized.linear_dynamic(x, lin[0]._packed_params._packed_params, False)
         return bool(((got - want).norm() / want.norm()) < 1e-2)
     except (RuntimeError, AttributeError):  # no fbgemm, or its API moved
         return False
