@@ -87,6 +87,19 @@ def _int16(audio) -> np.ndarray:
     return (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
 
 
+# The live players stream over HLS. Gradio declares the playlist's target duration as its longest
+# segment so far (rounded up), and the browser's player reloads the playlist about that often: a line
+# handed over as one 10 s segment made the page look for the next audio only every ~10 s, so playback
+# paused for seconds although the server had sent the audio in time. Pieces of at most 0.9 s keep
+# the target at 1 s (an MP3 segment can run a frame, 48 ms, past its piece).
+LIVE_PIECE_SAMPLES = 21_600
+
+
+def live_pieces(audio: np.ndarray) -> list[np.ndarray]:
+    """`audio` for a live player: equal pieces of at most 0.9 s at 24 kHz, in order."""
+    return np.array_split(audio, max(1, math.ceil(len(audio) / LIVE_PIECE_SAMPLES)))
+
+
 # ---- arguments from the page and from API callers, checked before Gradio reads them -----------
 MAX_MAPPING_ROWS = 1000  # a speaker map longer than this is not a script's (200 lines at most)
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX: an upload's path on this server is never longer
@@ -722,7 +735,8 @@ def build_demo(studio: Studio):
                     held.append(np.concatenate([pause, _int16(payload.audio)]))
                     note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
                     if pacer.add(len(held[-1]) / 24_000):
-                        yield (24_000, np.concatenate(held)), note, *[gr.skip()] * 10
+                        for piece in live_pieces(np.concatenate(held)):
+                            yield (24_000, piece), note, *[gr.skip()] * 10
                         held = []
                     else:
                         wait = pacer.wait_s()
@@ -733,7 +747,8 @@ def build_demo(studio: Studio):
                     fail(payload)
                 else:
                     if held:  # the rest of the held lines, before the files
-                        yield (24_000, np.concatenate(held)), gr.skip(), *[gr.skip()] * 10
+                        for piece in live_pieces(np.concatenate(held)):
+                            yield (24_000, piece), gr.skip(), *[gr.skip()] * 10
                         held = []
                     progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
                     try:
@@ -977,7 +992,8 @@ def build_demo(studio: Studio):
                 held.append(chunk.audio)
                 made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
                 if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
-                    yield (24_000, _int16(torch.cat(held))), gr.skip(), made
+                    for piece in live_pieces(_int16(torch.cat(held))):
+                        yield (24_000, piece), gr.skip(), made
                     held = []
                 elif pacer.wait_s() is None:
                     yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
@@ -985,7 +1001,8 @@ def build_demo(studio: Studio):
                     yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
                                                  f"playback starts in ~{pacer.wait_s():.0f} s and then does not pause.")
             if held:
-                yield (24_000, _int16(torch.cat(held))), gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
+                for piece in live_pieces(_int16(torch.cat(held))):
+                    yield (24_000, piece), gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)
         if not chunks:

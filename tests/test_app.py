@@ -273,6 +273,7 @@ def test_quick_holds_audio_made_slower_than_real_time_until_it_will_not_pause(ap
     assert held and 0 < float(held[0].split("Generating at ")[1].split("×")[0]) <= 0.34  # at most 1/3, said so
     assert not any("playback starts" in n for n in notes[notes.index(held[-1]) + 1:])  # then it plays on
     assert sf.info(job.outputs()[-1][1]).duration == pytest.approx(4.0, abs=0.1)  # nothing held is lost
+    _assert_live_segments_are_short([out[0] for out in job.outputs()])
 
 
 def test_script_lines_made_slower_than_they_play_are_held_for_the_live_player(app_url, monkeypatch):
@@ -299,3 +300,17 @@ def test_script_lines_made_slower_than_they_play_are_held_for_the_live_player(ap
     assert any("slower than they play here, so playback starts" in n for n in notes), notes
     assert notes[-1].startswith("Done: 3 lines")
     assert sf.info(job.outputs()[-1][2]).duration > 1.0
+    _assert_live_segments_are_short([out[0] for out in job.outputs()])
+
+
+def _assert_live_segments_are_short(live_outputs):
+    """The live player streams over HLS: Gradio's playlist declares its longest segment as the target
+    duration, and the browser reloads the playlist about that often. Held audio handed over as one long
+    segment made the page look for new audio only every few seconds and pause; it goes in pieces of
+    at most 0.9 s, so the target stays 1 s."""
+    playlists = [o for o in live_outputs if isinstance(o, str) and o.endswith(".m3u8")]
+    assert playlists, live_outputs
+    text = Path(playlists[-1]).read_text()
+    assert "#EXT-X-TARGETDURATION:1\n" in text, text
+    segments = [float(line.split(":")[1].rstrip(",")) for line in text.splitlines() if line.startswith("#EXTINF:")]
+    assert len(segments) > 2 and max(segments) <= 1.0, segments
