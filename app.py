@@ -30,7 +30,7 @@ from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine, omp
 from csm_multi.config import MAX_SEED
 from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
-from csm_multi.pacing import Pacer, expected_seconds
+from csm_multi.pacing import LineLengths, Pacer, expected_seconds
 from csm_multi.profiles import MAX_NAME_CHARS, clean_name
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
 from csm_multi.script import clean_utterance, speaker_key
@@ -721,6 +721,7 @@ def build_demo(studio: Studio):
         gaps = [config.pause_before_ms(line, i) / 1000 for i, line in enumerate(lines)]
         guesses = [expected_seconds(line.text) + gap for line, gap in zip(lines, gaps)]
         pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses))
+        lengths = LineLengths(guesses)  # the guesses corrected by the lines made so far
         held = []
         try:
             while True:
@@ -734,6 +735,7 @@ def build_demo(studio: Studio):
                     pause = np.zeros(24_000 * config.pause_before_ms(payload.line, payload.index) // 1000, np.int16)
                     held.append(np.concatenate([pause, _int16(payload.audio)]))
                     note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
+                    pacer.revise(*lengths.finished(payload.index, len(held[-1]) / 24_000))
                     if pacer.add(len(held[-1]) / 24_000):
                         for piece in live_pieces(np.concatenate(held)):
                             yield (24_000, piece), note, *[gr.skip()] * 10

@@ -10,8 +10,10 @@ arrives. Here: with P seconds made after `elapsed` wall seconds (real-time facto
 the rest R = L - P of an utterance of L seconds arrives in chunks of c seconds, chunk k at k·c·r
 from now; playback started now needs it at P + (k-1)·c. So nothing pauses if P >= R·(r - 1) + c.
 L is not known until the model ends the utterance, so it is estimated from the text (~14 characters
-a second, English read aloud), never below what was made, never above the length limit. Where
-generation is faster than real time (a GPU, the tiny preset) everything is handed over at once.
+a second, English read aloud), never below what was made, never above the length limit; for a
+script, whose lines arrive whole, `LineLengths` corrects the estimate and the chunk size as lines
+finish. Where generation is faster than real time (a GPU, the tiny preset) everything is handed over
+at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SECONDS_PER_CHAR = 0.07  # ~14 characters (spaces included) a second: English read aloud
@@ -58,6 +61,12 @@ class Pacer:
         after = self.made_s - self.first_s
         return (self.clock() - self.first_at) / after if self.first_at is not None and after > 0 else 0.0
 
+    def revise(self, expected_s: float, chunk_s: float | None = None) -> None:
+        """A better guess at the whole's length (and at the longest piece to come), e.g. from `LineLengths`."""
+        self.expected_s = expected_s
+        if chunk_s is not None and chunk_s > 0:
+            self.chunk_s = chunk_s
+
     def needed_s(self) -> float:
         """Seconds of audio to hold before playback can start and not pause."""
         length = min(max(self.expected_s, self.made_s), self.max_s)
@@ -88,3 +97,26 @@ class Pacer:
         target = min((length * (r - 1.0) + self.chunk_s) / r, length) if r > 1.0 else self.made_s
         chunks = math.ceil(max(target - self.made_s, 0.0) / self.chunk_s - 1e-9)
         return chunks * self.chunk_s * r
+
+
+@dataclass
+class LineLengths:
+    """A script's length, from a guess per line (`expected_seconds` plus its pause), corrected as its lines
+    finish: the lines not yet made are scaled by how long the finished ones ran against their guesses.
+    A voice that speaks slower than the guess, or a model that runs every line to its limit (random
+    weights do), would otherwise have the player start too soon and pause between lines.
+
+    `finished(index, seconds)` takes a line's real length (its pause included) and returns the
+    revised (whole length, longest line to come) for `Pacer.revise`.
+    """
+
+    guesses: Sequence[float]
+    made: dict[int, float] = field(default_factory=dict)
+
+    def finished(self, index: int, seconds: float) -> tuple[float, float]:
+        if 0 <= index < len(self.guesses):
+            self.made[index] = seconds
+        guessed = sum(self.guesses[i] for i in self.made)
+        ratio = sum(self.made.values()) / guessed if guessed > 0 else 1.0
+        rest = [g * ratio for i, g in enumerate(self.guesses) if i not in self.made]
+        return sum(self.made.values()) + sum(rest), max(rest, default=0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from csm_multi.pacing import SECONDS_PER_CHAR, Pacer, expected_seconds
+from csm_multi.pacing import SECONDS_PER_CHAR, LineLengths, Pacer, expected_seconds
 
 CHUNK = 0.88  # the app's chunks: 11 frames of 80 ms
 
@@ -101,3 +101,63 @@ def test_an_utterance_longer_than_guessed_raises_the_guess_but_not_past_the_limi
 def test_expected_seconds_counts_characters_with_whitespace_collapsed():
     assert expected_seconds("Hello   there,\n friend.") == pytest.approx(len("Hello there, friend.") * SECONDS_PER_CHAR)
     assert 1.0 < expected_seconds("The quick brown fox jumps over the lazy dog.") < 5.0
+
+
+def play_script(lengths: list[float], guesses: list[float], rtf: float, revise: bool, wait: float = 2.0):
+    """Whole lines of `lengths` s made one after another at `rtf`, the page guessing `guesses`: (when playback
+    starts, how long the player then waits for lines in all), as the Script tab paces them."""
+    clock = Clock()
+    pacer = Pacer(sum(guesses), 30.0 * len(lengths), max(guesses), clock=clock)
+    estimate = LineLengths(guesses)
+    clock.now = wait
+    arrivals, start, made = [], None, 0.0
+    for i, size in enumerate(lengths):
+        clock.now += size * rtf
+        arrivals.append((clock.now, made, size))
+        made += size
+        if revise:
+            pacer.revise(*estimate.finished(i, size))
+        if pacer.add(size) and start is None:
+            start = clock.now
+    start = start if start is not None else clock.now
+    pause = 0.0
+    for at, offset, _ in arrivals:
+        if at > start + offset + pause:
+            pause += at - (start + offset + pause)
+    return start, pause
+
+
+@pytest.mark.parametrize("rtf", [1.2, 1.5, 3.0])
+@pytest.mark.parametrize("longer", [1.0, 2.0, 3.0])
+def test_script_lines_longer_than_guessed_revise_the_guess_and_do_not_pause(rtf, longer):
+    """Random weights run every line to its limit, far past its text's guess; a slow voice runs past it
+    too. The finished lines correct the guess for the rest, and playback then never waits."""
+    guesses = [2.0, 2.5, 1.5, 2.0, 3.0, 2.0]
+    lengths = [g * longer for g in guesses]
+    start, pause = play_script(lengths, guesses, rtf, revise=True)
+    assert pause == pytest.approx(0.0, abs=1e-9)
+    total = sum(lengths)
+    assert start - 2.0 <= total * (rtf - 1) + 2 * max(lengths) * rtf  # and not much later than needed
+
+
+def test_without_the_revision_lines_longer_than_guessed_pause():
+    guesses = [2.0, 2.5, 1.5, 2.0, 3.0, 2.0]
+    start, pause = play_script([g * 3 for g in guesses], guesses, 1.5, revise=False)
+    assert pause > 1.0
+
+
+def test_lines_shorter_than_guessed_start_sooner_with_the_revision():
+    guesses = [4.0] * 6
+    lengths = [2.0] * 6
+    revised, pause = play_script(lengths, guesses, 2.0, revise=True)
+    assert pause == pytest.approx(0.0, abs=1e-9)
+    plain, _ = play_script(lengths, guesses, 2.0, revise=False)
+    assert revised < plain
+
+
+def test_line_lengths_scale_the_lines_to_come_by_the_finished_ones():
+    est = LineLengths([2.0, 4.0, 2.0])
+    assert est.finished(0, 3.0) == pytest.approx((3.0 + 1.5 * 6.0, 1.5 * 4.0))
+    assert est.finished(2, 1.0) == pytest.approx((4.0 + 1.0 * 4.0, 4.0))  # out of order (fast mode) is fine
+    assert est.finished(1, 5.0) == pytest.approx((9.0, 0.0))
+    assert est.finished(7, 1.0) == pytest.approx((9.0, 0.0))  # an index it does not know changes nothing
