@@ -683,6 +683,11 @@ def build_demo(studio: Studio):
     def busy():
         return gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(visible=False)
 
+    def spoken_seconds(text: str, limit_s: float) -> float:
+        """The live players' guess at how long `text` takes to say: from its length, or the limit where the
+        model has random weights (they never end an utterance early, so every one runs to its limit)."""
+        return limit_s if studio.engine.info.untrained else min(expected_seconds(text), limit_s)
+
     def idle():
         return gr.Button(interactive=True), gr.Button(interactive=True)
 
@@ -719,7 +724,7 @@ def build_demo(studio: Studio):
         started, lines_done = time.monotonic(), []
         # the live player: lines held back while they come slower than they play (pacing.Pacer)
         gaps = [config.pause_before_ms(line, i) / 1000 for i, line in enumerate(lines)]
-        guesses = [expected_seconds(line.text) + gap for line, gap in zip(lines, gaps)]
+        guesses = [spoken_seconds(line.text, config.max_line_ms / 1000) + gap for line, gap in zip(lines, gaps)]
         pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses))
         lengths = LineLengths(guesses)  # the guesses corrected by the lines made so far
         held = []
@@ -988,7 +993,8 @@ def build_demo(studio: Studio):
             speaker = context[0].speaker if context else 0
             chunks, held = [], []
             stream = StreamConfig()
-            pacer = Pacer(expected_seconds(text), sampling.max_audio_length_ms / 1000, stream.chunk_frames * 0.08)
+            limit = sampling.max_audio_length_ms / 1000
+            pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08)
             for chunk in studio.engine.stream(text, speaker, context, sampling, stream, visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
                 held.append(chunk.audio)

@@ -273,6 +273,11 @@ def test_quick_holds_audio_made_slower_than_real_time_until_it_will_not_pause(ap
     assert held and 0 < float(held[0].split("Generating at ")[1].split("×")[0]) <= 0.34  # at most 1/3, said so
     assert not any("playback starts" in n for n in notes[notes.index(held[-1]) + 1:])  # then it plays on
     assert sf.info(job.outputs()[-1][1]).duration == pytest.approx(4.0, abs=0.1)  # nothing held is lost
+    # random weights run every utterance to its limit (4 s here, where the text suggests ~2.5 s): the page
+    # plans for the limit, so playback starts only once P >= (4 - P) * 2 + 0.88, i.e. after 4 chunks
+    assert studio.engine.info.untrained
+    first = next(out for out in job.outputs() if isinstance(out[0], str) and out[0].endswith(".m3u8"))
+    assert float(first[2].split(" s…")[0]) >= 3.5, first[2]
     _assert_live_segments_are_short([out[0] for out in job.outputs()])
 
 
