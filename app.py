@@ -93,6 +93,9 @@ def _int16(audio) -> np.ndarray:
 # paused for seconds although the server had sent the audio in time. Pieces of at most 0.9 s keep
 # the target at 1 s (an MP3 segment can run a frame, 48 ms, past its piece).
 LIVE_PIECE_SAMPLES = 21_600
+# ...and so a piece reaches the player up to about a second after it was handed over, later for one
+# piece than for the one before: the pacers hold that much more audio before playback starts.
+LIVE_DELIVERY_S = 1.0
 
 
 def live_pieces(audio: np.ndarray) -> list[np.ndarray]:
@@ -725,7 +728,8 @@ def build_demo(studio: Studio):
         # the live player: lines held back while they come slower than they play (pacing.Pacer)
         gaps = [config.pause_before_ms(line, i) / 1000 for i, line in enumerate(lines)]
         guesses = [spoken_seconds(line.text, config.max_line_ms / 1000) + gap for line, gap in zip(lines, gaps)]
-        pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses))
+        pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses),
+                      margin_s=LIVE_DELIVERY_S)
         lengths = LineLengths(guesses)  # the guesses corrected by the lines made so far
         held = []
         try:
@@ -994,7 +998,7 @@ def build_demo(studio: Studio):
             chunks, held = [], []
             stream = StreamConfig()
             limit = sampling.max_audio_length_ms / 1000
-            pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08)
+            pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08, margin_s=LIVE_DELIVERY_S)
             for chunk in studio.engine.stream(text, speaker, context, sampling, stream, visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
                 held.append(chunk.audio)

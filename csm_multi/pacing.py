@@ -37,15 +37,18 @@ class Pacer:
     """Feed it each chunk's length as it is made (`add`); it says when to hand everything over.
 
     `expected_s`: the guessed length of the whole (`expected_seconds`); `max_s`: the limit the
-    generation stops at; `chunk_s`: the longest piece that arrives at once. The speed is measured
-    from the first chunk on, so time spent waiting in a queue or on the prompt does not count; the
-    first chunk alone is handed over at once when even that time was shorter than its audio.
+    generation stops at; `chunk_s`: the longest piece that arrives at once; `margin_s`: seconds of
+    audio held beyond that, for a player that receives what is handed over after a varying delay
+    (an HLS player reloading its playlist every second or so). The speed is measured from the first
+    chunk on, so time spent waiting in a queue or on the prompt does not count; the first chunk
+    alone is handed over at once when even that time was shorter than its audio.
     """
 
     expected_s: float
     max_s: float
     chunk_s: float
     clock: Callable[[], float] = time.monotonic
+    margin_s: float = 0.0
     made_s: float = 0.0
     playing: bool = False
     created: float = field(default=0.0)
@@ -70,7 +73,7 @@ class Pacer:
     def needed_s(self) -> float:
         """Seconds of audio to hold before playback can start and not pause."""
         length = min(max(self.expected_s, self.made_s), self.max_s)
-        return max(length - self.made_s, 0.0) * max(self.rtf - 1.0, 0.0) + self.chunk_s
+        return max(length - self.made_s, 0.0) * max(self.rtf - 1.0, 0.0) + self.chunk_s + self.margin_s
 
     def add(self, seconds: float) -> bool:
         """A chunk of `seconds` was made: True when what is held should be handed over now (and,
@@ -87,14 +90,14 @@ class Pacer:
     def wait_s(self) -> float | None:
         """How long from now until playback starts, if the speed holds (0 once it has; None until
         the speed is known). It starts at the first chunk that brings the audio made to P* =
-        (L·(r - 1) + c) / r, where P >= (L - P)·(r - 1) + c first holds."""
+        (L·(r - 1) + c + m) / r, where P >= (L - P)·(r - 1) + c + m first holds."""
         if self.playing:
             return 0.0
         r = self.rtf
         if not r:
             return None
         length = min(max(self.expected_s, self.made_s), self.max_s)
-        target = min((length * (r - 1.0) + self.chunk_s) / r, length) if r > 1.0 else self.made_s
+        target = min((length * (r - 1.0) + self.chunk_s + self.margin_s) / r, length) if r > 1.0 else self.made_s
         chunks = math.ceil(max(target - self.made_s, 0.0) / self.chunk_s - 1e-9)
         return chunks * self.chunk_s * r
 

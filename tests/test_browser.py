@@ -518,3 +518,43 @@ def test_a_voice_recorded_with_the_microphone_is_saved_and_renders(app_url, tmp_
             assert errors == []
         finally:
             context.close()
+
+
+def test_the_live_player_plays_a_slow_render_through_without_stopping(running_app, page, monkeypatch):
+    """Lines made slower than they play (as csm-1b on two CPU cores makes them): "Playing while rendering"
+    holds them until what it holds lasts, then plays to the end without stopping. Before, it started on
+    the first lines (their text suggested they were short) and the browser, reloading Gradio's HLS
+    playlist only as often as its longest segment (a whole line), looked for the next line too late."""
+    import time
+
+    url, studio = running_app
+    real = studio.render
+
+    def slow(*args, on_clip=None, **kwargs):
+        def late(clip):
+            time.sleep(clip.audio.numel() / 24_000 * 1.6)  # ~1.6x slower than real time
+            on_clip(clip)
+        return real(*args, on_clip=late, **kwargs)
+
+    monkeypatch.setattr(studio, "render", slow)
+    _open(page, url, 1440, 900)
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Alice: One.\nBob: Two.\nAlice: Three.\nBob: Four.")
+    for speaker in ("Alice", "Bob"):
+        _choose(page, f"Voice for {speaker}", "(none) no reference voice")
+        page.wait_for_timeout(300)
+    page.get_by_label("number input for Max seconds per line").fill("2")
+    page.get_by_label("number input for Max seconds per line").press("Enter")
+    page.evaluate("""() => { window.__play = []; setInterval(() => {
+        const a = [...document.querySelectorAll('audio')].find(x => x.src);
+        if (a) window.__play.push([performance.now(), a.currentTime, a.ended]); }, 100); }""")
+    page.get_by_role("button", name="Render", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^Done: 4 lines"))).to_be_visible(timeout=120_000)
+    page.wait_for_function("() => window.__play.length && window.__play[window.__play.length - 1][2]", timeout=60_000)
+    samples = page.evaluate("() => window.__play")
+    playing = [s for s in samples if s[1] > 0 and not s[2]]
+    assert playing, samples[-5:]
+    stopped = sum(b[0] - a[0] for a, b in zip(playing, playing[1:]) if b[1] - a[1] < 0.01) / 1000
+    played = playing[-1][1] - playing[0][1]
+    stops = [(round(a[0] / 1000, 1), round(a[1], 2)) for a, b in zip(playing, playing[1:]) if b[1] - a[1] < 0.01]
+    assert played > 6.0 and stopped < 1.0, (played, stopped, stops)  # before: 7.6 s of stops

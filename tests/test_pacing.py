@@ -161,3 +161,18 @@ def test_line_lengths_scale_the_lines_to_come_by_the_finished_ones():
     assert est.finished(2, 1.0) == pytest.approx((4.0 + 1.0 * 4.0, 4.0))  # out of order (fast mode) is fine
     assert est.finished(1, 5.0) == pytest.approx((9.0, 0.0))
     assert est.finished(7, 1.0) == pytest.approx((9.0, 0.0))  # an index it does not know changes nothing
+
+
+def test_a_margin_holds_that_much_more_audio_and_still_never_pauses():
+    """The page's players receive what is handed over up to ~1 s later (HLS playlist reloads): a margin
+    of m seconds starts playback once P >= (L - P)(r - 1) + c + m."""
+    for margin in (0.0, 1.0):
+        clock = Clock()
+        pacer = Pacer(10.0, 30.0, CHUNK, clock=clock, margin_s=margin)
+        clock.now = 1.0
+        pacer.add(CHUNK)
+        while not pacer.playing:
+            clock.now += CHUNK * 2.0
+            pacer.add(CHUNK)
+        assert pacer.made_s >= (10.0 - pacer.made_s) * 1.0 + CHUNK + margin
+        assert pacer.made_s - CHUNK < (10.0 - pacer.made_s + CHUNK) * 1.0 + CHUNK + margin  # not a chunk later
