@@ -59,3 +59,20 @@ def launch(studio):
                 blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)],
                 max_threads=slots + 40)
     return f"http://127.0.0.1:{port}/", demo
+
+
+def slow_lines(monkeypatch, studio, factor: float) -> None:
+    """Make `studio`'s renders hand each finished line over `factor` times slower than it plays (as csm-1b
+    on two CPU cores makes them), for the live player's pacing. Tests import it: `from conftest import
+    slow_lines`."""
+    import time
+
+    real = studio.render
+
+    def slow(*args, on_clip=None, **kwargs):
+        def late(clip):
+            time.sleep(clip.audio.numel() / 24_000 * factor)
+            on_clip(clip)
+        return real(*args, on_clip=late, **kwargs)
+
+    monkeypatch.setattr(studio, "render", slow)

@@ -284,18 +284,10 @@ def test_quick_holds_audio_made_slower_than_real_time_until_it_will_not_pause(ap
 def test_script_lines_made_slower_than_they_play_are_held_for_the_live_player(app_url, monkeypatch):
     """The Script tab's "Playing while rendering" holds lines back the same way when they come
     slower than they play, and hands over the rest before the files; the dialogue is complete."""
-    import time
+    from conftest import slow_lines
 
     url, studio = app_url
-    real = studio.render
-
-    def slow(*args, on_clip=None, **kwargs):
-        def late(clip):
-            time.sleep(clip.audio.numel() / 24_000 * 3)  # ~3x slower than real time
-            on_clip(clip)
-        return real(*args, on_clip=late, **kwargs)
-
-    monkeypatch.setattr(studio, "render", slow)
+    slow_lines(monkeypatch, studio, 3.0)  # ~3x slower than real time
     client = Client(url, verbose=False)
     script = "A: One line here.\nB: And another one.\nA: And a third line to end."
     job = client.submit("visitor-slow-02", script, {"headers": ["speaker", "profile"], "data": []}, 0.9, 50, 5, 1,

@@ -525,18 +525,10 @@ def test_the_live_player_plays_a_slow_render_through_without_stopping(running_ap
     holds them until what it holds lasts, then plays to the end without stopping. Before, it started on
     the first lines (their text suggested they were short) and the browser, reloading Gradio's HLS
     playlist only as often as its longest segment (a whole line), looked for the next line too late."""
-    import time
+    from conftest import slow_lines
 
     url, studio = running_app
-    real = studio.render
-
-    def slow(*args, on_clip=None, **kwargs):
-        def late(clip):
-            time.sleep(clip.audio.numel() / 24_000 * 1.6)  # ~1.6x slower than real time
-            on_clip(clip)
-        return real(*args, on_clip=late, **kwargs)
-
-    monkeypatch.setattr(studio, "render", slow)
+    slow_lines(monkeypatch, studio, 1.6)  # ~1.6x slower than real time
     _open(page, url, 1440, 900)
     page.get_by_role("tab", name="Script").click()
     page.get_by_label("Script", exact=True).fill("Alice: One.\nBob: Two.\nAlice: Three.\nBob: Four.")
