@@ -90,16 +90,18 @@ def _int16(audio) -> np.ndarray:
 # The live players stream over HLS. Gradio declares the playlist's target duration as its longest
 # segment so far (rounded up), and the browser's player reloads the playlist about that often: a line
 # handed over as one 10 s segment made the page look for the next audio only every ~10 s, so playback
-# paused for seconds although the server had sent the audio in time. Pieces of at most 0.9 s keep
-# the target at 1 s (an MP3 segment can run a frame, 48 ms, past its piece).
-LIVE_PIECE_SAMPLES = 21_600
+# paused for seconds although the server had sent the audio in time. Pieces of at most 0.48 s keep
+# the target at 1 s: Gradio's AAC encoder carries audio over from piece to piece, so a segment can run
+# ~0.15 s past its piece (0.88 s pieces gave a 1.024 s segment and a target of 2 s).
+LIVE_PIECE_SAMPLES = 11_520
 # ...and so a piece reaches the player up to about a second after it was handed over, later for one
 # piece than for the one before: the pacers hold that much more audio before playback starts.
 LIVE_DELIVERY_S = 1.0
 
 
-def live_pieces(audio: np.ndarray) -> list[np.ndarray]:
-    """`audio` for a live player: equal pieces of at most 0.9 s at 24 kHz, in order."""
+def live_pieces(held: list[np.ndarray]) -> list[np.ndarray]:
+    """The int16 audio `held` for a live player, joined and cut in equal pieces of at most 0.48 s at 24 kHz."""
+    audio = np.concatenate(held)
     return np.array_split(audio, max(1, math.ceil(len(audio) / LIVE_PIECE_SAMPLES)))
 
 
@@ -746,7 +748,7 @@ def build_demo(studio: Studio):
                     note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
                     pacer.revise(*lengths.finished(payload.index, len(held[-1]) / 24_000))
                     if pacer.add(len(held[-1]) / 24_000):
-                        for piece in live_pieces(np.concatenate(held)):
+                        for piece in live_pieces(held):
                             yield (24_000, piece), note, *[gr.skip()] * 10
                         held = []
                     else:
@@ -758,7 +760,7 @@ def build_demo(studio: Studio):
                     fail(payload)
                 else:
                     if held:  # the rest of the held lines, before the files
-                        for piece in live_pieces(np.concatenate(held)):
+                        for piece in live_pieces(held):
                             yield (24_000, piece), gr.skip(), *[gr.skip()] * 10
                         held = []
                     progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
@@ -1001,19 +1003,19 @@ def build_demo(studio: Studio):
             pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08, margin_s=LIVE_DELIVERY_S)
             for chunk in studio.engine.stream(text, speaker, context, sampling, stream, visitor=studio.visitor(key)):
                 chunks.append(chunk.audio)
-                held.append(chunk.audio)
+                held.append(_int16(chunk.audio))
                 made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
                 if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
-                    for piece in live_pieces(_int16(torch.cat(held))):
+                    for piece in live_pieces(held):
                         yield (24_000, piece), gr.skip(), made
                     held = []
-                elif pacer.wait_s() is None:
+                elif (wait := pacer.wait_s()) is None:
                     yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
                 else:
                     yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
-                                                 f"playback starts in ~{pacer.wait_s():.0f} s and then does not pause.")
+                                                 f"playback starts in ~{wait:.0f} s and then does not pause.")
             if held:
-                for piece in live_pieces(_int16(torch.cat(held))):
+                for piece in live_pieces(held):
                     yield (24_000, piece), gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)

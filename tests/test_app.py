@@ -304,7 +304,7 @@ def _assert_live_segments_are_short(live_outputs):
     """The live player streams over HLS: Gradio's playlist declares its longest segment as the target
     duration, and the browser reloads the playlist about that often. Held audio handed over as one long
     segment made the page look for new audio only every few seconds and pause; it goes in pieces of
-    at most 0.9 s, so the target stays 1 s."""
+    at most 0.48 s, so the target stays 1 s."""
     playlists = [o for o in live_outputs if isinstance(o, str) and o.endswith(".m3u8")]
     assert playlists, live_outputs
     text = Path(playlists[-1]).read_text()
