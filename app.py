@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import contextvars
 import html
+import io
 import itertools
 import logging
 import math
@@ -21,6 +22,7 @@ import secrets
 import sys
 import threading
 import time
+import wave
 from functools import partial
 from pathlib import Path
 
@@ -99,10 +101,28 @@ LIVE_PIECE_SAMPLES = 11_520
 LIVE_DELIVERY_S = 1.0
 
 
-def live_pieces(held: list[np.ndarray]) -> list[np.ndarray]:
-    """The int16 audio `held` for a live player, joined and cut in equal pieces of at most 0.48 s at 24 kHz."""
+def live_pieces(held: list[np.ndarray]) -> list[bytes]:
+    """The int16 audio `held` for a live player, joined and cut in equal pieces of at most 0.48 s at
+    24 kHz, each a complete 16-bit mono WAV file in memory.
+
+    Bytes, not (rate, array): Gradio writes an array yielded to a streaming player to its shared cache
+    under a name made from the samples' hash, in place, and reads it back for its encoder. Two renders
+    making the same audio at once (the pause between lines is the same silence for everyone; testers
+    who try the same text with the same seed) wrote and read one file together, and a reader that caught
+    it half-written failed the whole render ("Decoding the streamed audio chunk failed", seen here with
+    8 testers). Bytes are handed to the encoder as they are, with no file at all."""
     audio = np.concatenate(held)
-    return np.array_split(audio, max(1, math.ceil(len(audio) / LIVE_PIECE_SAMPLES)))
+    return [_wav_bytes(piece) for piece in np.array_split(audio, max(1, math.ceil(len(audio) / LIVE_PIECE_SAMPLES)))]
+
+
+def _wav_bytes(pcm: np.ndarray, rate: int = 24_000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return out.getvalue()
 
 
 # ---- arguments from the page and from API callers, checked before Gradio reads them -----------
@@ -749,7 +769,7 @@ def build_demo(studio: Studio):
                     pacer.revise(*lengths.finished(payload.index, len(held[-1]) / 24_000))
                     if pacer.add(len(held[-1]) / 24_000):
                         for piece in live_pieces(held):
-                            yield (24_000, piece), note, *[gr.skip()] * 10
+                            yield piece, note, *[gr.skip()] * 10
                         held = []
                     else:
                         wait = pacer.wait_s()
@@ -761,7 +781,7 @@ def build_demo(studio: Studio):
                 else:
                     if held:  # the rest of the held lines, before the files
                         for piece in live_pieces(held):
-                            yield (24_000, piece), gr.skip(), *[gr.skip()] * 10
+                            yield piece, gr.skip(), *[gr.skip()] * 10
                         held = []
                     progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
                     try:
@@ -1007,7 +1027,7 @@ def build_demo(studio: Studio):
                 made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
                 if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
                     for piece in live_pieces(held):
-                        yield (24_000, piece), gr.skip(), made
+                        yield piece, gr.skip(), made
                     held = []
                 elif (wait := pacer.wait_s()) is None:
                     yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
@@ -1016,7 +1036,7 @@ def build_demo(studio: Studio):
                                                  f"playback starts in ~{wait:.0f} s and then does not pause.")
             if held:
                 for piece in live_pieces(held):
-                    yield (24_000, piece), gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
+                    yield piece, gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)
         if not chunks:

@@ -311,3 +311,27 @@ def _assert_live_segments_are_short(live_outputs):
     assert "#EXT-X-TARGETDURATION:1\n" in text, text
     segments = [float(line.split(":")[1].rstrip(",")) for line in text.splitlines() if line.startswith("#EXTINF:")]
     assert len(segments) > 2 and max(segments) <= 1.0, segments
+
+
+def test_live_pieces_are_whole_wav_files_that_gradio_reads_without_ffmpeg(monkeypatch):
+    """What the live players get: complete 16-bit WAV files of at most 0.48 s that Gradio's stream
+    encoder parses itself (a file it cannot parse goes to ffmpeg, which fails the render), holding
+    exactly the held audio, in order."""
+    import app
+    from gradio import audio_stream_encoder as encoder
+
+    def no_ffmpeg(*args, **kwargs):
+        raise AssertionError("Gradio handed a live piece to ffmpeg")
+
+    monkeypatch.setattr(encoder, "_ffmpeg_decode", no_ffmpeg)
+    monkeypatch.setattr(encoder.AudioSegment, "from_file", no_ffmpeg)
+    audio = (np.random.default_rng(0).standard_normal(30_001) * 3000).astype(np.int16)
+    pieces = app.live_pieces([audio[:7], audio[7:20_000], audio[20_000:]])
+    assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)
+    pcm = []
+    for i, piece in enumerate(pieces):
+        rate, channels, raw = encoder.decode_to_pcm(piece) if i == 0 else encoder.decode_to_pcm(piece, 24_000, 1)
+        assert (rate, channels) == (24_000, 1)
+        assert len(raw) // 2 <= app.LIVE_PIECE_SAMPLES
+        pcm.append(np.frombuffer(raw, "<i2"))
+    np.testing.assert_array_equal(np.concatenate(pcm), audio)

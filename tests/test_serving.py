@@ -109,6 +109,47 @@ def test_quick_streams_from_several_visitors_at_once(served):
         assert "seed" in str(out[-1]) and sf.read(out[1])[0].size > 0
 
 
+def test_visitors_making_the_same_audio_at_once_all_get_it(served, monkeypatch):
+    """Testers trying the same script with the same seed at once make the same audio, and every
+    script's pauses are the same silence. Gradio stored an array yielded to a live player in its shared
+    cache under the samples' hash, writing and reading the file in place: with 8 such renders at once a
+    reader caught another's half-written file and the render failed ("Decoding the streamed audio
+    chunk failed"). The live pieces bypass that cache, and every visitor gets the whole dialogue."""
+    import gradio.processing_utils as pu
+
+    url, studio, _ = served
+    cached = []
+    real = pu.save_audio_to_cache
+    monkeypatch.setattr(pu, "save_audio_to_cache", lambda *a, **k: cached.append(a[0].shape) or real(*a, **k))
+    script = "A: The same words for everyone.\nB: And the same second line."
+    results, errors = {}, []
+
+    def visit(i):
+        try:
+            client = gradio_client.Client(url, verbose=False)
+            job = client.submit(f"serving-same-{i:02d}", script, {"headers": ["speaker", "profile"], "data": []},
+                                0.9, 50, 11, 1.0, 300, "conversational", api_name="/render_script")
+            out = job.result(timeout=300)
+            assert str(out[1]).startswith("Done: 2 lines"), out[1]
+            assert any(isinstance(o[0], str) and o[0].endswith(".m3u8") for o in job.outputs())  # it streamed
+            results[i] = sf.read(out[2])[0]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(VISITORS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    import app
+
+    live = [shape for shape in cached if shape[0] <= app.LIVE_PIECE_SAMPLES]  # the rest: whole dialogues
+    assert not live, f"{len(live)} live pieces went through Gradio's shared audio cache"
+    for audio in results.values():
+        np.testing.assert_array_equal(audio, results[0])
+
+
 def test_status_shows_the_generation_rows(served):
     url, _, _ = served
     text = gradio_client.Client(url, verbose=False).predict("serving-status-00", api_name="/status")
