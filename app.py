@@ -99,6 +99,11 @@ LIVE_PIECE_SAMPLES = 11_520
 # ...and so a piece reaches the player up to about a second after it was handed over, later for one
 # piece than for the one before: the pacers hold that much more audio before playback starts.
 LIVE_DELIVERY_S = 1.0
+# Cancel (the button, a closed tab, gradio_client's job.cancel()) reaches a streaming handler only when
+# it yields: Gradio retries closing the generator until then, holding its cancel lock. A Script render
+# yields a no-change update at least this often, so a cancelled render frees its generation row within
+# about this long, not when its current line ends (on two CPU cores at csm-1b, ~30 s).
+HEARTBEAT_S = 0.5
 
 
 def live_pieces(held: list[np.ndarray]) -> list[bytes]:
@@ -753,12 +758,19 @@ def build_demo(studio: Studio):
         pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses),
                       margin_s=LIVE_DELIVERY_S)
         lengths = LineLengths(guesses)  # the guesses corrected by the lines made so far
-        held = []
+        held, beat = [], time.monotonic()
         try:
             while True:
-                item = events.get()
-                if not isinstance(item, tuple):  # a Progress event
-                    progress(item.fraction, desc=stage_text(item, started, lines_done))
+                try:
+                    item = events.get(timeout=HEARTBEAT_S)
+                except queue.Empty:
+                    item = None
+                if not isinstance(item, tuple):  # a Progress event, or nothing for a while
+                    if item is not None:
+                        progress(item.fraction, desc=stage_text(item, started, lines_done))
+                    if time.monotonic() - beat >= HEARTBEAT_S:  # Gradio can close this generator only at a yield
+                        beat = time.monotonic()
+                        yield (gr.skip(),) * 12
                     continue
                 kind, payload = item
                 if kind == "clip":

@@ -335,3 +335,32 @@ def test_live_pieces_are_whole_wav_files_that_gradio_reads_without_ffmpeg(monkey
         assert len(raw) // 2 <= app.LIVE_PIECE_SAMPLES
         pcm.append(np.frombuffer(raw, "<i2"))
     np.testing.assert_array_equal(np.concatenate(pcm), audio)
+
+
+def test_a_cancelled_render_stops_generating_within_a_second(app_url, monkeypatch):
+    """Cancel (the button, a closed tab, gradio_client's job.cancel()) reaches a streaming handler only
+    at its next yield. The Script render used to yield only when a line finished, so a cancelled render
+    kept its generation row until then (on two CPU cores at csm-1b size, ~30 s per line)."""
+    import time
+
+    url, studio = app_url
+    real, stopped = studio.render, []
+
+    def timed(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        finally:
+            stopped.append(time.monotonic())
+
+    monkeypatch.setattr(studio, "render", timed)
+    client = Client(url, verbose=False)
+    script = "A: A long first line that runs all the way to its limit.\nB: And a second one."
+    job = client.submit("visitor-cancel-01", script, {"headers": ["speaker", "profile"], "data": []}, 0.9, 50, 5, 30,
+                        0, "conversational", api_name="/render_script")
+    time.sleep(2.5)  # generating line 1 (30 s of audio: several seconds here)
+    assert not stopped and not job.done()
+    cancelled = time.monotonic()
+    job.cancel()
+    while not stopped and time.monotonic() - cancelled < 60:
+        time.sleep(0.05)
+    assert stopped and stopped[0] - cancelled < 1.5, f"generation went on {stopped[0] - cancelled:.1f} s after the cancel"
