@@ -203,12 +203,17 @@ class Scheduler:
             if self._closed:
                 raise BusyError("the generation scheduler has stopped (the server is shutting down)")
             self._drop_cancelled()
-            if len(self._waiting) >= self.max_waiting and not self._free_rows():
-                raise BusyError(f"the server is busy: {len(self._waiting)} requests are already waiting for "
-                                f"the {self.max_rows} generation rows; try again in a minute")
+            # Requests that arrived since the loop last admitted any are still in the queue, however many
+            # rows are free: only those beyond the free rows will wait. (Counting the free rows as "not
+            # busy" let a burst of 100 API calls from one key all queue, each holding a thread.)
+            free = self._free_rows()
+            if len(self._waiting) >= self.max_waiting + free:
+                raise BusyError(f"the server is busy: {len(self._waiting) - free} requests are already waiting "
+                                f"for the {self.max_rows} generation rows; try again in a minute")
             mine = sum(t.request.visitor == request.visitor for t in self._waiting)
-            if request.visitor is not None and mine >= max(self.waiting_per_visitor, 1) and not self._free_rows():
-                raise BusyError(f"you already have {mine} requests waiting; wait for them to finish, then try again")
+            if request.visitor is not None and mine >= max(self.waiting_per_visitor, 1) + free:
+                raise BusyError(f"you already have {mine - free} requests waiting; wait for them to finish, "
+                                "then try again")
             self._waiting.append(ticket)
             self._cond.notify_all()
         return ticket

@@ -387,3 +387,29 @@ def test_visitors_with_the_same_voice_share_its_prefill_while_the_first_still_ge
     sizes = [engine.build_prompt(text, 0, voice)[0].size(0) for text, _ in plans]
     assert stats["prefilled_positions"] <= sizes[0] + sum(n - voice_positions for n in sizes[1:])
     assert engine.prefix.hits >= 2
+
+
+def test_a_burst_is_bounded_even_when_rows_are_free(engine):
+    """Requests that arrive together all sit in the queue until the loop admits them, free rows or
+    not: the bounds count only those beyond the free rows. Before, a burst of 100 API calls from one
+    key was accepted whole while rows were free (each holding a server thread)."""
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 300)
+    scheduler = engine.serve(max_rows=2, max_waiting=6, per_visitor=2, waiting_per_visitor=3)
+    with scheduler._cond:  # the loop admits nothing meanwhile: every request of the burst arrives "at once"
+        accepted, refused = [], []
+        for i in range(12):
+            try:
+                accepted.append(scheduler.submit(request(engine, TEXTS[i % len(TEXTS)], s, seed=i, visitor="burst")))
+            except BusyError as e:
+                refused.append(str(e))
+        assert len(accepted) == 2 + 3  # the two free rows, then this visitor's 3 places in the queue
+        assert refused and all("you already have 3 requests waiting" in m for m in refused)
+        for i in range(8):  # other visitors: the queue's 6 places in all
+            try:
+                accepted.append(scheduler.submit(request(engine, TEXTS[i % len(TEXTS)], s, seed=i, visitor=f"v{i}")))
+            except BusyError as e:
+                refused.append(str(e))
+        assert len(accepted) == 2 + 6
+        assert "6 requests are already waiting" in refused[-1]
+    for t in accepted:
+        t.cancel()
