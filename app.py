@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import wave
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -128,6 +129,54 @@ def _wav_bytes(pcm: np.ndarray, rate: int = 24_000) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm.astype("<i2").tobytes())
     return out.getvalue()
+
+
+def beating(make: Callable[[Callable[[], bool]], Iterator], every_s: float) -> Iterator:
+    """The items of `make(stopped)`, made on a worker thread, with None in between whenever `every_s`
+    passes without one, so a streaming handler can yield that often (Gradio closes a handler only at a
+    yield: see HEARTBEAT_S). Closing this iterator makes `stopped()` true (for the maker to stop at once),
+    stops the worker before its next item and closes `make`'s iterator on the worker's thread (where it
+    was made: torch's modes and the visitor are per thread). What the worker raises is raised here."""
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.25)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            made = make(stop.is_set)
+            try:
+                for item in made:
+                    if not put(("item", item)):
+                        return
+            finally:
+                getattr(made, "close", lambda: None)()
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's side
+            put(("error", e))
+
+    threading.Thread(target=run, name="csm-stream-worker", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = items.get(timeout=every_s)
+            except queue.Empty:
+                yield None
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 # ---- arguments from the page and from API callers, checked before Gradio reads them -----------
@@ -1033,19 +1082,25 @@ def build_demo(studio: Studio):
             stream = StreamConfig()
             limit = sampling.max_audio_length_ms / 1000
             pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08, margin_s=LIVE_DELIVERY_S)
-            for chunk in studio.engine.stream(text, speaker, context, sampling, stream, visitor=studio.visitor(key)):
-                chunks.append(chunk.audio)
-                held.append(_int16(chunk.audio))
-                made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
-                if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
-                    for piece in live_pieces(held):
-                        yield piece, gr.skip(), made
-                    held = []
-                elif (wait := pacer.wait_s()) is None:
-                    yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
-                else:
-                    yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
-                                                 f"playback starts in ~{wait:.0f} s and then does not pause.")
+            made_on_worker = beating(lambda stopped: studio.engine.stream(
+                text, speaker, context, sampling, stream, visitor=studio.visitor(key), cancel=stopped), HEARTBEAT_S)
+            with contextlib.closing(made_on_worker):  # a Stop or a closed tab ends the worker at once
+                for chunk in made_on_worker:
+                    if chunk is None:  # nothing new for a while: a yield, so that Stop and a closed tab reach us
+                        yield gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    chunks.append(chunk.audio)
+                    held.append(_int16(chunk.audio))
+                    made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
+                    if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
+                        for piece in live_pieces(held):
+                            yield piece, gr.skip(), made
+                        held = []
+                    elif (wait := pacer.wait_s()) is None:
+                        yield gr.skip(), gr.skip(), f"{made} Measuring the speed before playing…"
+                    else:
+                        yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
+                                                     f"playback starts in ~{wait:.0f} s and then does not pause.")
             if held:
                 for piece in live_pieces(held):
                     yield piece, gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
@@ -1250,7 +1305,9 @@ def build_demo(studio: Studio):
                 q_topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
                 q_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
                 q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
-            q_btn = gr.Button("Speak", variant="primary")
+            with gr.Row():
+                q_btn = gr.Button("Speak", variant="primary")
+                q_stop = gr.Button("Stop", variant="stop")
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
             q_file = gr.File(label="Download")
             q_msg = gr.Markdown(elem_classes=[NOTE])
@@ -1355,8 +1412,9 @@ def build_demo(studio: Studio):
                                               *shown[:6], last_voices, *shown[6:], voice_choices],
                      api_name="reopen_last")
         library_changed(open_event)
-        q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max], [q_live, q_file, q_msg],
-                    api_name="say", concurrency_id="gpu")
+        say_event = q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max],
+                                [q_live, q_file, q_msg], api_name="say", concurrency_id="gpu")
+        q_stop.click(lambda: "Stopped.", None, [q_msg], cancels=[say_event], api_name=False, queue=False)
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
         wm_last_btn.click(check_last, [key], [wm_msg], api_name="check_last_render")
         status_btn.click(status, [key], [status_md], api_name="status")

@@ -266,7 +266,7 @@ def test_quick_holds_audio_made_slower_than_real_time_until_it_will_not_pause(ap
     job = client.submit("visitor-slow-01", "Hello there, this is a slower test.", "(none)", 0.9, 50, 3, 4,
                         api_name="/say")
     job.result(timeout=120)
-    notes = [out[2] for out in job.outputs()]
+    notes = [out[2] for out in job.outputs() if isinstance(out[2], str)]  # not the heartbeats (no change)
     assert any("playback starts in ~" in n and "does not pause" in n for n in notes), notes
     assert notes[0].endswith("Measuring the speed before playing…")  # one chunk: no speed yet, held
     held = [n for n in notes if "playback starts in ~" in n]
@@ -317,8 +317,9 @@ def test_live_pieces_are_whole_wav_files_that_gradio_reads_without_ffmpeg(monkey
     """What the live players get: complete 16-bit WAV files of at most 0.48 s that Gradio's stream
     encoder parses itself (a file it cannot parse goes to ffmpeg, which fails the render), holding
     exactly the held audio, in order."""
-    import app
     from gradio import audio_stream_encoder as encoder
+
+    import app
 
     def no_ffmpeg(*args, **kwargs):
         raise AssertionError("Gradio handed a live piece to ffmpeg")
@@ -364,3 +365,79 @@ def test_a_cancelled_render_stops_generating_within_a_second(app_url, monkeypatc
     while not stopped and time.monotonic() - cancelled < 60:
         time.sleep(0.05)
     assert stopped and stopped[0] - cancelled < 1.5, f"generation went on {stopped[0] - cancelled:.1f} s after the cancel"
+
+
+def test_beating_hands_over_items_with_heartbeats_between_and_stops_its_worker():
+    """`app.beating` runs an iterator on a worker thread: its items in order, None whenever nothing came
+    for `every_s`, its error raised on the caller's side, and closing it stops the worker and closes the
+    iterator there, before it makes another item."""
+    import threading
+    import time
+
+    import app
+
+    made, closed_on = [], []
+
+    def slow(stopped):
+        try:
+            for i in range(100):
+                if stopped():
+                    return
+                time.sleep(0.15 if i != 1 else 0.5)
+                made.append(i)
+                yield i
+        finally:
+            closed_on.append(threading.current_thread().name)
+
+    beats = app.beating(slow, 0.1)
+    got = []
+    for item in beats:
+        got.append(item)
+        if len([g for g in got if g is not None]) == 3:
+            break
+    beats.close()
+    assert [g for g in got if g is not None] == [0, 1, 2]
+    assert got.count(None) >= 4  # the 0.5 s wait before item 1 alone gives 4 beats
+    deadline = time.monotonic() + 5
+    while not closed_on and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert closed_on == ["csm-stream-worker"] and len(made) <= 4  # stopped at once, not run to 100
+
+    def broken(stopped):
+        yield "first"
+        raise ValueError("the worker's error")
+
+    with pytest.raises(ValueError, match="the worker's error"):
+        assert list(app.beating(broken, 1.0)) == ["first"]
+
+
+def test_quick_stops_generating_when_cancelled_between_chunks(app_url, monkeypatch):
+    """Quick's chunks come every few seconds at csm-1b size on two CPU cores; a cancel (Stop, a closed
+    tab) used to wait for the next one. Its stream now runs on a worker, and the handler yields between
+    chunks, so the stream is closed within about a second."""
+    import time
+
+    url, studio = app_url
+    real, closed = studio.engine.stream, []
+
+    def slow(*args, cancel, **kwargs):  # a chunk every 3 s, as at csm-1b size here; frames asked after
+        try:                               # each 0.1 s (the engine asks `cancel` after every frame)
+            for chunk in real(*args, cancel=cancel, **kwargs):
+                for _ in range(30):
+                    if cancel():
+                        return
+                    time.sleep(0.1)
+                yield chunk
+        finally:
+            closed.append(time.monotonic())
+
+    monkeypatch.setattr(studio.engine, "stream", slow)
+    client = Client(url, verbose=False)
+    job = client.submit("visitor-stop-01", "A sentence to speak slowly.", "(none)", 0.9, 50, 3, 10, api_name="/say")
+    time.sleep(4.5)  # one chunk made, the next one on its way
+    assert not closed and not job.done()
+    cancelled = time.monotonic()
+    job.cancel()
+    while not closed and time.monotonic() - cancelled < 30:
+        time.sleep(0.05)
+    assert closed and closed[0] - cancelled < 1.5, f"the stream went on {closed[0] - cancelled:.1f} s after the cancel"

@@ -154,7 +154,8 @@ def test_audio_streams_while_it_is_generated_and_the_server_keeps_serving(url, s
 def test_generation_runs_in_a_thread_of_its_own_as_the_caller(url, studio, monkeypatch):
     seen = []
 
-    def stream(text, speaker, context, sampling, chunks):
+    def stream(text, speaker, context, sampling, chunks, cancel):
+        assert not cancel()  # true once the client has gone (the engine asks it after every frame)
         seen.append((scheduler.current_visitor(), threading.current_thread().name, text, speaker, len(context)))
         yield AudioChunk(audio=torch.zeros(1920), frames=1, seed=sampling.seed, watermarked=False)
 

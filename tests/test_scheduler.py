@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from csm_multi import SamplingConfig
+from csm_multi import SamplingConfig, StreamConfig
 from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import get_preset
 from csm_multi.engine import Engine
@@ -413,3 +413,27 @@ def test_a_burst_is_bounded_even_when_rows_are_free(engine):
         assert "6 requests are already waiting" in refused[-1]
     for t in accepted:
         t.cancel()
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["scheduler", "alone"])
+def test_a_stream_asked_to_cancel_stops_at_the_next_frame(engine, served):
+    """`Engine.stream(cancel=...)` is asked after every frame: once it says True the stream ends there,
+    before its chunk is full, and (served) its row is free at once."""
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 200, seed=3)
+    scheduler = engine.serve(max_rows=2) if served else None
+    if not served:
+        engine.stop_serving()
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(asked) > 5
+
+    chunks = list(engine.stream(TEXTS[0], 0, (), s, StreamConfig(first_chunk_frames=11, chunk_frames=11),
+                                cancel=cancel))
+    assert chunks == [] and len(asked) == 6  # 5 frames made, none decoded, the 6th ended it
+    if served:
+        deadline = time.monotonic() + 10
+        while scheduler.stats()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.stats()["active"] == 0 and scheduler.frames < 20

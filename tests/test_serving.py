@@ -117,7 +117,7 @@ def test_visitors_making_the_same_audio_at_once_all_get_it(served, monkeypatch):
     chunk failed"). The live pieces bypass that cache, and every visitor gets the whole dialogue."""
     import gradio.processing_utils as pu
 
-    url, studio, _ = served
+    url, _, _ = served
     cached = []
     real = pu.save_audio_to_cache
     monkeypatch.setattr(pu, "save_audio_to_cache", lambda *a, **k: cached.append(a[0].shape) or real(*a, **k))
