@@ -22,7 +22,7 @@ from .config import FRAME_MS, MAX_SEED, SAMPLE_RATE, SamplingConfig, check_seed
 from .context import LINE, PROFILE, ContextBudget, ContextItem
 from .endings import end_sentence, pad_line, trim_clip
 from .engine import GENERATING, Engine, Utterance
-from .errors import CsmError
+from .errors import BusyError, CsmError
 from .frames import Segment, format_text
 from .script import MAX_PAUSE_MS, ScriptLine, check_speakers, clean_line_text, parse_script, speaker_key, speakers
 from .takes import MAX_CANDIDATES, MAX_TAKES, TakeScore, Transcribe, best, ending_score, measure
@@ -536,6 +536,8 @@ class ScriptRenderer:
                                                   on_frame=report.frame, on_stage=report)
         except RenderError:
             raise
+        except BusyError as e:  # nothing went wrong with the line: there was no room for it
+            raise RenderError(f"line {line.number} ({line.speaker}) was not started: {e}", report.result, line) from e
         except Exception as e:  # report which line failed; keep what was made
             raise RenderError(f"line {line.number} ({line.speaker}) failed: {e}", report.result, line) from e
         return [_clip(index, line, ids, voices, config, utt, kept, dropped, used, first_take + t, split)
@@ -566,6 +568,8 @@ class ScriptRenderer:
                 utts = self.engine.generate_batch(requests, sampling, seeds, on_frame=report.frame, on_stage=report)
             except RenderError:
                 raise
+            except BusyError as e:
+                raise RenderError(f"lines {first.number}-{last.number} were not started: {e}", result, first) from e
             except Exception as e:
                 raise RenderError(f"lines {first.number}-{last.number} failed: {e}", result, first) from e
             for row, (index, kept, dropped, used, split) in enumerate(meta):

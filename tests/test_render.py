@@ -13,7 +13,7 @@ from csm_multi.codec import MimiCodec, build_mimi
 from csm_multi.config import SAMPLES_PER_FRAME
 from csm_multi.endings import FILLER, pad_line
 from csm_multi.engine import Engine, Utterance
-from csm_multi.errors import ScriptError
+from csm_multi.errors import BusyError, ScriptError
 from csm_multi.frames import Segment
 from csm_multi.render import FAST, RenderCancelled, RenderConfig, RenderError, ScriptRenderer
 from csm_multi.text import ByteTokenizer
@@ -163,6 +163,17 @@ def test_failing_line_reports_its_number_and_keeps_clips(engine, profiles):
     with pytest.raises(RenderError, match=r"line 4 \(Carol\) failed: CUDA error") as e:
         ScriptRenderer(Flaky(engine), profiles).render(SCRIPT, VOICES, CONFIG)
     assert [c.line.number for c in e.value.partial.clips] == [2, 3]
+
+    class Full(Flaky):  # a full queue is not a failure of the line: the message says it never started
+        def generate(self, *args, **kwargs):
+            self.n += 1
+            if self.n == 2:
+                raise BusyError("the server is busy: 64 requests are already waiting; try again in a minute")
+            return self.inner.generate(*args, **kwargs)
+
+    with pytest.raises(RenderError, match=r"^line 3 \(Bob\) was not started: the server is busy") as e:
+        ScriptRenderer(Full(engine), profiles).render(SCRIPT, VOICES, CONFIG)
+    assert [c.line.number for c in e.value.partial.clips] == [2]
 
 
 def test_rerender_one_line_keeps_the_others(rendered, engine, profiles):
