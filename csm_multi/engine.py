@@ -300,19 +300,22 @@ class Engine:
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
                sampling: SamplingConfig = SamplingConfig(), chunks: StreamConfig = StreamConfig(),
-               visitor: str | None = None) -> Iterator[AudioChunk]:
+               visitor: str | None = None, cancel: Callable[[], bool] | None = None) -> Iterator[AudioChunk]:
         """Yield decoded audio while frames are generated, `chunks` frames at a time.
 
         `visitor` (default: the caller's `scheduler.as_visitor`, read now, not at the first chunk:
         a web server may pull each chunk on another thread) names whose share of the batch it uses.
+        `cancel`, asked after every frame, ends the stream there once it says True (its generation row
+        is freed at once, without waiting for the chunk to fill): closing the iterator can only do that
+        between chunks.
 
         Each chunk is watermarked on its own, so a listener never receives unmarked audio (see
         StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the
         whole-call decode of the same codes up to Mimi's streaming tolerance (tests/test_engine.py).
         """
-        return self._stream(text, speaker, context, sampling, chunks, visitor or current_visitor())
+        return self._stream(text, speaker, context, sampling, chunks, visitor or current_visitor(), cancel)
 
-    def _stream(self, text, speaker, context, sampling, chunks, visitor) -> Iterator[AudioChunk]:
+    def _stream(self, text, speaker, context, sampling, chunks, visitor, cancel=None) -> Iterator[AudioChunk]:
         with torch.inference_mode():
             with as_visitor(visitor):  # only submitting reads it
                 frames, seed, _ = self._frames(text, speaker, context, sampling)
@@ -321,6 +324,8 @@ class Engine:
             with self.codec.stream(batch_size=1) as decoder, contextlib.closing(frames):
                 want = chunks.first_chunk_frames
                 for frame in frames:
+                    if cancel is not None and cancel():
+                        return
                     pending.append(frame)
                     if len(pending) < want:
                         continue

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted so clients that hard-code them work
 NO_VOICE_NAMES = ("none", "(none)")  # the voice for "no reference voice", unless a profile has the name
 RETRY_AFTER_S = 5  # what a 429 tells the caller to wait
+STALL_S = 120.0  # a streaming client that reads nothing for this long is given up on (see _Pump)
 MAX_BODY_BYTES = 64 * 1024  # a speech request is text of at most max_line_chars; more is not one
 
 
@@ -353,10 +354,15 @@ def make_encoder(fmt: str):
 class _Pump:
     """Runs a blocking iterator of bytes in one thread (the engine's generator must start, run and
     close in the same thread: torch's inference mode and the visitor are per thread) and hands its
-    items to the event loop through a short queue, so a slow client slows generation down."""
+    items to the event loop through a short queue, so a slow client slows generation down. A client
+    that takes nothing for `stall_s` while the queue is full is given up on: the generation stops at its
+    next frame and the thread ends (it would otherwise wait as long as the connection stays open, one
+    thread per such connection)."""
 
-    def __init__(self, produce: Callable[[], Iterator[bytes]], depth: int = 4):
+    def __init__(self, produce: Callable[[Callable[[], bool]], Iterator[bytes]], depth: int = 4,
+                 stall_s: float = STALL_S):
         self._produce = produce
+        self._stall_s = stall_s
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue(depth)
         self._stop = threading.Event()
@@ -367,11 +373,16 @@ class _Pump:
             future = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
         except RuntimeError:  # the loop is closed: the server is stopping
             return False
+        since = time.monotonic()
         while True:
             try:
                 future.result(timeout=0.25)
                 return True
             except concurrent.futures.TimeoutError:
+                stalled = time.monotonic() - since > self._stall_s
+                if stalled:
+                    log.warning("a speech client took nothing for %.0f s: its stream is stopped", self._stall_s)
+                    self._stop.set()
                 if self._stop.is_set():
                     future.cancel()
                     return False
@@ -380,7 +391,7 @@ class _Pump:
 
     def _run(self) -> None:
         try:
-            items = self._produce()
+            items = self._produce(self._stop.is_set)
             try:
                 for item in items:
                     if self._stop.is_set() or not self._put(("bytes", item)):
@@ -402,13 +413,16 @@ class _Pump:
         self._stop.set()
 
 
-def _speech_bytes(studio: Studio, speech: Speech, context: list[Segment], visitor: str) -> Iterator[bytes]:
-    """The encoded audio of `speech`, as it is generated (buffered formats: once, at the end)."""
+def _speech_bytes(studio: Studio, speech: Speech, context: list[Segment], visitor: str,
+                  cancel: Callable[[], bool] | None = None) -> Iterator[bytes]:
+    """The encoded audio of `speech`, as it is generated (buffered formats: once, at the end); `cancel`
+    (the client went away) ends it at the next frame."""
     with scheduler.as_visitor(visitor):
         speaker = context[0].speaker if context else 0
         encoder = make_encoder(speech.format)
         generated = 0
-        for chunk in studio.engine.stream(speech.text, speaker, context, speech.sampling, StreamConfig()):
+        for chunk in studio.engine.stream(speech.text, speaker, context, speech.sampling, StreamConfig(),
+                                          cancel=cancel):
             generated += chunk.audio.numel()
             data = encoder.feed(chunk.audio.numpy())
             if data:
@@ -501,7 +515,7 @@ def openai_router(studio: Studio, *, model_name: str = "csm-1b") -> fastapi.APIR
         key, visitor = caller(request)
         wanted = check_request(await _json_body(request), studio, models)
         context = await run_in_threadpool(_voice_context, studio, key, wanted.voice)
-        pump = _Pump(lambda: _speech_bytes(studio, wanted, context, visitor))
+        pump = _Pump(lambda stopped: _speech_bytes(studio, wanted, context, visitor, stopped))
         try:
             first = await pump.next()  # errors before any audio are still HTTP errors
         except BaseException:

@@ -3,6 +3,7 @@ by the real `openai` client, as Open WebUI or a script would."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -338,3 +339,30 @@ def test_an_unavailable_api_says_why_in_openai_shape(studio):
         assert r.status_code == 503
         assert r.json()["error"]["message"] == "this Space runs on ZeroGPU: not served here"
         assert r.json()["error"]["code"] == "unavailable"
+
+
+def test_a_client_that_stops_reading_frees_its_generation_thread():
+    """A streaming client that stays connected but reads nothing: once the short queue is full and
+    nothing is taken for `stall_s`, the generation is asked to stop and its thread ends, instead of
+    waiting as long as the connection stays open."""
+    from csm_multi.openai_api import _Pump
+
+    made, closed = [], threading.Event()
+
+    def produce(stopped):
+        try:
+            for i in range(1000):
+                if stopped():
+                    return
+                made.append(i)
+                yield b"audio"
+        finally:
+            closed.set()
+
+    async def client_reads_once():
+        pump = _Pump(produce, depth=2, stall_s=0.5)
+        assert await pump.next() == b"audio"
+        await asyncio.sleep(2.0)  # connected, reading nothing
+
+    asyncio.run(client_reads_once())
+    assert closed.wait(5) and len(made) <= 5
