@@ -305,9 +305,10 @@ class Engine:
 
         `visitor` (default: the caller's `scheduler.as_visitor`, read now, not at the first chunk:
         a web server may pull each chunk on another thread) names whose share of the batch it uses.
-        `cancel`, asked after every frame, ends the stream there once it says True (its generation row
-        is freed at once, without waiting for the chunk to fill): closing the iterator can only do that
-        between chunks.
+        `cancel`, asked after every frame (and every half second while the request waits for a row),
+        ends the stream there once it says True (its generation row or its place in the queue is freed
+        at once, without waiting for the chunk to fill): closing the iterator can only do that between
+        chunks.
 
         Each chunk is watermarked on its own, so a listener never receives unmarked audio (see
         StreamConfig for the chunk length a verifiable mark needs). Concatenated chunks equal the
@@ -316,22 +317,29 @@ class Engine:
         return self._stream(text, speaker, context, sampling, chunks, visitor or current_visitor(), cancel)
 
     def _stream(self, text, speaker, context, sampling, chunks, visitor, cancel=None) -> Iterator[AudioChunk]:
+        def waiting(_stage: str) -> None:  # heard every half second while the request waits for a row
+            if cancel():
+                raise _Cancelled
+
         with torch.inference_mode():
             with as_visitor(visitor):  # only submitting reads it
-                frames, seed, _ = self._frames(text, speaker, context, sampling)
+                frames, seed, _ = self._frames(text, speaker, context, sampling, waiting if cancel else None)
             pending: list[torch.Tensor] = []
             done = 0
             with self.codec.stream(batch_size=1) as decoder, contextlib.closing(frames):
                 want = chunks.first_chunk_frames
-                for frame in frames:
-                    if cancel is not None and cancel():
-                        return
-                    pending.append(frame)
-                    if len(pending) < want:
-                        continue
-                    done += len(pending)
-                    yield self._chunk(decoder, pending, done, seed)
-                    pending, want = [], chunks.chunk_frames
+                try:
+                    for frame in frames:
+                        if cancel is not None and cancel():
+                            return
+                        pending.append(frame)
+                        if len(pending) < want:
+                            continue
+                        done += len(pending)
+                        yield self._chunk(decoder, pending, done, seed)
+                        pending, want = [], chunks.chunk_frames
+                except _Cancelled:  # while it waited for a row: it leaves the queue
+                    return
                 if pending:
                     done += len(pending)
                     yield self._chunk(decoder, pending, done, seed)
@@ -419,6 +427,10 @@ class Engine:
             for stream in streams:
                 stream.close()
         return per_row, drawn
+
+
+class _Cancelled(Exception):
+    """A stream's `cancel` said True while its request waited for a generation row."""
 
 
 def _drawn(seed: int | None) -> int:

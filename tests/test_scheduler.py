@@ -437,3 +437,23 @@ def test_a_stream_asked_to_cancel_stops_at_the_next_frame(engine, served):
         while scheduler.stats()["active"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert scheduler.stats()["active"] == 0 and scheduler.frames < 20
+
+
+def test_a_stream_asked_to_cancel_while_it_waits_leaves_the_queue(engine):
+    """A stream waiting for a free row hears `cancel` every half second and leaves the queue, without
+    ever taking a row (a tester who pressed Stop while waiting)."""
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 400, seed=3)
+    scheduler = engine.serve(max_rows=1)
+    hog = scheduler.submit(request(engine, TEXTS[1], s, seed=9, visitor="hog"))
+    it = iter(hog)
+    next(it)  # it holds the only row
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    chunks = list(engine.stream(TEXTS[0], 0, (), s, cancel=stop.is_set))
+    assert chunks == [] and time.monotonic() - started < 3
+    deadline = time.monotonic() + 5
+    while scheduler.stats()["waiting"] and time.monotonic() < deadline:  # dropped at the loop's next step
+        time.sleep(0.02)
+    assert scheduler.stats()["waiting"] == 0 and scheduler.stats()["active"] == 1  # only the hog ran
+    hog.cancel()
