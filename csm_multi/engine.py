@@ -317,28 +317,28 @@ class Engine:
         return self._stream(text, speaker, context, sampling, chunks, visitor or current_visitor(), cancel)
 
     def _stream(self, text, speaker, context, sampling, chunks, visitor, cancel=None) -> Iterator[AudioChunk]:
-        def waiting(_stage: str) -> None:  # heard every half second while the request waits for a row
+        def check(_stage: str = "") -> None:  # after every frame, and every half second while waiting for a row
             if cancel():
                 raise _Cancelled
 
         with torch.inference_mode():
             with as_visitor(visitor):  # only submitting reads it
-                frames, seed, _ = self._frames(text, speaker, context, sampling, waiting if cancel else None)
+                frames, seed, _ = self._frames(text, speaker, context, sampling, check if cancel else None)
             pending: list[torch.Tensor] = []
             done = 0
             with self.codec.stream(batch_size=1) as decoder, contextlib.closing(frames):
                 want = chunks.first_chunk_frames
                 try:
                     for frame in frames:
-                        if cancel is not None and cancel():
-                            return
+                        if cancel is not None:
+                            check()
                         pending.append(frame)
                         if len(pending) < want:
                             continue
                         done += len(pending)
                         yield self._chunk(decoder, pending, done, seed)
                         pending, want = [], chunks.chunk_frames
-                except _Cancelled:  # while it waited for a row: it leaves the queue
+                except _Cancelled:  # its row, or its place in the queue, is given up as `frames` closes
                     return
                 if pending:
                     done += len(pending)
@@ -430,7 +430,7 @@ class Engine:
 
 
 class _Cancelled(Exception):
-    """A stream's `cancel` said True while its request waited for a generation row."""
+    """A stream's `cancel` said True (after a frame, or while its request waited for a row)."""
 
 
 def _drawn(seed: int | None) -> int:

@@ -147,32 +147,28 @@ def test_cancel_keeps_finished_lines(engine, profiles):
 
 
 def test_failing_line_reports_its_number_and_keeps_clips(engine, profiles):
-    class Flaky:
-        def __init__(self, inner):
-            self.inner, self.n = inner, 0
+    class Flaky:  # the engine, raising `error` on its `at`-th generation
+        def __init__(self, inner, at, error):
+            self.inner, self.n, self.at, self.error = inner, 0, at, error
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
         def generate(self, *args, **kwargs):
             self.n += 1
-            if self.n == 3:
-                raise RuntimeError("CUDA error: out of memory")
+            if self.n == self.at:
+                raise self.error
             return self.inner.generate(*args, **kwargs)
 
     with pytest.raises(RenderError, match=r"line 4 \(Carol\) failed: CUDA error") as e:
-        ScriptRenderer(Flaky(engine), profiles).render(SCRIPT, VOICES, CONFIG)
+        ScriptRenderer(Flaky(engine, 3, RuntimeError("CUDA error: out of memory")), profiles).render(SCRIPT, VOICES,
+                                                                                                     CONFIG)
     assert [c.line.number for c in e.value.partial.clips] == [2, 3]
 
-    class Full(Flaky):  # a full queue is not a failure of the line: the message says it never started
-        def generate(self, *args, **kwargs):
-            self.n += 1
-            if self.n == 2:
-                raise BusyError("the server is busy: 64 requests are already waiting; try again in a minute")
-            return self.inner.generate(*args, **kwargs)
-
+    # a full queue is not a failure of the line: the message says it never started
+    full = BusyError("the server is busy: 64 requests are already waiting; try again in a minute")
     with pytest.raises(RenderError, match=r"^line 3 \(Bob\) was not started: the server is busy") as e:
-        ScriptRenderer(Full(engine), profiles).render(SCRIPT, VOICES, CONFIG)
+        ScriptRenderer(Flaky(engine, 2, full), profiles).render(SCRIPT, VOICES, CONFIG)
     assert [c.line.number for c in e.value.partial.clips] == [2]
 
 

@@ -48,6 +48,26 @@ def served(tmp_path_factory, tiny_model, codec):
     engine.stop_serving()
 
 
+def at_once(n, visit):
+    """`visit(i)` for i in range(n), all started together on threads: their results by i. Fails with the
+    errors any of them raised."""
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = visit(i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
 def mapping(name):
     return {"headers": ["speaker", "profile"], "data": [[name, name]]}
 
@@ -66,20 +86,7 @@ def test_visitors_render_at_once_in_one_batch_and_get_the_audio_of_their_seed(se
     for i, (client, key) in enumerate(zip(clients, keys)):
         client.predict(key, gradio_client.handle_file(clip), "a short test clip", f"V{i}", api_name="/add_profile")
     before = studio.engine.scheduler.stats()["batch_sizes"]
-    together, errors = {}, []
-
-    def visit(i):
-        try:
-            together[i] = render(clients[i], keys[i], f"V{i}", seed=40 + i)
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=visit, args=(i,)) for i in range(VISITORS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
+    together = at_once(VISITORS, lambda i: render(clients[i], keys[i], f"V{i}", seed=40 + i))
     after = studio.engine.scheduler.stats()["batch_sizes"]
     assert max(b for b, n in after.items() if n > before.get(b, 0)) > 1  # lines of different visitors shared steps
     for i in (0, VISITORS - 1):  # alone, later: the same audio for the same seed
@@ -88,24 +95,13 @@ def test_visitors_render_at_once_in_one_batch_and_get_the_audio_of_their_seed(se
 
 def test_quick_streams_from_several_visitors_at_once(served):
     url, _, _ = served
-    results, errors = {}, []
 
     def say(i):
-        try:
-            client = gradio_client.Client(url, verbose=False)
-            out = client.predict(f"serving-quick-{i:02d}", f"Quick line number {i}.", None, 0.9, 50, 5 + i, 1.0,
-                                 api_name="/say")
-            results[i] = out
-        except Exception as e:
-            errors.append(e)
+        client = gradio_client.Client(url, verbose=False)
+        return client.predict(f"serving-quick-{i:02d}", f"Quick line number {i}.", None, 0.9, 50, 5 + i, 1.0,
+                              api_name="/say")
 
-    threads = [threading.Thread(target=say, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    for out in results.values():
+    for out in at_once(3, say).values():
         assert "seed" in str(out[-1]) and sf.read(out[1])[0].size > 0
 
 
@@ -117,33 +113,24 @@ def test_visitors_making_the_same_audio_at_once_all_get_it(served, monkeypatch):
     chunk failed"). The live pieces bypass that cache, and every visitor gets the whole dialogue."""
     import gradio.processing_utils as pu
 
+    import app
+
     url, _, _ = served
     cached = []
     real = pu.save_audio_to_cache
     monkeypatch.setattr(pu, "save_audio_to_cache", lambda *a, **k: cached.append(a[0].shape) or real(*a, **k))
     script = "A: The same words for everyone.\nB: And the same second line."
-    results, errors = {}, []
 
     def visit(i):
-        try:
-            client = gradio_client.Client(url, verbose=False)
-            job = client.submit(f"serving-same-{i:02d}", script, {"headers": ["speaker", "profile"], "data": []},
-                                0.9, 50, 11, 1.0, 300, "conversational", api_name="/render_script")
-            out = job.result(timeout=300)
-            assert str(out[1]).startswith("Done: 2 lines"), out[1]
-            assert any(isinstance(o[0], str) and o[0].endswith(".m3u8") for o in job.outputs())  # it streamed
-            results[i] = sf.read(out[2])[0]
-        except Exception as e:  # reported below
-            errors.append(e)
+        client = gradio_client.Client(url, verbose=False)
+        job = client.submit(f"serving-same-{i:02d}", script, {"headers": ["speaker", "profile"], "data": []},
+                            0.9, 50, 11, 1.0, 300, "conversational", api_name="/render_script")
+        out = job.result(timeout=300)
+        assert str(out[1]).startswith("Done: 2 lines"), out[1]
+        assert any(isinstance(o[0], str) and o[0].endswith(".m3u8") for o in job.outputs())  # it streamed
+        return sf.read(out[2])[0]
 
-    threads = [threading.Thread(target=visit, args=(i,)) for i in range(VISITORS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    import app
-
+    results = at_once(VISITORS, visit)
     live = [shape for shape in cached if shape[0] <= app.LIVE_PIECE_SAMPLES]  # the rest: whole dialogues
     assert not live, f"{len(live)} live pieces went through Gradio's shared audio cache"
     for audio in results.values():
