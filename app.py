@@ -105,6 +105,7 @@ LIVE_DELIVERY_S = 1.0
 # yields a no-change update at least this often, so a cancelled render frees its generation row within
 # about this long, not when its current line ends (on two CPU cores at csm-1b, ~30 s).
 HEARTBEAT_S = 0.5
+EDITOR_OUTPUTS = 9  # what the per-line editor's actions answer: note, dialogue, files, ... (build_demo's `shown`)
 
 
 def live_pieces(held: list[np.ndarray]) -> list[bytes]:
@@ -175,6 +176,42 @@ def beating(make: Callable[[Callable[[], bool]], Iterator], every_s: float) -> I
             if kind == "error":
                 raise value
             yield value
+    finally:
+        stop.set()
+
+
+def on_worker(call: Callable[[Callable, Callable[[], bool]], object], every_s: float):
+    """Run the blocking `call(emit, stopped)` on a worker thread: a generator of what it passes to
+    `emit` (progress events, finished clips), with None whenever `every_s` has passed since the last
+    None, events or not, so a handler that yields on None can be closed that often (HEARTBEAT_S).
+    Returns what `call` returns (`result = yield from on_worker(...)`) and raises what it raises.
+    Closing it makes `stopped()` true, so `call` stops at its next check (a render's next frame)."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            events.put(("done", call(lambda item: events.put(("item", item)), stop.is_set)))
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's side
+            events.put(("error", e))
+
+    threading.Thread(target=run, name="csm-handler-worker", daemon=True).start()
+    beat = time.monotonic()
+    try:
+        while True:
+            try:
+                kind, value = events.get(timeout=max(beat + every_s - time.monotonic(), 0.001))
+            except queue.Empty:
+                kind = None
+            if time.monotonic() - beat >= every_s:
+                beat = time.monotonic()
+                yield None
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            elif kind == "done":
+                return value
     finally:
         stop.set()
 
@@ -788,18 +825,9 @@ def build_demo(studio: Studio):
             anyway = gr.Button(value=f"Render {who} without a reference voice", visible=True)
             yield gr.skip(), question, *[gr.skip()] * 6, anyway, *[gr.skip()] * 3
             return
-        events: queue.Queue = queue.Queue()
-        stop = threading.Event()
-
-        def work():
-            try:
-                result = studio.render(key, script, voices, config, progress=throttled(events.put), cancel=stop.is_set,
-                                       on_clip=lambda clip: events.put(("clip", clip)))
-                events.put(("done", result))
-            except Exception as e:  # reported to the browser below
-                events.put(("error", e))
-
-        threading.Thread(target=work, daemon=True).start()
+        work = on_worker(lambda emit, stopped: studio.render(
+            key, script, voices, config, progress=throttled(emit), cancel=stopped,
+            on_clip=lambda clip: emit(("clip", clip))), HEARTBEAT_S)
         started, lines_done = time.monotonic(), []
         # the live player: lines held back while they come slower than they play (pacing.Pacer)
         gaps = [config.pause_before_ms(line, i) / 1000 for i, line in enumerate(lines)]
@@ -807,27 +835,27 @@ def build_demo(studio: Studio):
         pacer = Pacer(sum(guesses), len(lines) * config.max_line_ms / 1000 + sum(gaps), max(guesses),
                       margin_s=LIVE_DELIVERY_S)
         lengths = LineLengths(guesses)  # the guesses corrected by the lines made so far
-        held, beat = [], time.monotonic()
-        try:
+        held = []
+        with contextlib.closing(work):  # cancelled or closed: the worker stops at its next frame
             while True:
                 try:
-                    item = events.get(timeout=HEARTBEAT_S)
-                except queue.Empty:
-                    item = None
-                if not isinstance(item, tuple):  # a Progress event, or nothing for a while
-                    if item is not None:
-                        progress(item.fraction, desc=stage_text(item, started, lines_done))
-                    if time.monotonic() - beat >= HEARTBEAT_S:  # Gradio can close this generator only at a yield
-                        beat = time.monotonic()
-                        yield (gr.skip(),) * 12
-                    continue
-                kind, payload = item
-                if kind == "clip":
+                    item = next(work)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                except Exception as e:  # noqa: BLE001 - the render's own failure, reported to the browser
+                    fail(e)
+                if item is None:  # Gradio can close this generator only at a yield
+                    yield (gr.skip(),) * 12
+                elif not isinstance(item, tuple):  # a progress event
+                    progress(item.fraction, desc=stage_text(item, started, lines_done))
+                else:  # ("clip", a finished line)
+                    clip = item[1]
                     lines_done.append(time.monotonic() - started)
-                    pause = np.zeros(24_000 * config.pause_before_ms(payload.line, payload.index) // 1000, np.int16)
-                    held.append(np.concatenate([pause, _int16(payload.audio)]))
-                    note = f"Rendered line {len(lines_done)} ({html.escape(payload.line.speaker)})…"
-                    pacer.revise(*lengths.finished(payload.index, len(held[-1]) / 24_000))
+                    pause = np.zeros(24_000 * config.pause_before_ms(clip.line, clip.index) // 1000, np.int16)
+                    held.append(np.concatenate([pause, _int16(clip.audio)]))
+                    note = f"Rendered line {len(lines_done)} ({html.escape(clip.line.speaker)})…"
+                    pacer.revise(*lengths.finished(clip.index, len(held[-1]) / 24_000))
                     if pacer.add(len(held[-1]) / 24_000):
                         for piece in live_pieces(held):
                             yield piece, note, *[gr.skip()] * 10
@@ -837,22 +865,15 @@ def build_demo(studio: Studio):
                         when = "after the next line" if wait is None else f"in ~{_duration(max(wait, 1.0))}"
                         yield (gr.skip(), f"{note} Lines come slower than they play here, so playback starts {when} "
                                           "and then does not pause.", *[gr.skip()] * 10)
-                elif kind == "error":
-                    fail(payload)
-                else:
-                    if held:  # the rest of the held lines, before the files
-                        for piece in live_pieces(held):
-                            yield piece, gr.skip(), *[gr.skip()] * 10
-                        held = []
-                    progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
-                    try:
-                        note, *shown = _finished(payload, key, (script, voices, config))
-                    except CsmError as e:  # e.g. the disk is full
-                        fail(e)
-                    yield (gr.skip(), note, *shown[:5], voices, gr.skip(), *shown[5:])
-                    return
-        finally:
-            stop.set()  # cancelled or closed: the worker stops at its next frame
+        if held:  # the rest of the held lines, before the files
+            for piece in live_pieces(held):
+                yield piece, gr.skip(), *[gr.skip()] * 10
+        progress(1.0, desc="encoding the files (WAV, FLAC, MP3, stems)")
+        try:
+            note, *shown = _finished(result, key, (script, voices, config))
+        except CsmError as e:  # e.g. the disk is full
+            fail(e)
+        yield (gr.skip(), note, *shown[:5], voices, gr.skip(), *shown[5:])
 
     def _finished(result: RenderResult, key=None, draft=None, title: str | None = None):
         """What the page shows of a rendering: (note, dialogue, files, manifest rows, context rows,
@@ -882,13 +903,14 @@ def build_demo(studio: Studio):
         return (timeline_html(manifest, peaks, url, result.audio.numel() / result.sample_rate),
                 context_bars_html(manifest, window=studio.engine.config.max_seq_len))
 
-    def regenerate_line(key, result, voices, line_number, seed):
+    def regenerate_line(key, result, voices, line_number, seed, progress=gr.Progress()):  # noqa: B008
         if result is None:
             fail(CsmError("render the script first, then regenerate one of its lines"))
         try:
             line = None if line_number is None else int(line_number)
-            new = studio.rerender(key, result, line, voices or {}, _seed(seed))
-            return _finished(new, key, studio_draft(key))
+            new = yield from line_action(lambda report, stopped: studio.rerender(
+                key, result, line, voices or {}, _seed(seed), progress=report, cancel=stopped), progress)
+            yield _finished(new, key, studio_draft(key))
         except (CsmError, ValueError) as e:
             fail(e)
 
@@ -943,34 +965,51 @@ def build_demo(studio: Studio):
             gr.Markdown(f"_Lines {MAX_EDITOR_ROWS + 1}–{len(result.clips)} are in the manifest and the files; the "
                         "editor shows the first {MAX_EDITOR_ROWS}._")
 
-    def one_line(progress):
-        """Progress events of a one-line action as Gradio progress: the line, its stage, its frames."""
+    def line_action(call, progress):
+        """A one-line action, `call(report, stopped)`, run on a worker (`on_worker`), its progress events
+        shown as Gradio progress (the line, its stage, its frames). A generator of no-change updates of
+        the editor's outputs every HEARTBEAT_S, so a closed tab or a cancel stops the line at its next
+        frame and frees its generation row; returns what `call` returns (`yield from`)."""
         def report(item):
             stage = getattr(item, "stage", "generating")
             progress(min(item.frame / max(item.max_frames, 1), 1.0),
                      desc=f"line {item.line + 1} · {item.speaker} · {f'frame {item.frame}' if stage == 'generating' else stage}")
-        return throttled(report)
+
+        work = on_worker(lambda emit, stopped: call(throttled(emit), stopped), HEARTBEAT_S)
+        with contextlib.closing(work):
+            while True:
+                try:
+                    item = next(work)
+                except StopIteration as done:
+                    return done.value
+                if item is None:
+                    yield (gr.skip(),) * EDITOR_OUTPUTS
+                else:
+                    report(item)
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""
         try:
-            new = studio.edit_line(key, result, row, text, voices, progress=one_line(progress))
-            return _shown(key, new, f"Line {row + 1} re-rendered with the new text")
+            new = yield from line_action(lambda report, stopped: studio.edit_line(
+                key, result, row, text, voices, progress=report, cancel=stopped), progress)
+            yield _shown(key, new, f"Line {row + 1} re-rendered with the new text")
         except (CsmError, ValueError) as e:
             fail(e)
 
     def new_take(key, result, voices, row, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         try:
-            new = studio.new_takes(key, result, row, voices, 1, progress=one_line(progress))
-            return _shown(key, new, f"New take of line {row + 1}")
+            new = yield from line_action(lambda report, stopped: studio.new_takes(
+                key, result, row, voices, 1, progress=report, cancel=stopped), progress)
+            yield _shown(key, new, f"New take of line {row + 1}")
         except (CsmError, ValueError) as e:
             fail(e)
 
     def rerender_stale(key, result, voices, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         try:
             stale = ", ".join(str(i + 1) for i in (result.stale if result else ()))
-            new = studio.rerender_stale(key, result, voices, progress=one_line(progress))
-            return _shown(key, new, f"Re-rendered line(s) {stale}")
+            new = yield from line_action(lambda report, stopped: studio.rerender_stale(
+                key, result, voices, progress=report, cancel=stopped), progress)
+            yield _shown(key, new, f"Re-rendered line(s) {stale}")
         except (CsmError, ValueError) as e:
             fail(e)
 
@@ -994,11 +1033,11 @@ def build_demo(studio: Studio):
         return (f"{what}. {note}", *rest)
 
     # API versions of the editor's actions: `line` is 1..N, the line's place in the manifest
-    def api_new_take(key, result, voices, line):
-        return new_take(key, result, voices, _api_row(line))
+    def api_new_take(key, result, voices, line, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        yield from new_take(key, result, voices, _api_row(line), progress)
 
-    def api_edit_line(key, result, voices, line, text):
-        return edit_line(key, result, voices, _api_row(line), text)
+    def api_edit_line(key, result, voices, line, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
+        yield from edit_line(key, result, voices, _api_row(line), text, progress)
 
     def api_choose_take(key, result, line, take):
         return choose_take(key, result, _api_row(line), take)
@@ -1374,6 +1413,7 @@ def build_demo(studio: Studio):
         # Render and Regenerate are off while a render runs (Cancel stays); a refusal turns them back on too
         render_inputs = [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes]
         shown = [render_msg, dialogue, files, manifest, context_view, last_result, bundle, timeline, context_bars]
+        assert len(shown) == EDITOR_OUTPUTS  # the per-line actions' no-change updates (line_action)
         render_outputs = [live, *shown[:6], last_voices, render_anyway, *shown[6:]]
         # the per-line editor's handlers, wrapped once here (ZeroGPU registers its GPU functions at start-up),
         # since events made inside gr.render at run time are not wrapped by CheckedBlocks

@@ -317,7 +317,7 @@ class Studio:
 
     @_as_visitor
     def rerender(self, key, result: RenderResult, line_number: int | None, voices, seed: int | None = None,
-                 progress=None) -> RenderResult:
+                 progress=None, cancel=None) -> RenderResult:
         numbers = ", ".join(str(c.line.number) for c in result.clips)
         if line_number is None:
             raise ScriptError(f"enter the number of the script line to regenerate; rendered script lines are: {numbers}")
@@ -326,7 +326,7 @@ class Studio:
             raise ScriptError(f"there is no rendered script line {line_number} to regenerate; "
                               f"rendered script lines are: {numbers}")
         voices, result = self.follow_voices(key, voices, result)
-        return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress)
+        return self.renderer(key).rerender_line(result, index, self.check_voices(key, voices), seed, progress, cancel)
 
     # ---- one line of a rendering: takes, text, pause (`row`: 0-based clip index) ----------------
     def _row(self, result: RenderResult | None, row) -> int:

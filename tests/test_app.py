@@ -420,6 +420,97 @@ def test_beating_hands_over_items_with_heartbeats_between_and_stops_its_worker()
         assert list(app.beating(broken, 1.0)) == ["first"]
 
 
+def test_on_worker_hands_over_events_beats_while_they_flow_and_returns_the_result():
+    """`app.on_worker` runs a blocking call on a worker thread: what it emits, in order, with None at
+    least every `every_s` even while events keep coming (a handler yields on None, and Gradio closes
+    it only at a yield); the call's result as the generator's return value; its error raised on the
+    caller's side; and closing it makes `stopped()` true, so the call stops at its next check."""
+    import time
+
+    import app
+
+    def busy(emit, stopped):
+        for i in range(12):  # an event every 0.05 s for 0.6 s: never a quiet `every_s`
+            time.sleep(0.05)
+            emit(i)
+        return "result"
+
+    got, work = [], app.on_worker(busy, 0.2)
+    while True:
+        try:
+            got.append(next(work))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert result == "result" and [g for g in got if g is not None] == list(range(12))
+    assert got.count(None) >= 2  # 0.6 s of steady events still gives a beat every 0.2 s
+
+    stopped_after = []
+
+    def endless(emit, stopped):
+        started = time.monotonic()
+        while not stopped():
+            time.sleep(0.01)
+        stopped_after.append(time.monotonic() - started)
+        return "never seen"
+
+    work = app.on_worker(endless, 0.1)
+    assert next(work) is None  # nothing emitted: a beat after 0.1 s
+    work.close()
+    deadline = time.monotonic() + 5
+    while not stopped_after and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stopped_after and stopped_after[0] < 1.0  # closed: the call saw stopped() at once
+
+    def broken(emit, stopped):
+        emit("first")
+        raise ValueError("the worker's error")
+
+    work = app.on_worker(broken, 1.0)
+    assert next(work) == "first"
+    with pytest.raises(ValueError, match="the worker's error"):
+        next(work)
+
+
+def test_a_cancelled_line_action_stops_its_generation(app_url, monkeypatch):
+    """New take, Re-render with this text, Re-render stale lines and Regenerate generate one line each.
+    They were plain handlers, which Gradio cannot stop: a closed tab or a cancelled API call left the
+    line generating to its end, holding a generation row. They now run on a worker and yield every
+    HEARTBEAT_S, so a cancel stops the line at its next frame. Here each frame's progress event is
+    slowed to 0.3 s (a 2 s line: ~8 s), and the cancel comes 2 s in."""
+    import time
+
+    from csm_multi.render import RenderCancelled
+
+    url, studio = app_url
+    client = Client(url, verbose=False)
+    key = "visitor-line-cancel-01"
+    out = client.predict(key, "A: One short line.", {"headers": ["speaker", "profile"], "data": [["A", "(none)"]]},
+                         0.9, 50, 5, 2, 0, "conversational", api_name="/render_script")
+    assert out[1].startswith("Done: 1 lines")
+    for name, args in (("new_takes", (key, 1)), ("rerender", (key, 1, 7))):
+        real, stopped, raised = getattr(studio, name), [], []
+
+        def crawling(*a, progress=None, cancel=None, _real=real, **kw):
+            def crawl(item):
+                time.sleep(0.3)
+                progress(item)
+            try:
+                return _real(*a, progress=crawl, cancel=cancel, **kw)
+            except BaseException as e:
+                raised.append(type(e))
+                raise
+            finally:
+                stopped.append(time.monotonic())
+
+        monkeypatch.setattr(studio, name, crawling)
+        job = client.submit(*args, api_name="/new_take" if name == "new_takes" else "/regenerate_line")
+        time.sleep(2.0)
+        went_on = _seconds_until_stopped(job, stopped)
+        assert went_on < 1.5, f"{name}: the line went on {went_on:.1f} s after the cancel"
+        assert raised == [RenderCancelled], f"{name}: ended with {raised}, not by the cancel"
+
+
 def test_quick_stops_generating_when_cancelled_between_chunks(app_url, monkeypatch):
     """Quick's chunks come every few seconds at csm-1b size on two CPU cores; a cancel (Stop, a closed
     tab) used to wait for the next one. Its stream now runs on a worker, and the handler yields between
