@@ -133,51 +133,22 @@ def _wav_bytes(pcm: np.ndarray, rate: int = 24_000) -> bytes:
 
 
 def beating(make: Callable[[Callable[[], bool]], Iterator], every_s: float) -> Iterator:
-    """The items of `make(stopped)`, made on a worker thread, with None in between whenever `every_s`
-    passes without one, so a streaming handler can yield that often (Gradio closes a handler only at a
-    yield: see HEARTBEAT_S). Closing this iterator makes `stopped()` true (for the maker to stop at once),
-    stops the worker before its next item and closes `make`'s iterator on the worker's thread (where it
-    was made: torch's modes and the visitor are per thread). What the worker raises is raised here."""
-    items: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.25)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def run() -> None:
+    """The items of `make(stopped)`, made on a worker thread (`on_worker`), with None in between at least
+    every `every_s`, so a streaming handler can yield that often (Gradio closes a handler only at a yield:
+    see HEARTBEAT_S). Closing this iterator makes `stopped()` true (for the maker to stop at once), stops
+    the worker before its next item and closes `make`'s iterator on the worker's thread (where it was
+    made: torch's modes and the visitor are per thread). What the worker raises is raised here."""
+    def run(emit, stopped) -> None:
+        made = make(stopped)
         try:
-            made = make(stop.is_set)
-            try:
-                for item in made:
-                    if not put(("item", item)):
-                        return
-            finally:
-                getattr(made, "close", lambda: None)()
-            put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - raised on the caller's side
-            put(("error", e))
+            for item in made:
+                if stopped():
+                    return
+                emit(item)
+        finally:
+            getattr(made, "close", lambda: None)()
 
-    threading.Thread(target=run, name="csm-stream-worker", daemon=True).start()
-    try:
-        while True:
-            try:
-                kind, value = items.get(timeout=every_s)
-            except queue.Empty:
-                yield None
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
+    yield from on_worker(run, every_s)
 
 
 def on_worker(call: Callable[[Callable, Callable[[], bool]], object], every_s: float):

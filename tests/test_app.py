@@ -410,7 +410,7 @@ def test_beating_hands_over_items_with_heartbeats_between_and_stops_its_worker()
     deadline = time.monotonic() + 5
     while not closed_on and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert closed_on == ["csm-stream-worker"] and len(made) <= 4  # stopped at once, not run to 100
+    assert closed_on == ["csm-handler-worker"] and len(made) <= 4  # stopped at once, not run to 100
 
     def broken(stopped):
         yield "first"
