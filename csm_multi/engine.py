@@ -17,12 +17,12 @@ import torch
 
 from . import omp
 from .config import FRAME_MS, SAMPLE_RATE, SamplingConfig, StreamConfig, check_seed
-from .errors import ContextTooLongError, WatermarkUnavailableError
+from .errors import BusyError, ContextTooLongError, WatermarkUnavailableError
 from .frames import Segment, audio_frames, concat_frames, format_text, text_frames
 from .generate import FrameGraph, Sampler, iterate_frames
 from .model import CSM
 from .prefix import DEFAULT_MAX_MB, PrefixCache
-from .scheduler import GenerationRequest, Scheduler, as_visitor, current_visitor
+from .scheduler import GenerationRequest, Scheduler, Ticket, as_visitor, current_visitor
 
 # What a call is doing, for progress displays (`on_stage`): frames first, then these two
 GENERATING, DECODING, WATERMARKING = "generating", "decoding", "watermarking"
@@ -217,7 +217,8 @@ class Engine:
 
     def _request(self, tokens, mask, sampling: SamplingConfig, seed: int,
                  on_stage: StageCallback | None = None) -> Iterator[torch.Tensor]:
-        """Frames of one prompt from the scheduler; `on_stage` hears the wait-queue place meanwhile."""
+        """(its ticket, its frames) for one prompt from the scheduler; `on_stage` hears the wait-queue
+        place meanwhile. The ticket is for a caller that may close the frames before it starts them."""
         ticket = self.scheduler.submit(GenerationRequest(
             tokens=tokens, mask=mask, temperature=sampling.temperature, topk=sampling.topk, seed=seed,
             max_frames=sampling.max_frames, visitor=current_visitor()))
@@ -226,7 +227,7 @@ class Engine:
             def on_wait(place: int) -> None:
                 on_stage(f"waiting for a free generation row ({place - 1} ahead)" if place > 1
                          else "waiting for a free generation row (next)")
-        return ticket.frames(on_wait)
+        return ticket, ticket.frames(on_wait)
 
     def _frames(self, text, speaker, context, sampling,
                 on_stage: StageCallback | None = None) -> tuple[Iterator[torch.Tensor], int, int]:
@@ -234,7 +235,7 @@ class Engine:
         self.check_window(tokens.size(0), sampling.max_frames)
         if self.scheduler is not None:
             seed = _drawn(sampling.seed)
-            return self._request(tokens, mask, sampling, seed, on_stage), seed, tokens.size(0)
+            return self._request(tokens, mask, sampling, seed, on_stage)[1], seed, tokens.size(0)
         sampler, seed = self._sampler(sampling)
         graph = self._graph(1, sampler, padded=False)
         it = iterate_frames(self.model, tokens[None].to(self.device), mask[None].to(self.device),
@@ -407,13 +408,33 @@ class Engine:
     def _batch_via_scheduler(self, prompts, sampling: SamplingConfig, seeds, on_frame,
                              on_stage) -> tuple[list[list[torch.Tensor]], list[int]]:
         """generate_batch's frames per row as scheduler requests (they join the batch with everyone
-        else's); and the row seeds."""
+        else's); and the row seeds. At most `max_rows` of them are submitted at a time, the next as
+        one ends, so a long fast-mode script keeps the rows full without filling the wait queue (a
+        visitor's part of it is bounded). If the first can get no place, BusyError and nothing runs;
+        a later one that finds the queue full waits for one of this batch's rows to end."""
         drawn = [_drawn(seed) for seed in seeds]
-        streams = [self._request(t, m, sampling, seed, on_stage if i == 0 else None)
-                   for i, ((t, m), seed) in enumerate(zip(prompts, drawn))]
+        window = max(1, self.scheduler.max_rows)
         per_row: list[list[torch.Tensor]] = [[] for _ in prompts]
-        live = list(range(len(prompts)))
+        streams: dict[int, Iterator[torch.Tensor]] = {}
+        tickets: list[Ticket] = []
+        todo, live = list(range(len(prompts))), []
+
+        def top_up() -> None:
+            while todo and len(live) < window:
+                row = todo[0]
+                try:
+                    ticket, streams[row] = self._request(*prompts[row], sampling, drawn[row],
+                                                         on_stage if row == 0 else None)
+                except BusyError:
+                    if not live:  # none of this batch holds a place: nothing will free one for it
+                        raise
+                    return  # the queue is full for now: try again when one of ours ends
+                tickets.append(ticket)
+                todo.pop(0)
+                live.append(row)
+
         try:
+            top_up()
             while live:  # one frame from every row still going, then on_frame (as per batch frame)
                 for row in list(live):
                     frame = next(streams[row], None)
@@ -421,10 +442,13 @@ class Engine:
                         live.remove(row)
                     else:
                         per_row[row].append(frame)
+                top_up()
                 if live and on_frame:
                     on_frame()
-        finally:
-            for stream in streams:
+        finally:  # also those never iterated: a generator closed before it starts runs no `finally`
+            for ticket in tickets:
+                ticket.cancel()
+            for stream in streams.values():
                 stream.close()
         return per_row, drawn
 

@@ -549,7 +549,7 @@ class ScriptRenderer:
         keeps its rows full as lines end)."""
         sampling, n = config.sampling(0), config.takes
         per_batch = max(1, config.batch_size // n)
-        if self.engine.scheduler is not None:  # it refills rows as lines end: hand it every line at once
+        if self.engine.scheduler is not None:  # generate_batch feeds it a window of rows as lines end: all at once
             per_batch = len(lines)
         for start in range(0, len(lines), per_batch):
             chunk = list(range(start, min(start + per_batch, len(lines))))

@@ -122,6 +122,61 @@ def test_generate_batch_and_stream_through_the_scheduler_match_solo(engine):
     torch.testing.assert_close(streamed, streamed_alone)
 
 
+def test_a_batch_longer_than_a_visitors_queue_runs_through_a_window_with_solo_codes(engine):
+    """A fast-mode script hands every line at once. Submitted all at once, a script of more lines than
+    the visitor's place in the queue was refused (on the app: any fast script over 24 lines), while the
+    lines submitted before the refusal went on generating. Now at most `max_rows` are in at a time."""
+    s = SamplingConfig(topk=40, temperature=0.9, seed=11, max_audio_length_ms=80 * 4)
+    reqs = [(TEXTS[i % len(TEXTS)], i % 2, []) for i in range(9)]
+    alone = engine.generate_batch(reqs, s)
+    scheduler = engine.serve(max_rows=2, waiting_per_visitor=1)  # 2 rows + 1 waiting: a 4th at once is refused
+    with as_visitor("fast-script"):
+        batch = engine.generate_batch(reqs, s)
+    for a, b in zip(alone, batch, strict=True):
+        assert torch.equal(a.codes, b.codes)
+    assert scheduler.stats()["peak_rows"] == 2  # and the window kept both rows busy
+    tickets = []  # what submitting them all at once met
+    with pytest.raises(BusyError):
+        for i, (text, _, _) in enumerate(reqs):
+            tickets.append(scheduler.submit(request(engine, text, s, seed=i, visitor="fast-script")))
+    assert len(tickets) == 3
+    for t in tickets:
+        t.cancel()
+
+
+def test_a_refused_batch_starts_nothing_and_a_stopped_one_leaves_nothing_behind(engine):
+    """The first request of a batch that finds no place: BusyError, and none of the batch is queued or
+    generating. A batch stopped by its caller (a cancelled render: `on_frame` raises) cancels all its
+    requests, those it had not started to read included."""
+    s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 200)
+    scheduler = engine.serve(max_rows=1, max_waiting=1)
+    hog = [scheduler.submit(request(engine, TEXTS[i], s, seed=i, visitor="hog")) for i in range(2)]
+    running = iter(hog[0])
+    next(running)  # one row busy, one request waiting: the queue is full
+    with as_visitor("late"), pytest.raises(BusyError, match="busy"):
+        engine.generate_batch([(TEXTS[2], 0, []), (TEXTS[3], 0, [])], s)
+    stats = scheduler.stats()
+    assert stats["active"] == 1 and stats["waiting"] == 1  # the hog's two, nothing of the refused batch
+    for t in hog:
+        t.cancel()
+
+    scheduler = engine.serve(max_rows=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two():
+        if scheduler.stats()["frames"] >= 2:
+            raise Stop
+    with pytest.raises(Stop):
+        engine.generate_batch([(TEXTS[i], 0, []) for i in range(4)], s, on_frame=stop_after_two)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(scheduler.stats()[k] for k in ("active", "prefilling", "waiting")):
+        time.sleep(0.02)
+    stats = scheduler.stats()
+    assert stats["active"] == stats["prefilling"] == stats["waiting"] == 0
+
+
 def test_cancel_end_frame_and_limit_per_row(engine):
     s = SamplingConfig(topk=50, temperature=0.9, max_audio_length_ms=80 * 40)
     scheduler = engine.serve(max_rows=4)
