@@ -741,6 +741,7 @@ def build_demo(studio: Studio):
                               label=f"Voice for {spk}", interactive=True, min_width=160)
             box.input(partial(set_voice, spk), [mapping, box, voice_choices], [mapping, voice_choices],
                       api_name=False, queue=False, show_progress="hidden")
+            library_synced(box.focus, refill=False)  # its list gets the voices saved elsewhere meanwhile
 
     def set_voice(speaker, table, value, choices):
         value = cell(value)
@@ -1236,7 +1237,7 @@ def build_demo(studio: Studio):
                         import_name = gr.Textbox(label="Import as (optional)")
                         import_btn = gr.Button("Import")
 
-        with gr.Tab("Script"):
+        with gr.Tab("Script") as script_tab:
             with gr.Row():
                 with gr.Column(scale=3):
                     script = gr.Textbox(label="Script", value=EXAMPLE_SCRIPT, lines=12, max_lines=40)
@@ -1307,7 +1308,7 @@ def build_demo(studio: Studio):
         renamed = gr.State(None)  # the last rename, old -> new name, for the speaker map to follow
         voice_choices = gr.State({})  # the voices chosen on this page: see fill_mapping
 
-        with gr.Tab("Quick"):
+        with gr.Tab("Quick") as quick_tab:
             q_text = gr.Textbox(label="Text", value="Hello! This is a quick test of the conversational speech model.")
             with gr.Row():
                 q_profile = gr.Dropdown(label="Voice profile", choices=[NONE], value=NONE, allow_custom_value=True)
@@ -1344,6 +1345,31 @@ def build_demo(studio: Studio):
 
         pick_row.__annotations__["evt"] = gr.SelectData  # a real class: `gr` is not a module global here
 
+        def sync_library(key, table, picked, quick, script_text, choices, refill=True):
+            """The library as this page shows it, brought up to date where it changed since the page last
+            read it (another tab, or another tester of a shared library, saved, renamed or deleted a
+            voice): the table (the speaker map's choices), the Voices tab's profile and Quick's, each
+            keeping its selection, and with `refill` the map refilled (a speaker with no voice chosen
+            gets a same-name profile that appeared). No change otherwise."""
+            try:
+                names = studio.profile_names(key)
+            except CsmError:
+                return (gr.skip(),) * 5
+            shown = [] if table is None else [cell(r[0]) for r in table.values.tolist() if r and cell(r[0])]
+            if shown == names:
+                return (gr.skip(),) * 5
+            rows, dropdown = library_view(key, picked)
+            refilled = fill_mapping(key, script_text, choices) if refill else (gr.skip(), gr.skip())
+            return rows, dropdown, profile_choices(key, quick), *refilled
+
+        def library_synced(trigger, refill=True):
+            """`trigger` (a tab or box about to be used) first brings this page's library up to date. A
+            map's own dropdown does not refill the map: while it is open it keeps showing the value it
+            had, so a same-name voice filled in then would be rendered while "choose a voice" shows."""
+            trigger(partial(sync_library, refill=refill), [key, library, chosen, q_profile, script, voice_choices],
+                    [library, chosen, q_profile, mapping, voice_choices], api_name=False, queue=False,
+                    show_progress="hidden")
+
         def library_changed(event, follow_rename: bool = False):
             """After the library changed: the Quick tab's choices, then the speaker map."""
             event = event.then(profile_choices, [key, q_profile], [q_profile], api_name=False)
@@ -1375,7 +1401,9 @@ def build_demo(studio: Studio):
         export_btn.click(export_profile, [key, chosen], [export_file], api_name="export_profile")
         library_changed(import_btn.click(import_profile, [key, import_file, import_name], [library, chosen, voice_msg],
                                          api_name="import_profile"))
-        refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles")
+        library_changed(refresh_btn.click(list_profiles, [key], [library, chosen], api_name="list_profiles"))
+        for trigger in (script_tab.select, quick_tab.select, script.focus, q_profile.focus):
+            library_synced(trigger)
 
         script.change(fill_mapping, [key, script, voice_choices], [mapping, voice_choices], api_name=False)
         for block in draft_inputs:

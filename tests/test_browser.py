@@ -183,6 +183,36 @@ def test_a_speaker_typed_into_the_script_gets_a_voice_row(app_url, page, tmp_pat
     expect(page.get_by_label("Voice for Alice")).to_have_count(0)
 
 
+def test_a_voice_saved_in_another_tab_is_offered_without_a_reload(app_url, page, tmp_path):
+    """Two tabs of one library: voices saved in one after the other loaded. The other's speaker map and
+    Quick used to offer only the voices of its load (and the map showed "choose a voice" while the
+    render used the same-name voice); a map's dropdown, the script box, and the Script and Quick tabs
+    now bring the page's library up to date when they are used."""
+    _open(page, app_url)
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Wes: Hello there.\nAlice: Hi.")
+    expect(page.get_by_label("Voice for Wes")).to_have_value(CHOOSE, timeout=20_000)
+    other = page.context.new_page()
+    _open(other, app_url)
+    _save_voice(other, tmp_path, "Wes")
+    page.bring_to_front()
+    page.get_by_label("Voice for Wes").click()  # opening the list reads the library again: Wes is offered
+    page.get_by_role("option", name="Wes", exact=True).click()
+    expect(page.get_by_label("Voice for Wes")).to_have_value("Wes")
+
+    other.bring_to_front()
+    _save_voice(other, tmp_path, "Alice")
+    page.bring_to_front()
+    page.get_by_label("Script", exact=True).click()  # back to the script: the same-name voice is filled in
+    expect(page.get_by_label("Voice for Alice")).to_have_value("Alice", timeout=20_000)
+    expect(page.get_by_label("Voice for Wes")).to_have_value("Wes")
+    page.get_by_role("tab", name="Quick").click()
+    page.get_by_label("Voice profile").click()
+    for name in ("Wes", "Alice"):
+        expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+    _shot(page, "library-from-another-tab.png")
+
+
 # every queued event (a refill of the speaker map, a render) reaches the server 3 s after the page
 # sent it, as on a slow link or behind a busy queue; quick events (a chosen voice) are not held
 LATE_QUEUE_JS = """(() => {
