@@ -39,7 +39,7 @@ from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
 from csm_multi.script import clean_utterance, speaker_key
 from csm_multi.settings import engine_flags, setting
 from csm_multi.studio import EXAMPLE_SCRIPT, LIBRARY_KEY, Studio, StudioLimits, new_library_key
-from csm_multi.takes import MAX_TAKES
+from csm_multi.takes import MAX_CANDIDATES, MAX_TAKES
 from csm_multi.tempdirs import release_torch_scratch, start_sweeper
 from csm_multi.views import TIMELINE_JS, context_bars_html, line_peaks, timeline_html
 
@@ -735,6 +735,9 @@ def build_demo(studio: Studio):
         if not rows:
             gr.Markdown("_The speakers of the script appear here, each with a voice to choose._")
             return
+        # a voice in the map that this page's table does not list yet (the map's fills read the library
+        # itself: a voice saved elsewhere since) is shown too, so the map shows what a render would use
+        names += [v for v in dict.fromkeys(rows.values()) if v and v != NONE and v not in names]
         choices = [("— choose a voice —", ""), (f"{NONE} no reference voice", NONE), *((n, n) for n in names)]
         for spk, value in rows.items():
             box = gr.Dropdown(choices=choices, value=value if value == NONE or value in names else "",
@@ -856,7 +859,8 @@ def build_demo(studio: Studio):
         files = [str(p) for p in paths.values()]  # the dialogue first
         rows = [[m["line"], m["speaker"], m["profile"] or NONE, m["text"], m["start_s"], m["duration_s"], m["seed"]]
                 for m in result.manifest()]
-        note = (f"Done: {len(result.clips)} lines, {result.audio.numel() / 24_000:.1f} s"
+        note = (f"Done: {len(result.clips)} line{'' if len(result.clips) == 1 else 's'}, "
+                f"{result.audio.numel() / 24_000:.1f} s"
                 f"{'' if all(c.watermarked for c in result.clips) else ' (NOT watermarked)'}.")
         if draft is not None:
             studio.remember(key, *draft, result)
@@ -1082,7 +1086,10 @@ def build_demo(studio: Studio):
             context = []
             if profile and profile != NONE:
                 store = studio.library(key)
-                context = [store.segment(profile, studio.engine.encode_reference, studio.engine.codec_id)]
+                try:
+                    context = [store.segment(profile, studio.engine.encode_reference, studio.engine.codec_id)]
+                except ProfileError as e:
+                    raise CsmError(f"Voice profile: {e}") from None
             seed = _seed(seed)
             if seed is None:  # drawn here, not in the engine, so the message can show it
                 seed = secrets.randbits(31)
@@ -1295,7 +1302,7 @@ def build_demo(studio: Studio):
             # the API's per-line actions (the page has buttons on each line): line = 1..N, as in the manifest
             api_row = gr.Number(label="line", precision=0, minimum=1, maximum=MAX_LINES, visible="hidden")
             api_text = gr.Textbox(label="text", visible="hidden")
-            api_take = gr.Number(label="take", precision=0, minimum=1, maximum=16, visible="hidden")
+            api_take = gr.Number(label="take", precision=0, minimum=1, maximum=MAX_CANDIDATES, visible="hidden")
             api_pause = gr.Number(label="pause_s", minimum=0, maximum=10, visible="hidden")
             api_buttons = {name: gr.Button(name, visible="hidden")
                            for name in ("new_take", "edit_line", "choose_take", "set_pause", "rerender_stale")}

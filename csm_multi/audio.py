@@ -122,7 +122,7 @@ def _check_header(name: str, sample_rate: int, channels: int, frames: int) -> No
     seconds = frames / max(sample_rate, 1)
     if seconds > MAX_UPLOAD_S:
         raise AudioInputError(f"{name} is {seconds:,.0f} s long; the limit is {MAX_UPLOAD_S} s ({MAX_UPLOAD_S // 60} "
-                              "min): trim it to the part you need (a voice reference needs 5-15 s)")
+                              "min): trim it to the part you need")
     if frames * max(channels, 1) > MAX_DECODED_SAMPLES:
         raise AudioInputError(f"{name} holds too much audio to decode ({channels} channels at {sample_rate} Hz for "
                               f"{seconds:.0f} s): trim it, or export it as mono at 48 kHz")

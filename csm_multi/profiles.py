@@ -1041,11 +1041,11 @@ def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, labe
                     error: type[Exception] = ProfileError) -> bytes:
     """One member's bytes, refused (`error`) when its header or its actual content exceeds `limit`."""
     if info.file_size > limit:
-        raise error(f"{label}: {info.filename} is too large ({info.file_size} bytes)")
+        raise error(f"{label}: {info.filename} is too large ({info.file_size:,} bytes; the limit is {limit:,})")
     with zf.open(info) as f:
         data = f.read(limit + 1)  # the header's size may lie
     if len(data) > limit:
-        raise error(f"{label}: {info.filename} is too large")
+        raise error(f"{label}: {info.filename} is too large (over {limit:,} bytes, although its header says less)")
     return data
 
 
@@ -1063,7 +1063,8 @@ def _read_voice_zip(path: Path, label: str) -> dict[str, bytes]:
                     raise ProfileError(f"{label} holds an unexpected member {member!r}; a voice file holds only "
                                        f"{PROFILE_FILE} and {REFERENCE_FILE}")
                 if info.file_size > limits[member]:
-                    raise ProfileError(f"{label}: {member} is too large ({info.file_size} bytes)")
+                    raise ProfileError(f"{label}: {member} is too large ({info.file_size:,} bytes; the limit is "
+                                       f"{limits[member]:,}): is it a voice file exported by csm-multi?")
             if sorted(i.filename for i in infos) != sorted(limits):
                 raise ProfileError(f"{label} must hold exactly {PROFILE_FILE} and {REFERENCE_FILE} once each")
             return {info.filename: read_zip_member(zf, info, limits[info.filename], label) for info in infos}

@@ -209,7 +209,7 @@ class Scheduler:
             free = self._free_rows()
             if len(self._waiting) >= self.max_waiting + free:
                 raise BusyError(f"the server is busy: {len(self._waiting) - free} requests are already waiting "
-                                f"for the {self.max_rows} generation rows; try again in a minute")
+                                f"for the {self.max_rows} generation rows; try again shortly")
             mine = sum(t.request.visitor == request.visitor for t in self._waiting)
             if request.visitor is not None and mine >= max(self.waiting_per_visitor, 1) + free:
                 raise BusyError(f"you already have {mine - free} requests waiting; wait for them to finish, "

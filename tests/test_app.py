@@ -113,6 +113,8 @@ def test_bad_inputs_are_errors_not_crashes(app_url, tmp_path):
         client.predict(key, "no speaker here", MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
     with pytest.raises(Exception, match="no profile named"):  # visitor two cannot use visitor one's voices
         client.predict(key, "Alice: hi", MAPPING, 0.9, 50, 1, 1, 200, "conversational", api_name="/render_script")
+    with pytest.raises(Exception, match="^Voice profile: no profile named 'Alice'"):  # Quick names its field
+        client.predict(key, "hi", "Alice", 0.9, 50, 1, 1, api_name="/say")
     with pytest.raises(Exception, match="library key"):
         client.predict("../x", api_name="/list_profiles")
     with pytest.raises(Exception, match="longer than"):
@@ -242,7 +244,7 @@ def test_the_last_rendering_reopens_and_its_watermark_is_checked_without_upload(
                    0.9, 50, 5, 1, 0, "conversational", 1, api_name="/render_script")
     out = Client(url, verbose=False).predict(key, api_name="/reopen_last")  # a new session: a reloaded page
     assert out[0] == "Alice: Hi." and out[1]["data"] == [["Alice", "(none)"]] and out[4] == 5 and out[5] == 1
-    assert out[8].startswith("Reopened the last rendering: Done: 1 lines")
+    assert out[8].startswith("Reopened the last rendering: Done: 1 line,")
     with pytest.raises(Exception, match="without a watermark model"):  # the fixture's engine has none
         client.predict(key, api_name="/check_last_render")
 
@@ -487,7 +489,7 @@ def test_a_cancelled_line_action_stops_its_generation(app_url, monkeypatch):
     key = "visitor-line-cancel-01"
     out = client.predict(key, "A: One short line.", {"headers": ["speaker", "profile"], "data": [["A", "(none)"]]},
                          0.9, 50, 5, 2, 0, "conversational", api_name="/render_script")
-    assert out[1].startswith("Done: 1 lines")
+    assert out[1].startswith("Done: 1 line,")
     for name, args in (("new_takes", (key, 1)), ("rerender", (key, 1, 7))):
         real, stopped, raised = getattr(studio, name), [], []
 

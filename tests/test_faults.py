@@ -331,7 +331,7 @@ def test_app_reports_a_full_disk_and_stays_up(running_app, tmp_path, monkeypatch
     assert [r[0] for r in table["data"]] == ["Alice", "Bob"]
     _, note, *_ = client.predict(key, "Alice: hi.", mapping, 0.9, 50, 1, 1, 0, "conversational",
                                  api_name="/render_script")
-    assert note.startswith("Done: 1 lines")
+    assert note.startswith("Done: 1 line,")
 
 
 # ---- a real full filesystem ----------------------------------------------------------------------

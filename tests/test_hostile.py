@@ -418,4 +418,4 @@ def test_the_app_answers_hostile_calls_with_messages_and_keeps_serving(running_a
     mapping = {"headers": ["speaker", "profile"], "data": [["אליס", "אליס"]]}
     _, note, dialogue, *_ = client.predict(key, "אליס: שלום", mapping, 0.9, 50, 1, 1, 0, "conversational",
                                            api_name="/render_script")
-    assert note.startswith("Done: 1 lines") and sf.info(dialogue).samplerate == SR
+    assert note.startswith("Done: 1 line,") and sf.info(dialogue).samplerate == SR

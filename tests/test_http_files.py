@@ -51,7 +51,7 @@ def served(running_app, tmp_path_factory):
     client.predict(KEY, handle_file(str(clip)), "hello there", "Alice", api_name="/add_profile")
     _, note, dialogue, files, *_ = client.predict(KEY, "Alice: Hi.", MAPPING, 0.9, 50, 1, 1, 0, "conversational",
                                                   api_name="/render_script")
-    assert note.startswith("Done: 1 lines")
+    assert note.startswith("Done: 1 line,")
     exported = client.predict(KEY, "Alice", api_name="/export_profile")
     return url, studio, dialogue, files, exported
 

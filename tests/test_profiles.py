@@ -443,7 +443,8 @@ MALICIOUS = {
     "backslash": (lambda m: {"..\\evil": b"x", **m}, "unsafe member path"),
     "extra": (lambda m: {**m, "notes.txt": b"hi"}, "unexpected member"),
     "missing": (lambda m: {PROFILE_FILE: m[PROFILE_FILE]}, "exactly"),
-    "oversized": (lambda m: {PROFILE_FILE: m[PROFILE_FILE], REFERENCE_FILE: bytes(17 << 20)}, "too large"),
+    "oversized": (lambda m: {PROFILE_FILE: m[PROFILE_FILE], REFERENCE_FILE: bytes(17 << 20)},
+                  r"too large \(17,825,792 bytes; the limit is [\d,]+\)"),
     "bad-json": (lambda m: {PROFILE_FILE: b"[1, 2]", REFERENCE_FILE: m[REFERENCE_FILE]}, "JSON object"),
     "bad-audio": (lambda m: {PROFILE_FILE: m[PROFILE_FILE], REFERENCE_FILE: b"RIFF junk"}, "unusable"),
 }

@@ -166,7 +166,7 @@ def test_failing_line_reports_its_number_and_keeps_clips(engine, profiles):
     assert [c.line.number for c in e.value.partial.clips] == [2, 3]
 
     # a full queue is not a failure of the line: the message says it never started
-    full = BusyError("the server is busy: 64 requests are already waiting; try again in a minute")
+    full = BusyError("the server is busy: 64 requests are already waiting; try again shortly")
     with pytest.raises(RenderError, match=r"^line 3 \(Bob\) was not started: the server is busy") as e:
         ScriptRenderer(Flaky(engine, 2, full), profiles).render(SCRIPT, VOICES, CONFIG)
     assert [c.line.number for c in e.value.partial.clips] == [2]

@@ -75,7 +75,7 @@ def mapping(name):
 def render(client, key, name, seed):
     out = client.predict(key, f"{name}: Hello there, line for {name}.", mapping(name), 0.9, 50, seed, 1.5, 0,
                          "conversational", api_name="/render_script")
-    assert str(out[1]).startswith("Done: 1 lines"), out[1]
+    assert str(out[1]).startswith("Done: 1 line,"), out[1]
     return sf.read(out[2] if isinstance(out[2], str) else out[3][0])[0]
 
 
