@@ -180,7 +180,7 @@ def check_request(body: object, studio: Studio, models: tuple[str, ...]) -> Spee
                             f"(also accepted: {', '.join(models[1:])})", "model", "model_not_found")
     text = clean_utterance(req.input)
     if not text:
-        why = "it is empty" if not req.input.strip() else "it holds only control or invalid characters"
+        why = "it is empty" if not req.input.strip() else "it holds only invisible, control or invalid characters"
         raise ApiError(400, f"input: write the text to speak ({why})", "input")
     if len(text) > lim.max_line_chars:
         raise ApiError(400, f"input: {len(text)} characters, the limit is {lim.max_line_chars} on this server: "

@@ -285,9 +285,24 @@ def _has_words(text: str) -> bool:
     return any(c.isalnum() for c in text)
 
 
+# The bidirectional controls (_BIDI_CONTROLS: embeddings, overrides, isolates) change only how text is
+# shown, never what is said, and an override left open shows the rest of a line reversed on the page
+# (the timeline, the Lines editor): dropped from spoken text. The marks (LRM, RLM, ALM) and the joiners stay.
+_NO_BIDI_CONTROLS = dict.fromkeys(map(ord, _BIDI_CONTROLS))
+_INVISIBLE = {"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"}  # controls, format characters, surrogates, spaces
+
+
+def _spoken(text: str) -> str:
+    """`text` without bidirectional controls, or "" when nothing visible is left (only zero-width
+    spaces, joiners, marks or blanks: nothing to say)."""
+    text = text.translate(_NO_BIDI_CONTROLS)
+    return text if any(unicodedata.category(c) not in _INVISIBLE for c in text) else ""
+
+
 def _clean_text(text: str) -> str:
-    """Drop control characters except tab; keep everything else (RTL marks, emoji joiners) as written."""
-    return drop_controls(text, keep="\t").strip()
+    """Drop control characters except tab and bidirectional controls; keep everything else (RTL marks,
+    emoji joiners) as written. "" when nothing visible is left."""
+    return _spoken(drop_controls(text, keep="\t")).strip()
 
 
 def drop_controls(text: str, keep: str = "") -> str:
@@ -304,5 +319,6 @@ def unreadable(c: str) -> bool:
 
 def clean_utterance(text: str) -> str:
     """One utterance as every entry point hands it to the engine (Quick, the speech API): control
-    characters but tab and line breaks, and unpaired surrogates, dropped, as in a script; ends stripped."""
-    return drop_controls(text, keep="\t\n\r").strip()
+    characters but tab and line breaks, unpaired surrogates and bidirectional controls dropped, as in a
+    script; ends stripped; "" when nothing visible is left."""
+    return _spoken(drop_controls(text, keep="\t\n\r")).strip()

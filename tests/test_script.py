@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 import sys
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csm_multi.errors import ScriptError
-from csm_multi.script import ScriptLine, ScriptProblems, check_speakers, clean_line_text, parse_script, speakers
+from csm_multi.script import (ScriptLine, ScriptProblems, check_speakers, clean_line_text, clean_utterance,
+                              parse_script, speakers)
 
 MAX_PAUSE_MS = 10_000  # the documented limit of one pause
+BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"  # dropped from spoken text
 
 
 def problems(text: str, **limits) -> list[tuple[int, str]]:
@@ -119,6 +122,21 @@ def test_control_characters_stripped_unicode_kept():
     assert lines[0].text == rtl
     assert lines[1].text == "abc\td"
     assert lines[2] == ScriptLine(3, "ملك", emoji)
+
+
+def test_bidi_overrides_are_dropped_and_invisible_only_text_is_nothing_to_say():
+    """A right-to-left override kept in a line showed the rest of it reversed on the page (timeline,
+    Lines editor) and changes nothing that is said; a line of zero-width characters only was rendered
+    as if it said something. Marks and joiners inside real text stay (test above)."""
+    [line] = parse_script("Ann: evil \u202etext with RTL\u202c end, \u2067isolated\u2069 too")
+    assert line.text == "evil text with RTL end, isolated too"
+    for invisible in ("\u200b\u200b", "\u200d", " \u200f\u2060 ", "\u202e", "\ufeff"):
+        [(number, msg)] = problems(f"Ann: {invisible}")
+        assert number == 1 and "nothing to say" in msg, (invisible, msg)
+        assert clean_utterance(invisible) == ""  # Quick and the speech API: "write some text"
+    with pytest.raises(ScriptError, match="empty"):
+        clean_line_text("\u200b")
+    assert clean_utterance("a\u202eb\u200dc") == "ab\u200dc"
 
 
 def test_terminal_colour_codes_pasted_from_a_console_are_dropped_whole():
@@ -277,8 +295,10 @@ def test_fuzz_scripts_full_of_pause_tags(text):
 
 names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="[]:：#"),
                 min_size=1, max_size=40).map(lambda s: " ".join(s.split())).filter(lambda s: s and len(s) <= 40)
-texts = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=80).map(
-    str.strip).filter(lambda s: s and s[0] not in ":：" and "pause" not in s.casefold())  # `[A] : x` reads as `[A]: x`
+texts = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters=BIDI_CONTROLS),
+                min_size=1, max_size=80).map(str.strip).filter(
+    lambda s: s and s[0] not in ":：" and "pause" not in s.casefold()  # `[A] : x` reads as `[A]: x`
+    and any(unicodedata.category(c) not in ("Cf", "Zs") for c in s))  # something visible to say
 
 
 @settings(max_examples=200, deadline=None)
