@@ -25,7 +25,8 @@ CONTEXT_KINDS = (  # key in "context_split", legend text, colour, CSS pattern cl
     ("speak", "room to speak", "#059669", "grid"),
 )
 PX_PER_S = 24.0  # timeline scale before it stretches to fill a wider page
-MIN_TRACK_PX = 480
+MIN_TRACK_PX = 480  # the timeline's least width, but on a phone (there it fits the screen when it can)
+PHONE_TRACK_PX = 230  # about what a 390 px phone shows of it beside the names
 PX_PER_PEAK = 2  # at most one waveform bar per 2 px of block: bounds the HTML for long dialogues
 
 _CSS_VARS = (".csmv,.csmv-ctx{--csmv-fg:var(--body-text-color,#1f2937);"
@@ -43,7 +44,8 @@ _TIMELINE_CSS = _CSS_VARS + """
 .csmv-name{height:56px;box-sizing:border-box;padding:4px 6px;border-left:5px solid;overflow:hidden;
  text-overflow:ellipsis;white-space:nowrap;font-weight:600;line-height:46px}
 .csmv-axisname{height:22px}
-.csmv-area{position:relative;flex:1 0 auto}
+.csmv-area{position:relative;flex:1 0 auto;min-width:""" + str(MIN_TRACK_PX) + """px}
+.csmv-swipe{display:none}
 .csmv-lane{position:relative;height:56px;border-bottom:1px dashed var(--csmv-line)}
 .csmv-b{position:absolute;top:4px;bottom:4px;min-width:3px;box-sizing:border-box;margin:0;padding:0;overflow:hidden;
  border:1px solid var(--c);border-left-width:3px;border-radius:4px;background:var(--csmv-bg2);color:var(--csmv-fg);
@@ -63,7 +65,8 @@ button.csmv-b{cursor:pointer}
 .csmv-playhead{position:absolute;top:0;bottom:0;left:0;width:0;border-left:2px solid var(--csmv-fg);z-index:2;
  pointer-events:none;display:none}
 .csmv-playing .csmv-playhead{display:block}
-@media (max-width:520px){.csmv-names{flex-basis:4.5rem;width:4.5rem}.csmv-scroll{scroll-padding-left:4.5rem}}
+@media (max-width:520px){.csmv-names{flex-basis:4.5rem;width:4.5rem}.csmv-scroll{scroll-padding-left:4.5rem}
+ .csmv-area{min-width:0}.csmv-swipe{display:inline}}
 """
 
 _BARS_CSS = _CSS_VARS + """
@@ -138,7 +141,8 @@ def timeline_html(manifest: Sequence[Mapping], peaks: Sequence[Sequence[float] |
 
     `peaks[i]`: 0..1 levels of row i (e.g. `line_peaks(clip, 120)`), drawn relative to the loudest line.
     Blocks are numbered by position 1..N; the text is each block's title. Width: `px_per_s` per second
-    (at least MIN_TRACK_PX, and the page width); narrower pages scroll sideways with names kept in view."""
+    (at least MIN_TRACK_PX, and the page width; on a phone it fits the screen when it can, and a longer one
+    says to swipe); what does not fit scrolls sideways with the names kept in view."""
     if peaks is not None and len(peaks) != len(manifest):
         raise ValueError(f"peaks has {len(peaks)} rows but the manifest has {len(manifest)}")
     if not manifest:
@@ -146,7 +150,7 @@ def timeline_html(manifest: Sequence[Mapping], peaks: Sequence[Sequence[float] |
     starts = [max(0.0, _num(m.get("start_s"))) for m in manifest]
     durs = [max(0.0, _num(m.get("duration_s"))) for m in manifest]
     total = max([_num(total_s), *(s + d for s, d in zip(starts, durs)), 1e-3])
-    width = max(MIN_TRACK_PX, math.ceil(total * px_per_s))
+    width = math.ceil(total * px_per_s)  # the area grows to the page's width, and to MIN_TRACK_PX but on a phone
     loudest = max((max(p, default=0.0) for p in peaks or [] if p), default=0.0) or 1.0
 
     lanes: dict[object, int] = {}  # speaker key -> lane, in order of first line
@@ -175,8 +179,12 @@ def timeline_html(manifest: Sequence[Mapping], peaks: Sequence[Sequence[float] |
     player = (f'<audio class="csmv-audio" controls preload="metadata" src="{escape(audio_url)}"'
               f' aria-label="The dialogue"></audio>' if audio_url else "")
     hint = ("Click a line to play the dialogue from there." if audio_url else "Line timing and waveforms.")
+    hint += f" {len(manifest)} line{'' if len(manifest) == 1 else 's'}, {_clock(total)}."
+    if width > PHONE_TRACK_PX:  # wider than a phone shows: say so there (its scrollbars are hidden)
+        hint += ' <span class="csmv-swipe">Swipe the timeline sideways for the rest.</span>'
+
     return (f'<div class="csmv"><style>{_TIMELINE_CSS}</style>{player}'
-            f'<p class="csmv-hint">{hint} {len(manifest)} lines, {_clock(total)}.</p>'
+            f'<p class="csmv-hint">{hint}</p>'
             f'<div class="csmv-scroll csmv-tl" data-total="{total:.3f}" role="region" tabindex="0"'
             f' aria-label="Dialogue timeline, {len(names)} speakers, {len(manifest)} lines">'
             f'<div class="csmv-grid"><div class="csmv-names">{name_cells}<div class="csmv-axisname"></div></div>'

@@ -313,3 +313,37 @@ def test_clicking_a_block_plays_from_its_line_in_gradio(tmp_path):
             browser.close()
     finally:
         demo.close()
+
+
+def test_on_a_phone_a_short_timeline_fits_and_a_long_one_says_to_swipe(tmp_path):
+    """At 390 px the timeline kept a 480 px least width, so even a 4 s dialogue hid its later lines
+    past the edge of its box, with no scrollbar to show it (phones hide them). Now it fits the screen
+    when it can, and one that cannot says to swipe; on a desktop both keep their least width."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    short = [row(0, "Alice", 0.0, 1.8), row(1, "Bob", 2.0, 1.8)]
+    long = [row(i, "AB"[i % 2], 4.0 * i, 3.8) for i in range(8)]
+    page_of = {}
+    for name, manifest in (("short", short), ("long", long)):
+        page_of[name] = tmp_path / f"{name}.html"
+        page_of[name].write_text(f"<!doctype html><meta name=viewport content='width=device-width'>"
+                                 f"<body style='margin:0;padding:0 40px'>{timeline_html(manifest, None, None, 0)}",
+                                 encoding="utf-8")
+    seen = {}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        for width in (390, 1280):
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            for name, path in page_of.items():
+                page.goto(path.as_uri())
+                seen[width, name] = page.evaluate("""() => {
+                    const box = document.querySelector('.csmv-scroll');
+                    return {hidden: box.scrollWidth - box.clientWidth,
+                            area: document.querySelector('.csmv-area').getBoundingClientRect().width,
+                            swipe: getComputedStyle(document.querySelector('.csmv-swipe') || document.body)
+                                   .display !== 'none' && !!document.querySelector('.csmv-swipe')};
+                }""")
+        browser.close()
+    assert seen[390, "short"]["hidden"] <= 1 and not seen[390, "short"]["swipe"]  # all of it in view
+    assert seen[390, "long"]["hidden"] > 100 and seen[390, "long"]["swipe"]  # 31 s at 24 px/s: swipe, and it says so
+    for name in ("short", "long"):
+        assert seen[1280, name]["area"] >= 480 and not seen[1280, name]["swipe"]
