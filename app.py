@@ -151,6 +151,24 @@ def beating(make: Callable[[Callable[[], bool]], Iterator], every_s: float) -> I
     yield from on_worker(run, every_s)
 
 
+class StickyProgress:
+    """A handler's `gr.Progress` that can show its last report `again()`. Gradio's page drops the
+    progress text at every output of a streaming handler, a no-change update included, so after its
+    heartbeat yields a render showed no progress at all while a line was decoded and watermarked
+    (seconds at a time)."""
+
+    def __init__(self, progress):
+        self.progress, self.last = progress, None
+
+    def __call__(self, *args, **kwargs):
+        self.last = (args, kwargs)
+        return self.progress(*args, **kwargs)
+
+    def again(self) -> None:
+        if self.last is not None:
+            self.progress(*self.last[0], **self.last[1])
+
+
 def on_worker(call: Callable[[Callable, Callable[[], bool]], object], every_s: float):
     """Run the blocking `call(emit, stopped)` on a worker thread: a generator of what it passes to
     `emit` (progress events, finished clips), with None whenever `every_s` has passed since the last
@@ -785,6 +803,14 @@ def build_demo(studio: Studio):
     def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes=1,
                       asked=None, progress=gr.Progress()):
         """`asked` (page state, hidden from the API): False on the Render button, True on "Render anyway"."""
+        shown = StickyProgress(progress)
+        with contextlib.closing(rendering(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
+                                          takes, asked, shown)) as steps:
+            for out in steps:
+                yield out
+                shown.again()
+
+    def rendering(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked, progress):
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
             lines = studio.parse(script)  # script problems first, with line numbers
@@ -951,7 +977,7 @@ def build_demo(studio: Studio):
             progress(min(item.frame / max(item.max_frames, 1), 1.0),
                      desc=f"line {item.line + 1} · {item.speaker} · {f'frame {item.frame}' if stage == 'generating' else stage}")
 
-        work = on_worker(lambda emit, stopped: call(throttled(emit), stopped), HEARTBEAT_S)
+        work, last = on_worker(lambda emit, stopped: call(throttled(emit), stopped), HEARTBEAT_S), None
         with contextlib.closing(work):
             while True:
                 try:
@@ -960,8 +986,10 @@ def build_demo(studio: Studio):
                     return done.value
                 if item is None:
                     yield (gr.skip(),) * EDITOR_OUTPUTS
+                    if last is not None:  # the page drops the progress text at every output
+                        report(last)
                 else:
-                    report(item)
+                    report(last := item)
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,35 @@ def test_render_shows_its_stage_and_is_off_while_busy(app_url, page, tmp_path):
     expect(page.get_by_text(re.compile(r"line [12]/2 · Alice · (frame \d+|decoding|watermarking)"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
     expect(render).to_be_enabled()
+
+
+def test_the_progress_stays_shown_while_a_line_is_decoded(running_app, page, monkeypatch):
+    """Gradio's page drops the progress text at every output of a streaming handler, and a render
+    yields a no-change update every 0.5 s (so a cancel lands): while a line was decoded and
+    watermarked (seconds at csm-1b size) the page showed no progress at all. Here decoding takes 3 s."""
+    url, studio = running_app
+    real = studio.engine.decode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(studio.engine, "decode", slow_decode)
+    _open(page, url)
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Alice: one two three.")
+    _choose(page, "Voice for Alice", "(none) no reference voice")
+    page.get_by_label("number input for Max seconds per line").fill("1")
+    page.get_by_role("button", name="Render", exact=True).click()
+    decoding = page.get_by_text("line 1/1 · Alice · decoding")
+    expect(decoding).to_be_visible(timeout=60_000)
+    seen = []
+    for _ in range(20):  # 2 s of the 3 s decode
+        seen.append(" ".join(decoding.all_inner_texts()))
+        page.wait_for_timeout(100)
+    shown = sum("line 1/1 · Alice · decoding" in s for s in seen)
+    assert shown >= 16, seen  # was shown in the first 0.5 s only, until the first no-change update
+    expect(page.get_by_text(re.compile(r"^Done: 1 line,"))).to_be_visible(timeout=60_000)
 
 
 def test_the_profile_selection_stays_where_the_tester_acted(app_url, page, tmp_path):
