@@ -261,7 +261,10 @@ def test_control_characters_and_unpaired_surrogates_are_dropped_from_the_input(u
     body = b'{"input": "\\u0000\\ud800\\u001b\\udfff", "voice": "none", "response_format": "pcm"}'
     r = httpx.post(url + "/v1/audio/speech", headers=headers, content=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
-    assert "only control or invalid characters" in r.json()["error"]["message"]
+    assert "only invisible, control or invalid characters" in r.json()["error"]["message"]
+    body = b'{"input": "\\u200b\\u202e\\u200d ", "voice": "none", "response_format": "pcm"}'  # zero-width, bidi
+    r = httpx.post(url + "/v1/audio/speech", headers=headers, content=body)
+    assert r.status_code == 400 and "only invisible" in r.json()["error"]["message"]
     body = b'{"input": "Hel\\ud800lo\\u0007.", "voice": "none", "response_format": "pcm", "seed": 3}'
     spoken = httpx.post(url + "/v1/audio/speech", headers=headers, content=body, timeout=60)
     plain = httpx.post(url + "/v1/audio/speech", headers=headers, timeout=60,
