@@ -144,6 +144,25 @@ def test_status_shows_the_generation_rows(served):
     assert re.search(r"\*\*Prefix cache:\*\* \d+ prompts started from a kept state .* \d+ states, [\d.]+/512 MB", text), text
 
 
+# before the tests below: their engines share the tiny model (its caches) with `served`'s
+def test_a_fast_mode_script_longer_than_the_queue_renders_and_leaves_nothing_running(served):
+    """Fast mode handed every line to the scheduler at once: a script of more lines than a visitor's
+    rows plus places in the queue (8 + 16) was refused ("you already have 16 requests waiting") on an
+    idle server, while the 24 lines submitted before the refusal went on generating unseen. It now
+    keeps at most a batch's rows of them in the scheduler at a time."""
+    url, studio, _ = served
+    client = gradio_client.Client(url, verbose=False)
+    script = "\n".join(f"{'AB'[i % 2]}: Line number {i + 1}." for i in range(30))
+    out = client.predict("visitor-fast-30-01", script, {"headers": ["speaker", "profile"], "data": []}, 0.9, 50, 5,
+                         1, 0, "fast", api_name="/render_script")
+    assert out[1].startswith("Done: 30 lines")
+    deadline = time.monotonic() + 5
+    while studio.engine.scheduler.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = studio.engine.scheduler.stats()
+    assert stats["active"] == stats["waiting"] == stats["prefilling"] == 0  # nothing of it left running
+
+
 @pytest.fixture
 def one_row_studio(tmp_path, tiny_model, codec):
     engine = Engine(tiny_model, ByteTokenizer(), codec, watermark=False)
@@ -215,21 +234,3 @@ def test_the_served_app_answers_the_openai_client_beside_the_page(tmp_path):
             openai.OpenAI(base_url=server.url + "v1", api_key="not a key!", max_retries=0).models.list()
         with urllib.request.urlopen(server.url, timeout=10) as page:
             assert page.status == 200 and b"gradio" in page.read().lower()
-
-
-def test_a_fast_mode_script_longer_than_the_queue_renders_and_leaves_nothing_running(served):
-    """Fast mode handed every line to the scheduler at once: a script of more lines than a visitor's
-    rows plus places in the queue (8 + 16) was refused ("you already have 16 requests waiting") on an
-    idle server, while the 24 lines submitted before the refusal went on generating unseen. It now
-    keeps at most a batch's rows of them in the scheduler at a time."""
-    url, studio, _ = served
-    client = gradio_client.Client(url, verbose=False)
-    script = "\n".join(f"{'AB'[i % 2]}: Line number {i + 1}." for i in range(30))
-    out = client.predict("visitor-fast-30-01", script, {"headers": ["speaker", "profile"], "data": []}, 0.9, 50, 5,
-                         1, 0, "fast", api_name="/render_script")
-    assert out[1].startswith("Done: 30 lines")
-    deadline = time.monotonic() + 5
-    while studio.engine.scheduler.stats()["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stats = studio.engine.scheduler.stats()
-    assert stats["active"] == stats["waiting"] == stats["prefilling"] == 0  # nothing of it left running
