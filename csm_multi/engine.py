@@ -216,7 +216,7 @@ class Engine:
             self.model.drop_caches()
 
     def _request(self, tokens, mask, sampling: SamplingConfig, seed: int,
-                 on_stage: StageCallback | None = None) -> Iterator[torch.Tensor]:
+                 on_stage: StageCallback | None = None) -> tuple[Ticket, Iterator[torch.Tensor]]:
         """(its ticket, its frames) for one prompt from the scheduler; `on_stage` hears the wait-queue
         place meanwhile. The ticket is for a caller that may close the frames before it starts them."""
         ticket = self.scheduler.submit(GenerationRequest(
