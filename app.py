@@ -925,13 +925,14 @@ def build_demo(studio: Studio):
         if result is None:
             gr.Markdown("_After a render each line appears here, to play, re-take, edit or re-time._")
             return
+        slots = generation_slots(studio.engine)  # never the default 1: see generation_slots
         if result.stale:
             rows = ", ".join(str(i + 1) for i in result.stale)
             gr.Markdown(f"⚠️ Line{'s' * (len(result.stale) > 1)} {rows} heard an earlier version of a line "
                         "that changed (conversational mode: each line is conditioned on the lines before it).")
             gr.Button(f"Re-render line{'s' * (len(result.stale) > 1)} {rows}", size="sm").click(
                 editor_actions["rerender_stale"], [key, last_result, last_voices], shown,
-                api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+                api_name=False, concurrency_id="gpu", concurrency_limit=slots, show_progress_on=[render_msg])
         shown_rows = result.clips[:MAX_EDITOR_ROWS]
         draw = f"csm-draw-{next(editor_draws)}"  # each drawing's own class: a client can tell it has landed
         for i, clip in enumerate(shown_rows):
@@ -951,10 +952,11 @@ def build_demo(studio: Studio):
                     row = gr.State(i)
                     gr.Button("Re-render with this text", size="sm").click(
                         editor_actions["edit_line"], [key, last_result, last_voices, row, text],
-                        shown, api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+                        shown, api_name=False, concurrency_id="gpu", concurrency_limit=slots,
+                        show_progress_on=[render_msg])
                     gr.Button("New take", size="sm").click(
                         editor_actions["new_take"], [key, last_result, last_voices, row], shown,
-                        api_name=False, concurrency_id="gpu", show_progress_on=[render_msg])
+                        api_name=False, concurrency_id="gpu", concurrency_limit=slots, show_progress_on=[render_msg])
                     pause.submit(editor_actions["set_pause"], [key, last_result, row, pause], shown,
                                  api_name=False, show_progress="hidden")
                 if len(takes) > 1:
@@ -1495,6 +1497,15 @@ def build_demo(studio: Studio):
     return demo
 
 
+def generation_slots(engine) -> int:
+    """How many generation events the page lets run at once (`configure_queue`). Events made later,
+    inside `gr.render` (the per-line editor's buttons), must be given it too: Gradio lowers a
+    concurrency group's limit to that of any event of the group it meets, so one with the default
+    limit (1) made every generation of every visitor run one at a time from then on."""
+    sched = engine.scheduler
+    return sched.max_rows + sched.max_waiting if sched is not None else 1
+
+
 def configure_queue(demo, engine) -> int:
     """Gradio's queue as the engine can serve it; returns how many generation events may run at once.
 
@@ -1502,8 +1513,7 @@ def configure_queue(demo, engine) -> int:
     batching frame loop, so the page lets as many run as it has rows plus places to wait, and the
     scheduler queues, shares and refuses them (with the place shown). Without one (ZeroGPU, where the
     GPU exists only inside each decorated call, or `--max-batch 0`) they run one at a time."""
-    sched = engine.scheduler
-    slots = sched.max_rows + sched.max_waiting if sched is not None else 1
+    slots = generation_slots(engine)
     for block_fn in demo.fns.values():
         if block_fn.concurrency_id == "gpu":
             block_fn.concurrency_limit = slots

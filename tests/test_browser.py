@@ -610,3 +610,58 @@ def test_the_live_player_plays_a_slow_render_through_without_stopping(running_ap
     played = playing[-1][1] - playing[0][1]
     stops = [(round(a[0] / 1000, 1), round(a[1], 2)) for a, b in zip(playing, playing[1:]) if b[1] - a[1] < 0.01]
     assert played > 6.0 and stopped < 1.0, (played, stopped, stops)  # before: 7.6 s of stops
+
+
+def test_a_line_action_on_the_page_leaves_renders_batched(page, tmp_path):
+    """The per-line editor's buttons are made at run time (inside gr.render), after the queue was set
+    up, and had Gradio's default concurrency limit of 1. Gradio lowers a concurrency group's limit to
+    the lowest of its events', so after one New take on any page every generation of every visitor
+    ran one at a time (found by a hostile-visitor pass: renders went from batched to IN_QUEUE)."""
+    import threading
+
+    import torch
+    from conftest import launch
+    from gradio_client import Client
+
+    import app as app_module
+    from csm_multi.codec import MimiCodec, build_mimi
+    from csm_multi.config import get_preset
+    from csm_multi.engine import Engine
+    from csm_multi.model import CSM
+    from csm_multi.studio import Studio
+    from csm_multi.text import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = CSM(get_preset("tiny")).init_random_(seed=1).eval()  # its own: a scheduler owns its caches
+    engine = Engine(model, ByteTokenizer(), MimiCodec(build_mimi(None)), watermark=False)
+    engine.serve(max_rows=8)
+    studio = Studio(engine, tmp_path / "profiles", outputs_root=tmp_path / "out")
+    url, demo = launch(studio)
+    try:
+        _open(page, url)
+        page.get_by_role("tab", name="Script").click()
+        page.get_by_label("Script", exact=True).fill("Alice: one two three.")
+        _choose(page, "Voice for Alice", "(none) no reference voice")
+        page.get_by_label("number input for Max seconds per line").fill("1")
+        page.get_by_role("button", name="Render", exact=True).click()
+        expect(page.get_by_text(re.compile(r"^Done: 1 line,"))).to_be_visible(timeout=120_000)
+        expect(page.get_by_role("button", name="New take")).to_have_count(1)  # the editor is drawn
+        _redrawn(page, page.get_by_role("button", name="New take").first.click, r"^New take of line 1")
+        assert demo._queue.event_queue_per_concurrency_id["gpu"].concurrency_limit == app_module.generation_slots(engine)
+
+        before = dict(engine.scheduler.stats()["batch_sizes"])
+        mapping = {"headers": ["speaker", "profile"], "data": [["A", "(none)"]]}
+
+        def render(i):
+            Client(url, verbose=False).predict(f"batched-after-take-{i}", "A: A line of a few words.", mapping, 0.9,
+                                               50, i, 3, 0, "conversational", api_name="/render_script")
+        threads = [threading.Thread(target=render, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        after = engine.scheduler.stats()["batch_sizes"]
+        assert any(size >= 2 and after[size] > before.get(size, 0) for size in after), (before, after)
+    finally:
+        demo.close()
+        engine.stop_serving()
