@@ -377,7 +377,12 @@ class Studio:
         return result
 
     def choose_take(self, result: RenderResult, row: int, take: int) -> RenderResult:
+        """Take `take` (0-based) of line `row` kept; refused in the page's and the API's 1-based words."""
         row = self._row(result, row)
+        n = len(result.candidates(row))
+        if not isinstance(take, bool) and isinstance(take, int) and not 0 <= take < n:
+            have = "only take 1" if n == 1 else f"takes 1 to {n}"
+            raise ScriptError(f"take: line {row + 1} has {have}, not {take + 1}")
         try:
             return result.choose_take(row, take)
         except ValueError as e:
