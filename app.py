@@ -1291,7 +1291,7 @@ def build_demo(studio: Studio):
                     topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
                     seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0,
                                      minimum=-1, maximum=MAX_SEED - MAX_LINES)
-                    max_line_s = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
+                    max_line_s = gr.Slider(studio.limits.min_line_s, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
                     pause_ms = gr.Slider(0, studio.limits.max_pause_ms, value=300, step=50, precision=0,
                                          label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",

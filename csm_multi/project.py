@@ -59,6 +59,7 @@ MAX_CLIP_WAV_BYTES = 32 * 2**20  # about 11 minutes of 24 kHz 16-bit audio
 MAX_CODES_BYTES = 4 * 2**20
 MAX_PROFILES = 64
 MAX_CLIPS = 1000
+MAX_SPEAKERS = 200  # a voice per speaker: a script has at most 200 lines
 _MEMBER = re.compile(r"project\.json|profiles/[a-z0-9][a-z0-9_-]{0,63}\.csmvoice|clips/\d{3,4}\.(?:wav|npy)")
 _LIMITS = {".json": MAX_JSON_BYTES, ".csmvoice": MAX_IMPORT_BYTES, ".wav": MAX_CLIP_WAV_BYTES,
            ".npy": MAX_CODES_BYTES}
@@ -182,6 +183,9 @@ def read_project(path: str | Path, max_render_s: float | None = None) -> Project
     voices = _get(data, "voices", dict, where)
     if not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in voices.items()):
         raise ProjectError(f"{where}: 'voices' must map speaker names to profile names or null")
+    if len(voices) > MAX_SPEAKERS:
+        raise ProjectError(f"{where}: the voice map has {len(voices)} speakers; a project has at most {MAX_SPEAKERS} "
+                           "(one per speaker of its script)")
     profiles = {}
     entries = _get(data, "profiles", list, where)
     if len(entries) > MAX_PROFILES:

@@ -119,6 +119,7 @@ class StudioLimits:
     temperature: tuple[float, float] = (0.1, 1.5)
     max_topk: int = 100
     max_pause_ms: int = 2000
+    min_line_s: float = 1.0
     # an opened project's rendering longer than this is left out (its memory grows with its length)
     max_open_render_s: float = 20 * 60
 
@@ -438,8 +439,9 @@ class Studio:
 
     def open_project(self, key, path: str | Path) -> Project:
         """A `.csmproj` checked (file, then this server's script limit), then its voices imported into
-        the visitor's library (reused or renamed on collisions: see project.py). A max length per
-        line above this server's limit is lowered to it, with a note."""
+        the visitor's library (reused or renamed on collisions: see project.py). Settings beyond the
+        Script tab's controls (max length per line, top-k, pause, temperature) are brought within
+        them, with a note."""
         checked = read_project(path, max_render_s=self.limits.max_open_render_s)
         if len(checked.script) > self.limits.max_script_chars:
             raise ScriptError(f"the project's script is longer than {self.limits.max_script_chars} characters, "
@@ -451,7 +453,8 @@ class Studio:
             project.result.voice_audio = {name: store.get(name).audio_sha256 for name in used}
         c, lim = project.config, self.limits
         for setting, value, bounded, label in (
-                ("max_line_ms", c.max_line_ms, min(c.max_line_ms, lim.max_line_s * 1000), "max length per line"),
+                ("max_line_ms", c.max_line_ms, min(max(c.max_line_ms, lim.min_line_s * 1000), lim.max_line_s * 1000),
+                 "max length per line"),
                 ("topk", c.topk, min(c.topk, lim.max_topk), "top-k"),
                 ("pause_ms", c.pause_ms, min(c.pause_ms, lim.max_pause_ms), "pause between lines"),
                 ("temperature", c.temperature, min(max(c.temperature, lim.temperature[0]), lim.temperature[1]),

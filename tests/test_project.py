@@ -5,6 +5,7 @@ import io
 import json
 import os
 import zipfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -383,6 +384,30 @@ def test_opening_a_project_bounds_settings_to_the_web_controls(saved, engine, tm
         lim.max_pause_ms, lim.max_topk, lim.temperature[1], lim.max_line_s * 1000)
     assert c.seed == 3 and len(project.notes) == 4
     assert "pause between lines changed from 5000 ms to 2000 ms (this server's limit)" in project.notes
-    tame = studio.open_project("bounds-key-0001", save_project(tmp_path / "tame", "Bob: hi", {"Bob": "Bob"}, CONFIG,
+    within = replace(CONFIG, max_line_ms=2000)
+    tame = studio.open_project("bounds-key-0001", save_project(tmp_path / "tame", "Bob: hi", {"Bob": "Bob"}, within,
                                                                store=store))
-    assert tame.config == CONFIG and not tame.notes
+    assert tame.config == within and not tame.notes
+    # below the controls too: 0.1 s per line showed under the slider's 1 s, and the page then refused
+    # every render and draft save ("Max seconds per line: expected a number from 1 to 30; got 0.1")
+    short = studio.open_project("bounds-key-0001", save_project(
+        tmp_path / "short", "Bob: hi", {"Bob": "Bob"}, replace(CONFIG, max_line_ms=100), store=store))
+    assert short.config.max_line_ms == lim.min_line_s * 1000
+    assert short.notes == ["max length per line changed from 0.1 s to 1 s (this server's limit)"]
+
+
+def test_a_project_with_more_speakers_than_a_script_can_have_is_refused(saved, tmp_path):
+    """A voice map of 50,002 speakers was opened and sent to the page, whose draft then could not be
+    saved (at most 1000 map rows)."""
+    _, _, store = saved
+    path = save_project(tmp_path / "many", "Bob: hi", {"Bob": "Bob"}, CONFIG, store=store)
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    data = json.loads(members["project.json"])
+    data["voices"].update({f"Extra {i}": None for i in range(50_001)})
+    members["project.json"] = json.dumps(data).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    with pytest.raises(ProjectError, match="the voice map has 50002 speakers; a project has at most 200"):
+        read_project(path)
