@@ -453,6 +453,49 @@ def _answered_in_place(fn, outputs):
     return function
 
 
+def _session() -> str | None:
+    """The page session (one browser tab, or one gradio_client Client) of the current event."""
+    try:
+        from gradio.context import LocalContext
+
+        request = LocalContext.request.get(None) or _PAGE_REQUEST.get()
+    except ImportError:  # pragma: no cover - another Gradio layout
+        return None
+    if isinstance(request, list):
+        request = request[0] if request else None
+    return getattr(request, "session_hash", None)
+
+
+class OnePerSession:
+    """At most one action at a time changes a session's rendering (its `last_result`). An action
+    answers with the rendering it started from changed, so a take switch or a pause set while a New
+    take ran came back undone when the New take finished (and of two New takes, the first was lost):
+    a second action meanwhile is refused, saying which one runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def claim(self, what: str):
+        session = _session()
+        if session is None:
+            yield
+            return
+        with self._lock:
+            doing = self._running.get(session)
+            if doing is None:
+                self._running[session] = what
+        if doing is not None:
+            raise Refused(for_the_caller(f"{doing} is still running on this page: wait for it to finish, then try "
+                                         "again (each would undo the other)"))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(session, None)
+
+
 def for_the_caller(message: str) -> str:
     """An error message as plain text for API callers, and HTML-escaped for the page, whose
     notifications render HTML (the page's requests say `x-gradio-user: app`)."""
@@ -586,6 +629,8 @@ def build_demo(studio: Studio):
 
     def fail(e: Exception):
         raise Refused(for_the_caller(str(e))) from None
+
+    actions = OnePerSession()  # what changes a session's rendering: a render, a line action, a take, a pause
 
     def cell(value) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
@@ -804,8 +849,8 @@ def build_demo(studio: Studio):
                       asked=None, progress=gr.Progress()):
         """`asked` (page state, hidden from the API): False on the Render button, True on "Render anyway"."""
         shown = StickyProgress(progress)
-        with contextlib.closing(rendering(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                                          takes, asked, shown)) as steps:
+        with actions.claim("A render"), contextlib.closing(rendering(
+                key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked, shown)) as steps:
             for out in steps:
                 yield out
                 shown.again()
@@ -908,13 +953,14 @@ def build_demo(studio: Studio):
     def regenerate_line(key, result, voices, line_number, seed, progress=gr.Progress()):  # noqa: B008
         if result is None:
             fail(CsmError("render the script first, then regenerate one of its lines"))
-        try:
-            line = None if line_number is None else int(line_number)
-            new = yield from line_action(lambda report, stopped: studio.rerender(
-                key, result, line, voices or {}, _seed(seed), progress=report, cancel=stopped), progress)
-            yield _finished(new, key, studio_draft(key))
-        except (CsmError, ValueError) as e:
-            fail(e)
+        with actions.claim(f"The regeneration of line {line_number}"):
+            try:
+                line = None if line_number is None else int(line_number)
+                new = yield from line_action(lambda report, stopped: studio.rerender(
+                    key, result, line, voices or {}, _seed(seed), progress=report, cancel=stopped), progress)
+                yield _finished(new, key, studio_draft(key))
+            except (CsmError, ValueError) as e:
+                fail(e)
 
     # ---- the per-line editor: each rendered line's takes, text and pause -----------------------
     editor_draws = itertools.count(1)
@@ -995,31 +1041,38 @@ def build_demo(studio: Studio):
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""
-        try:
-            new = yield from line_action(lambda report, stopped: studio.edit_line(
-                key, result, row, text, voices, progress=report, cancel=stopped), progress)
-            yield _shown(key, new, f"Line {row + 1} re-rendered with the new text")
-        except (CsmError, ValueError) as e:
-            fail(e)
+        with actions.claim(f"The re-render of line {row + 1}"):
+            try:
+                new = yield from line_action(lambda report, stopped: studio.edit_line(
+                    key, result, row, text, voices, progress=report, cancel=stopped), progress)
+                yield _shown(key, new, f"Line {row + 1} re-rendered with the new text")
+            except (CsmError, ValueError) as e:
+                fail(e)
 
     def new_take(key, result, voices, row, progress=gr.Progress()):  # noqa: B008 - Gradio's way
-        try:
-            new = yield from line_action(lambda report, stopped: studio.new_takes(
-                key, result, row, voices, 1, progress=report, cancel=stopped), progress)
-            yield _shown(key, new, f"New take of line {row + 1}")
-        except (CsmError, ValueError) as e:
-            fail(e)
+        with actions.claim(f"The new take of line {row + 1}"):
+            try:
+                new = yield from line_action(lambda report, stopped: studio.new_takes(
+                    key, result, row, voices, 1, progress=report, cancel=stopped), progress)
+                yield _shown(key, new, f"New take of line {row + 1}")
+            except (CsmError, ValueError) as e:
+                fail(e)
 
     def rerender_stale(key, result, voices, progress=gr.Progress()):  # noqa: B008 - Gradio's way
-        try:
-            stale = ", ".join(str(i + 1) for i in (result.stale if result else ()))
-            new = yield from line_action(lambda report, stopped: studio.rerender_stale(
-                key, result, voices, progress=report, cancel=stopped), progress)
-            yield _shown(key, new, f"Re-rendered line(s) {stale}")
-        except (CsmError, ValueError) as e:
-            fail(e)
+        with actions.claim("The re-render of the stale lines"):
+            try:
+                stale = ", ".join(str(i + 1) for i in (result.stale if result else ()))
+                new = yield from line_action(lambda report, stopped: studio.rerender_stale(
+                    key, result, voices, progress=report, cancel=stopped), progress)
+                yield _shown(key, new, f"Re-rendered line(s) {stale}")
+            except (CsmError, ValueError) as e:
+                fail(e)
 
     def choose_take(key, result, row, take):
+        with actions.claim("A take switch"):
+            return keep_take(key, result, row, take)
+
+    def keep_take(key, result, row, take):
         try:
             if take is None:
                 raise CsmError("take: give the number of the take to keep (1 = the first)")
@@ -1029,10 +1082,11 @@ def build_demo(studio: Studio):
             fail(e)
 
     def set_pause(key, result, row, seconds):
-        try:
-            return _shown(key, studio.set_pause(result, row, seconds), f"Pause before line {row + 1} set")
-        except (CsmError, ValueError) as e:
-            fail(e)
+        with actions.claim("A pause change"):
+            try:
+                return _shown(key, studio.set_pause(result, row, seconds), f"Pause before line {row + 1} set")
+            except (CsmError, ValueError) as e:
+                fail(e)
 
     def _shown(key, result, what: str):
         note, *rest = _finished(result, key, studio_draft(key))

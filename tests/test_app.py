@@ -1,5 +1,6 @@
 """The Gradio app on the tiny preset, on 127.0.0.1, driven through gradio_client like an API user."""
 
+import json
 from pathlib import Path
 
 import numpy as np

@@ -4,9 +4,12 @@ line, and a clear busy answer beyond the queue's bound. Tiny preset, CPU."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +145,42 @@ def test_status_shows_the_generation_rows(served):
     text = gradio_client.Client(url, verbose=False).predict("serving-status-00", api_name="/status")
     assert "**Generation:**" in text and "rows busy" in text
     assert re.search(r"\*\*Prefix cache:\*\* \d+ prompts started from a kept state .* \d+ states, [\d.]+/512 MB", text), text
+
+
+def test_one_action_at_a_time_changes_a_sessions_rendering(served, monkeypatch):
+    """Each action answers with the rendering it started from, changed. A take switch or a pause set
+    while a New take ran came back undone when the New take finished, and of two New takes on
+    different lines the first was lost (found by a hostile-visitor pass). A second action of the same
+    session (page, or gradio_client Client) is now refused while one runs; other sessions are not held."""
+    url, studio, _ = served
+    client = gradio_client.Client(url, verbose=False)
+    key = "visitor-one-action-01"
+    mapping = {"headers": ["speaker", "profile"], "data": [["A", "(none)"], ["B", "(none)"]]}
+    out = client.predict(key, "A: One short line.\nB: And another.", mapping, 0.9, 50, 5, 3, 0, "conversational",
+                         api_name="/render_script")
+    assert out[1].startswith("Done: 2 lines")
+    real = studio.new_takes
+
+    def crawling(*a, progress=None, **kw):
+        def crawl(item):
+            time.sleep(0.3)
+            progress(item)
+        return real(*a, progress=crawl, **kw)
+
+    monkeypatch.setattr(studio, "new_takes", crawling)  # a 3 s line: ~15 s
+    job = client.submit(key, 1, api_name="/new_take")
+    time.sleep(1.5)
+    assert not job.done()
+    for args, name in (((key, 2, 1), "/choose_take"), ((key, 2), "/new_take"), ((key, 2, 1.5), "/set_pause")):
+        with pytest.raises(Exception, match="^The new take of line 1 is still running on this page"):
+            client.predict(*args, api_name=name)
+    other = gradio_client.Client(url, verbose=False)  # another session is not held by this one's action
+    assert other.predict("visitor-one-action-02", "A: Hi.", mapping, 0.9, 50, 5, 1, 0, "conversational",
+                         api_name="/render_script")[1].startswith("Done: 1 line,")
+    assert job.result()[0].startswith("New take of line 1")
+    out = client.predict(key, 2, 1.5, api_name="/set_pause")  # free again, and on the rendering with the take
+    manifest = json.loads(next(Path(f).read_text(encoding="utf-8") for f in out[2] if f.endswith("dialogue.json")))
+    assert manifest["lines"][0]["takes"] == 2 and manifest["lines"][1]["pause_before_s"] == 1.5
 
 
 # before the tests below: their engines share the tiny model (its caches) with `served`'s
