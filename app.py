@@ -1227,9 +1227,11 @@ def build_demo(studio: Studio):
         except (CsmError, ValueError) as e:
             fail(e)
         n = found["windows"]
+        if not n:  # not a "No": nothing was looked at
+            return ("Nothing could be checked: the clip is silent or shorter than 0.84 s. Upload a longer part of "
+                    "the audio.")
         caveat = (f"  \n_Checked {n} window{'' if n == 1 else 's'}: {found['seconds_checked']:.1f} s of the "
-                  f"{found['seconds_total']:.1f} s clip, spread over it._" if n else
-                  "  \n_Nothing could be checked: the clip is silent or shorter than 0.84 s._")
+                  f"{found['seconds_total']:.1f} s clip, spread over it._")
         if studio.engine.info.untrained:
             caveat += "  \n_Offline demo: the watermarker has random weights, so this answer means nothing._"
         if found["matches_key"]:

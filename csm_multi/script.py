@@ -119,7 +119,7 @@ def clean_line_text(text: str, max_chars_per_line: int = 1000) -> str:
     Raises `ScriptProblems` when it is empty, longer than `max_chars_per_line`, or holds a pause
     tag: an edited line stays one utterance, and its pause is set apart from its text.
     """
-    said = _clean_text(text) if isinstance(text, str) else ""
+    said = _clean_text(_LINE_BREAK.sub(" ", text)) if isinstance(text, str) else ""  # one line: breaks are spaces
     if not said:
         problem = "the new text is empty — write what the line should say"
     elif _PAUSE_OPEN.search(said):

@@ -136,6 +136,7 @@ def test_bidi_overrides_are_dropped_and_invisible_only_text_is_nothing_to_say():
         assert clean_utterance(invisible) == ""  # Quick and the speech API: "write some text"
     with pytest.raises(ScriptError, match="empty"):
         clean_line_text("\u200b")
+    assert clean_line_text("new\nBob: more\r\nend") == "new Bob: more end"  # an edit is one line: breaks are spaces
     assert clean_utterance("a\u202eb\u200dc") == "ab\u200dc"
 
 
