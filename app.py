@@ -1124,6 +1124,10 @@ def build_demo(studio: Studio):
 
     def open_project(key, path):
         """Fill the Script tab from a .csmproj: script, mapping, settings, and its rendering if any."""
+        with actions.claim("Opening a project"):
+            return opened_project(key, path)
+
+    def opened_project(key, path):
         try:
             if not path:
                 raise CsmError("Open project: choose a .csmproj file to open")
@@ -1145,6 +1149,10 @@ def build_demo(studio: Studio):
 
     def reopen_last(key):
         """This library's last rendering (kept in the server's memory), back on the Script tab."""
+        with actions.claim("Reopening the last rendering"):
+            return reopened_last(key)
+
+    def reopened_last(key):
         try:
             last = studio.last_rendering(key)
             if last is None:

@@ -171,7 +171,8 @@ def test_one_action_at_a_time_changes_a_sessions_rendering(served, monkeypatch):
     job = client.submit(key, 1, api_name="/new_take")
     time.sleep(1.5)
     assert not job.done()
-    for args, name in (((key, 2, 1), "/choose_take"), ((key, 2), "/new_take"), ((key, 2, 1.5), "/set_pause")):
+    for args, name in (((key, 2, 1), "/choose_take"), ((key, 2), "/new_take"), ((key, 2, 1.5), "/set_pause"),
+                       ((key,), "/reopen_last")):
         with pytest.raises(Exception, match="^The new take of line 1 is still running on this page"):
             client.predict(*args, api_name=name)
     other = gradio_client.Client(url, verbose=False)  # another session is not held by this one's action
