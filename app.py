@@ -1020,12 +1020,8 @@ def build_demo(studio: Studio):
         shown as Gradio progress (the line, its stage, its frames). A generator of no-change updates of
         the editor's outputs every HEARTBEAT_S, so a closed tab or a cancel stops the line at its next
         frame and frees its generation row; returns what `call` returns (`yield from`)."""
-        def report(item):
-            stage = getattr(item, "stage", "generating")
-            progress(min(item.frame / max(item.max_frames, 1), 1.0),
-                     desc=f"line {item.line + 1} · {item.speaker} · {f'frame {item.frame}' if stage == 'generating' else stage}")
-
-        work, last = on_worker(lambda emit, stopped: call(throttled(emit), stopped), HEARTBEAT_S), None
+        shown = StickyProgress(progress)
+        work = on_worker(lambda emit, stopped: call(throttled(emit), stopped), HEARTBEAT_S)
         with contextlib.closing(work):
             while True:
                 try:
@@ -1034,10 +1030,12 @@ def build_demo(studio: Studio):
                     return done.value
                 if item is None:
                     yield (gr.skip(),) * EDITOR_OUTPUTS
-                    if last is not None:  # the page drops the progress text at every output
-                        report(last)
+                    shown.again()  # the page drops the progress text at every output
                 else:
-                    report(last := item)
+                    stage = getattr(item, "stage", "generating")
+                    shown(min(item.frame / max(item.max_frames, 1), 1.0),
+                          desc=f"line {item.line + 1} · {item.speaker} · "
+                               f"{f'frame {item.frame}' if stage == 'generating' else stage}")
 
     def edit_line(key, result, voices, row, text, progress=gr.Progress()):  # noqa: B008 - Gradio's way
         """`row`: the 0-based place of the line (the page's editor; the API's `line` is 1-based)."""
@@ -1355,7 +1353,8 @@ def build_demo(studio: Studio):
                     topk = gr.Slider(1, studio.limits.max_topk, value=50, step=1, precision=0, label="Top-k")
                     seed = gr.Number(label="Seed (-1 = random; line i uses seed + i)", value=-1, precision=0,
                                      minimum=-1, maximum=MAX_SEED - MAX_LINES)
-                    max_line_s = gr.Slider(studio.limits.min_line_s, studio.limits.max_line_s, value=10, step=1, label="Max seconds per line")
+                    max_line_s = gr.Slider(studio.limits.min_line_s, studio.limits.max_line_s, value=10, step=1,
+                                           label="Max seconds per line")
                     pause_ms = gr.Slider(0, studio.limits.max_pause_ms, value=300, step=50, precision=0,
                                          label="Pause between lines (ms)")
                     mode = gr.Radio(["conversational", "fast"], value="conversational", label="Mode",

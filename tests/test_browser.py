@@ -346,11 +346,7 @@ def test_the_progress_stays_shown_while_a_line_is_decoded(running_app, page, mon
 
     monkeypatch.setattr(studio.engine, "decode", slow_decode)
     _open(page, url)
-    page.get_by_role("tab", name="Script").click()
-    page.get_by_label("Script", exact=True).fill("Alice: one two three.")
-    _choose(page, "Voice for Alice", "(none) no reference voice")
-    page.get_by_label("number input for Max seconds per line").fill("1")
-    page.get_by_role("button", name="Render", exact=True).click()
+    _start_render(page, "Alice: one two three.", ("Alice",))
     decoding = page.get_by_text("line 1/1 · Alice · decoding")
     expect(decoding).to_be_visible(timeout=60_000)
     seen = []
@@ -459,16 +455,21 @@ def test_quick_says_which_seed_it_used(app_url, page):
     _shot(page, "studio-quick-1440.png")
 
 
-def _render_two_lines(page, script: str, takes: int = 1):
+def _start_render(page, script: str, speakers=("Alice", "Bob"), takes: int = 1):
+    """Render `script` with no reference voice for `speakers`, 1 s per line, `takes` takes; not waited for."""
     page.get_by_role("tab", name="Script").click()
     page.get_by_label("Script", exact=True).fill(script)
-    for speaker in ("Alice", "Bob"):
+    for speaker in speakers:
         _choose(page, f"Voice for {speaker}", "(none) no reference voice")
         page.wait_for_timeout(300)
     page.get_by_label("number input for Max seconds per line").fill("1")
     page.get_by_label("number input for Takes per line").fill(str(takes))
     page.get_by_label("number input for Takes per line").press("Enter")
     page.get_by_role("button", name="Render", exact=True).click()
+
+
+def _render_two_lines(page, script: str, takes: int = 1):
+    _start_render(page, script, takes=takes)
     expect(page.get_by_text(re.compile(r"^Done: 2 lines"))).to_be_visible(timeout=120_000)
 
 
@@ -639,11 +640,7 @@ def test_a_line_action_on_the_page_leaves_renders_batched(page, tmp_path):
     url, demo = launch(studio)
     try:
         _open(page, url)
-        page.get_by_role("tab", name="Script").click()
-        page.get_by_label("Script", exact=True).fill("Alice: one two three.")
-        _choose(page, "Voice for Alice", "(none) no reference voice")
-        page.get_by_label("number input for Max seconds per line").fill("1")
-        page.get_by_role("button", name="Render", exact=True).click()
+        _start_render(page, "Alice: one two three.", ("Alice",))
         expect(page.get_by_text(re.compile(r"^Done: 1 line,"))).to_be_visible(timeout=120_000)
         expect(page.get_by_role("button", name="New take")).to_have_count(1)  # the editor is drawn
         _redrawn(page, page.get_by_role("button", name="New take").first.click, r"^New take of line 1")
