@@ -1112,9 +1112,9 @@ def build_demo(studio: Studio):
         return None if last is None else last[:3]
 
     # ---- projects -------------------------------------------------------------------------
-    def save_project(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, result):
+    def save_project(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes=1, result=None):
         try:
-            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode)
+            config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
             voices = studio.voices_for(key, script, mapping_dict(mapping))
             return str(studio.save_project(key, script, voices, config, result))
         except (CsmError, ValueError) as e:
@@ -1138,7 +1138,8 @@ def build_demo(studio: Studio):
         c = project.config
         note = "  \n".join([f"Opened the project: {rendered[0]}", *(f"Note: {html.escape(n, quote=False)}" for n in project.notes)])
         values = tab_values(project.script, project.voices, c)
-        return (*values, note, *rendered[1:6], project.voices, *library_view(key), *rendered[6:], choices_of(values[1]))
+        return (*values, note, *rendered[1:6], project.voices, *library_view(key), *rendered[6:], choices_of(values[1]),
+                c.takes)
 
     def tab_values(script_text, voices, c: RenderConfig) -> tuple:
         """The Script tab's script, speaker map and settings for a project or a rendering."""
@@ -1161,7 +1162,7 @@ def build_demo(studio: Studio):
             fail(e)
         values = tab_values(script_text, voices, c)
         return (*values, f"Reopened the last rendering: {rendered[0]}", *rendered[1:6], voices, *rendered[6:],
-                choices_of(values[1]))
+                choices_of(values[1]), c.takes)
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
@@ -1541,14 +1542,14 @@ def build_demo(studio: Studio):
                                  ("rerender_stale", rerender_stale, [key, last_result, last_voices])):
             api_buttons[name].click(_gpu(fn), inputs, shown, api_name=name, concurrency_id="gpu")
         project_btn.click(save_project, [key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                                         last_result], [project_file], api_name="save_project")
+                                         takes, last_result], [project_file], api_name="save_project")
         open_event = open_file.upload(
             open_project, [key, open_file],
             [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, render_msg, dialogue,
-             files, manifest, context_view, last_result, last_voices, library, chosen, *shown[6:], voice_choices],
-            api_name="open_project")
+             files, manifest, context_view, last_result, last_voices, library, chosen, *shown[6:], voice_choices,
+             takes], api_name="open_project")
         reopen_btn.click(reopen_last, [key], [script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                                              *shown[:6], last_voices, *shown[6:], voice_choices],
+                                              *shown[:6], last_voices, *shown[6:], voice_choices, takes],
                      api_name="reopen_last")
         library_changed(open_event)
         say_event = q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max],

@@ -123,7 +123,7 @@ def _working(api: str, files: dict) -> list:
         "import_profile": [files["voice"], "Imported"],
         "render_script": [*render, 1],
         "regenerate_line": [1, 7],
-        "save_project": render,
+        "save_project": [*render, 1],
         "open_project": [files["project"]],
         "say": ["Hello.", "Alice", 0.9, 50, 1, 1],
         "check_watermark": [files["clip"]],

@@ -242,9 +242,10 @@ def test_the_last_rendering_reopens_and_its_watermark_is_checked_without_upload(
     with pytest.raises(Exception, match="nothing was rendered with this voice library"):
         client.predict(key, api_name="/check_last_render")
     client.predict(key, "Alice: Hi.", {"headers": ["speaker", "profile"], "data": [["Alice", "(none)"]]},
-                   0.9, 50, 5, 1, 0, "conversational", 1, api_name="/render_script")
+                   0.9, 50, 5, 1, 0, "conversational", 2, api_name="/render_script")
     out = Client(url, verbose=False).predict(key, api_name="/reopen_last")  # a new session: a reloaded page
     assert out[0] == "Alice: Hi." and out[1]["data"] == [["Alice", "(none)"]] and out[4] == 5 and out[5] == 1
+    assert out[-1] == 2  # Takes per line
     assert out[8].startswith("Reopened the last rendering: Done: 1 line,")
     with pytest.raises(Exception, match="without a watermark model"):  # the fixture's engine has none
         client.predict(key, api_name="/check_last_render")

@@ -322,12 +322,12 @@ def test_app_saves_a_project_and_another_library_opens_it(running_app, tmp_path)
     mapping = {"headers": ["speaker", "profile"], "data": [["Alice", "Alice"], ["Narrator", "(none)"]]}
     settings = (0.8, 40, 5, 1, 100, "conversational")
     rendered = owner.predict("project-owner-01", script, mapping, *settings, api_name="/render_script")
-    project = owner.predict("project-owner-01", script, mapping, *settings, api_name="/save_project")
+    project = owner.predict("project-owner-01", script, mapping, *settings, 3, api_name="/save_project")
     assert project.endswith(".csmproj") and str(studio.profiles_root) not in project
 
     opened = guest.predict("project-guest-0002", gradio_client.handle_file(project), api_name="/open_project")
     assert opened[0] == script and opened[1]["data"] == mapping["data"]
-    assert tuple(opened[2:8]) == settings
+    assert tuple(opened[2:8]) == settings and opened[-1] == 3  # Takes per line, last
     assert opened[8].startswith("Opened the project: Done: 2 lines")
     assert opened[11]["data"] == rendered[4]["data"]  # the same manifest: the rendering came back
     assert [row[0] for row in opened[13]["data"]] == ["Alice"]  # the voice is in the guest's library now
