@@ -308,6 +308,49 @@ def _defaults(block_fn) -> dict[int, object]:
     return {i: p.default for i, p in enumerate(params) if p.default is not inspect.Parameter.empty}
 
 
+def _player_class():
+    """gr.Audio whose (rate, samples) values reach Gradio's cache whole: the page's players.
+
+    Gradio writes such a value to `<cache>/<hash of the samples>/audio.wav` in place, so two events
+    with the same samples (two testers previewing one voice of a shared library, or rendering the same
+    script with the same seed) write one file at once, and either may then serve or copy it half
+    written. Here the file is written under a temporary name and renamed into place, and one already
+    there (the same samples, hence the same bytes) is kept. The page draws it as an ordinary Audio."""
+    import hashlib
+    import tempfile
+
+    import gradio as gr
+    from gradio import processing_utils
+    from gradio.data_classes import FileData
+
+    class Player(gr.Audio):
+        is_template = True  # the browser draws gr.Audio's component
+
+        def postprocess(self, value):
+            if not isinstance(value, tuple):
+                return super().postprocess(value)
+            rate, samples = value
+            samples = np.ascontiguousarray(samples)
+            fmt = self.format or "wav"
+            digest = hashlib.sha256(f"csm-player-v1 {rate} {samples.dtype} {samples.shape} {fmt}".encode())
+            digest.update(samples.tobytes())
+            folder = Path(self.GRADIO_CACHE) / digest.hexdigest()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"audio.{fmt}"
+            if not path.exists():
+                fd, staging = tempfile.mkstemp(dir=folder, prefix=".audio.", suffix=f".{fmt}")
+                os.close(fd)
+                try:
+                    processing_utils.audio_to_file(rate, samples, staging, format=fmt)
+                    os.replace(staging, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(staging)
+            return FileData(path=str(path.resolve()), orig_name=path.name)
+
+    return Player
+
+
 def _checked_blocks():
     """gr.Blocks whose events check their arguments first: a missing or wrong argument gets a
     message naming it and the allowed values, instead of Gradio's message-less error."""
@@ -626,6 +669,7 @@ def build_demo(studio: Studio):
     import gradio as gr
 
     ensure_ffmpeg()
+    Player = _player_class()  # noqa: N806 (a class)
 
     def fail(e: Exception):
         raise Refused(for_the_caller(str(e))) from None
@@ -987,7 +1031,7 @@ def build_demo(studio: Studio):
                 with gr.Row(equal_height=True):
                     gr.Markdown(f"**{i + 1}** · {html.escape(clip.line.speaker)} → {html.escape(clip.profile or NONE)}"
                                 f" · {clip.duration_s:.1f} s · {_take_label(clip)}", elem_classes=["csm-line-head", draw])
-                    gr.Audio(value=(24_000, _int16(clip.audio)), type="numpy", show_label=False, interactive=False,
+                    Player(value=(24_000, _int16(clip.audio)), type="numpy", show_label=False, interactive=False,
                              label=f"Line {i + 1}", scale=2, buttons=[])
                 with gr.Row(equal_height=True):
                     text = gr.Textbox(value=clip.line.text, label=f"Text of line {i + 1}", scale=4, max_lines=4,
@@ -1319,7 +1363,7 @@ def build_demo(studio: Studio):
                                            interactive=False)
                     refresh_btn = gr.Button("Refresh library", size="sm")
                     chosen = gr.Dropdown(label="Profile", choices=[], allow_custom_value=True)  # re-validated server-side
-                    preview = gr.Audio(label="Preview", type="numpy", interactive=False)
+                    preview = Player(label="Preview", type="numpy", interactive=False)
                     with gr.Row():
                         edit_text = gr.Textbox(label="Transcript of this profile", scale=3)
                         edit_btn = gr.Button("Save transcript")
@@ -1370,7 +1414,7 @@ def build_demo(studio: Studio):
                     render_anyway = gr.Button("Render anyway", visible=False, size="sm")
                     render_msg = gr.Markdown(elem_classes=[NOTE])
             live = gr.Audio(label="Playing while rendering", streaming=True, autoplay=True, interactive=False)
-            dialogue = gr.Audio(label="Dialogue", type="numpy", interactive=False)
+            dialogue = Player(label="Dialogue", type="numpy", interactive=False)
             with gr.Row():
                 bundle = gr.File(label="Download all (.zip): dialogue, stems, clips, manifest, subtitles", scale=3)
                 reopen_btn = gr.Button("Reopen the last rendering", size="sm", scale=1)

@@ -152,3 +152,48 @@ def test_main_launches_with_the_file_rules_tested_here(tmp_path, monkeypatch, ru
     [allowed] = launched["allowed_paths"]
     assert Path(allowed).name == "csm-multi-outputs" and not Path(allowed).is_relative_to(profiles)
     assert not profiles.is_relative_to(allowed) and not Path(os.getcwd()).is_relative_to(allowed)
+
+
+def test_a_player_never_shows_a_half_written_file(tmp_path, monkeypatch):
+    """The page's players (dialogue, per-line, voice preview) put (rate, samples) in Gradio's cache at
+    a path named by the samples. Two events with the same samples (two testers previewing one voice)
+    used to write that one file at once, in place: while one wrote, the path held half a WAV, which
+    the other could serve or copy. Here a writer is held halfway: the path must not exist until the
+    file is whole, and a second event with the same samples gets the same, whole file."""
+    import threading
+
+    from gradio import processing_utils
+
+    real = processing_utils.audio_to_file
+    halfway, go_on, calls = threading.Event(), threading.Event(), []
+
+    def slow_writer(rate, data, filename, format="wav"):  # writes half its bytes, then waits
+        calls.append(filename)
+        buffer = str(tmp_path / "whole.wav")
+        real(rate, data, buffer, format=format)
+        data_bytes = Path(buffer).read_bytes()
+        with open(filename, "wb") as f:
+            f.write(data_bytes[: len(data_bytes) // 2])
+            f.flush()
+            halfway.set()
+            go_on.wait(10)
+            f.write(data_bytes[len(data_bytes) // 2:])
+
+    monkeypatch.setattr(processing_utils, "audio_to_file", slow_writer)
+    player = app_module._player_class()(type="numpy", render=False)
+    player.GRADIO_CACHE = str(tmp_path / "cache")
+    assert player.get_block_name() == "audio"  # the browser draws it as gr.Audio
+    samples = (np.sin(np.arange(24_000) / 7) * 20_000).astype(np.int16)
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(player.postprocess((24_000, samples))))
+    first.start()
+    assert halfway.wait(10)
+    visible = list((tmp_path / "cache").glob("*/audio.wav"))
+    go_on.set()
+    first.join(10)
+    assert visible == [], "the player's path existed while its file was half written"
+    second = player.postprocess((24_000, samples))  # the same samples: the same, whole file, not written again
+    assert len(answers) == 1 and answers[0].path == second.path and len(calls) == 1
+    read, rate = sf.read(second.path, dtype="int16")
+    assert rate == 24_000 and np.array_equal(read, samples)
+    assert player.postprocess((24_000, samples[:100])).path != second.path
