@@ -105,6 +105,9 @@ LIVE_DELIVERY_S = 1.0
 # yields a no-change update at least this often, so a cancelled render frees its generation row within
 # about this long, not when its current line ends (on two CPU cores at csm-1b, ~30 s).
 HEARTBEAT_S = 0.5
+# Quick's Stop waits this long for the stopped utterance to file what it had said (KeptOnStop): the close
+# reaches it at its next yield, within HEARTBEAT_S, plus the time to write the clip.
+STOP_COLLECT_S = 3.0
 EDITOR_OUTPUTS = 9  # what the per-line editor's actions answer: note, dialogue, files, ... (build_demo's `shown`)
 
 
@@ -539,6 +542,50 @@ class OnePerSession:
                 self._running.pop(session, None)
 
 
+class KeptOnStop:
+    """What a stopped Quick utterance had said, for the Stop button's answer.
+
+    Stop cancels the `say` event, so its generator is closed and can answer nothing more; it files
+    its partial clip here under its session instead, and Stop's next step collects it (`collect`
+    waits a moment: the close reaches the generator at its next yield, within a heartbeat). Bounded:
+    a clip nobody collects (an API caller's `job.cancel()`, a closed tab) is forgotten."""
+
+    def __init__(self, limit: int = 256, fresh_s: float = 60.0):
+        from collections import OrderedDict
+
+        self._cond = threading.Condition()
+        self._kept: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        self.limit, self.fresh_s = limit, fresh_s
+
+    def keep(self, session: str | None, path: str, message: str) -> None:
+        """File `session`'s clip: taken from `_session()` while the event ran (a generator's close runs
+        outside the event's context)."""
+        if session is None:
+            return
+        with self._cond:
+            self._kept[session] = (time.monotonic(), path, message)
+            self._kept.move_to_end(session)
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+            self._cond.notify_all()
+
+    def collect(self, wait_s: float) -> tuple[str, str] | None:
+        """This session's kept clip (path, message), waiting up to `wait_s` for it; None if none came."""
+        session = _session()
+        if session is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                kept = self._kept.pop(session, None)
+                if kept is not None and time.monotonic() - kept[0] <= self.fresh_s:
+                    return kept[1], kept[2]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+
 def for_the_caller(message: str) -> str:
     """An error message as plain text for API callers, and HTML-escaped for the page, whose
     notifications render HTML (the page's requests say `x-gradio-user: app`)."""
@@ -669,12 +716,13 @@ def build_demo(studio: Studio):
     import gradio as gr
 
     ensure_ffmpeg()
-    Player = _player_class()  # noqa: N806 (a class)
+    Player = _player_class()
 
     def fail(e: Exception):
         raise Refused(for_the_caller(str(e))) from None
 
     actions = OnePerSession()  # what changes a session's rendering: a render, a line action, a take, a pause
+    kept_on_stop = KeptOnStop()  # what a stopped Quick utterance had said, for Stop's answer
 
     def cell(value) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
@@ -1212,6 +1260,7 @@ def build_demo(studio: Studio):
     def say(key, text, profile, temperature, topk, seed, max_s):
         import torch
 
+        session = _session()
         try:
             text = clean_utterance(text) if isinstance(text, str) else ""
             if not text:
@@ -1259,6 +1308,15 @@ def build_demo(studio: Studio):
                     yield piece, gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)
+        except GeneratorExit:  # Stop, a closed tab or a cancelled API job: keep what was said for Stop's answer
+            if chunks:
+                with contextlib.suppress(CsmError):
+                    path = studio.write_clip(torch.cat(chunks), "say")
+                    studio.remember_audio(key, path)
+                    seconds = sum(c.numel() for c in chunks) / 24_000
+                    kept_on_stop.keep(session, str(path), f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file "
+                                                 "holds what was said until then.")
+            raise
         if not chunks:
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
@@ -1267,8 +1325,17 @@ def build_demo(studio: Studio):
             studio.remember_audio(key, path)
         except CsmError as e:
             fail(e)
-        mark = "watermarked" if studio.engine.watermarker else "NOT watermarked"
-        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, seed {seed}, {mark}."
+        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, seed {seed}, {said_mark()}."
+
+    def said_mark() -> str:
+        return "watermarked" if studio.engine.watermarker else "NOT watermarked"
+
+    def stopped_say():
+        """Stop's answer: the stopped utterance's file, if it had said anything."""
+        kept = kept_on_stop.collect(STOP_COLLECT_S)
+        if kept is None:
+            return gr.skip(), gr.skip()
+        return kept
 
     def check_watermark(path):
         try:
@@ -1598,7 +1665,8 @@ def build_demo(studio: Studio):
         library_changed(open_event)
         say_event = q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max],
                                 [q_live, q_file, q_msg], api_name="say", concurrency_id="gpu")
-        q_stop.click(lambda: "Stopped.", None, [q_msg], cancels=[say_event], api_name=False, queue=False)
+        q_stop.click(lambda: "Stopped.", None, [q_msg], cancels=[say_event], api_name=False, queue=False).then(
+            stopped_say, None, [q_file, q_msg], api_name=False, queue=False, show_progress="hidden")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
         wm_last_btn.click(check_last, [key], [wm_msg], api_name="check_last_render")
         status_btn.click(status, [key], [status_md], api_name="status")

@@ -7,6 +7,7 @@ screenshot in tests/artifacts/browser-render.png.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import time
@@ -453,6 +454,38 @@ def test_quick_says_which_seed_it_used(app_url, page):
     page.get_by_role("button", name="Speak").click()
     expect(page.get_by_text(re.compile(r"s, seed \d+, NOT watermarked\."))).to_be_visible(timeout=120_000)
     _shot(page, "studio-quick-1440.png")
+
+
+def test_quick_stop_keeps_what_was_said(running_app, page, monkeypatch):
+    """Stop ends Quick's stream at once, and the audio made until then comes back as the Download file,
+    with how long it is and its seed. Before, Stop cancelled the event and left nothing to keep."""
+    url, studio = running_app
+    real = studio.engine.stream
+
+    def slow(*args, cancel, **kwargs):  # a chunk (0.88 s of audio), then a pause, as on a slow machine
+        for chunk in real(*args, cancel=cancel, **kwargs):
+            yield chunk
+            for _ in range(40):
+                if cancel():
+                    return
+                time.sleep(0.1)
+
+    monkeypatch.setattr(studio.engine, "stream", slow)
+    _open(page, url, 1280, 900)
+    page.get_by_role("tab", name="Quick").click()
+    page.get_by_label("Text", exact=True).fill("A long sentence that the tester stops halfway through.")
+    page.get_by_role("button", name="Speak").click()
+    expect(page.get_by_text(re.compile(r"^0\.88 s… "))).to_be_visible(timeout=60_000)  # one chunk made
+    page.get_by_role("button", name="Stop").click()
+    stopped = page.get_by_text(re.compile(r"^Stopped at 0\.88 s \(seed \d+, NOT watermarked\): the file holds"))
+    expect(stopped).to_be_visible(timeout=10_000)
+    link = _block(page, "Download").get_by_role("link").first
+    expect(link).to_be_visible()
+    got = page.request.get(link.get_attribute("href"))
+    assert got.ok
+    audio, rate = sf.read(io.BytesIO(got.body()))
+    assert rate == 24_000 and len(audio) == round(0.88 * 24_000)
+    _shot(page, "studio-quick-stopped.png")
 
 
 def _start_render(page, script: str, speakers=("Alice", "Bob"), takes: int = 1):
