@@ -34,7 +34,7 @@ from csm_multi.config import MAX_SEED
 from csm_multi.errors import ProfileError, TranscriptionError
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
 from csm_multi.pacing import LineLengths, Pacer, expected_seconds
-from csm_multi.profiles import MAX_NAME_CHARS, clean_name
+from csm_multi.profiles import MAX_NAME_CHARS, clean_name, quoted
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
 from csm_multi.script import clean_utterance, speaker_key
 from csm_multi.settings import engine_flags, setting
@@ -109,6 +109,13 @@ HEARTBEAT_S = 0.5
 # reaches it at its next yield, within HEARTBEAT_S, plus the time to write the clip.
 STOP_COLLECT_S = 3.0
 EDITOR_OUTPUTS = 9  # what the per-line editor's actions answer: note, dialogue, files, ... (build_demo's `shown`)
+
+
+def editor_overflow(lines: int) -> str:
+    """What the per-line editor says under its last row when a rendering has more lines than it shows."""
+    rest = (f"Line {MAX_EDITOR_ROWS + 1} is" if lines == MAX_EDITOR_ROWS + 1
+            else f"Lines {MAX_EDITOR_ROWS + 1}–{lines} are")
+    return f"{rest} in the manifest and the files; the editor shows the first {MAX_EDITOR_ROWS}."
 
 
 def live_pieces(held: list[np.ndarray]) -> list[bytes]:
@@ -286,6 +293,11 @@ def argument_problem(block, value) -> str | None:
         path = value.get("path") if isinstance(value, dict) else None
         if value is not None and not (isinstance(path, str) and 0 < len(path) <= MAX_PATH_CHARS and "\x00" not in path):
             rule = "a file (gradio_client: handle_file(path); HTTP: an uploaded file's {\"path\": ...}), or null"
+        elif path and isinstance(block, gr.File) and block.file_types:
+            from gradio_client import utils as client_utils
+
+            if not client_utils.is_valid_file(path, block.file_types):
+                return (f"expected a {' or '.join(block.file_types)} file; got {quoted(Path(path).name)}")
     return None if rule is None else f"expected {rule}; got {_sent(value)}"
 
 
@@ -446,6 +458,30 @@ def _from_page() -> bool:
     return headers.get("x-gradio-user") == "app"
 
 
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\*_[]~#|"})
+
+
+def note_text(message: str) -> str:
+    """A refusal (HTML-escaped, see `for_the_caller`) as Markdown for an action's note: read as
+    written (a backslash or `*` in a name stays itself; `code` in backticks stays code) and one
+    line per line (a list of script problems is not run together into one paragraph)."""
+    parts = message.split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: no code spans
+        text = message.translate(_MARKDOWN_SPECIAL).replace("`", "\\`")
+    else:
+        text = "`".join(p if i % 2 else p.translate(_MARKDOWN_SPECIAL) for i, p in enumerate(parts))
+    return "  \n".join(line.strip() for line in text.split("\n"))
+
+
+def toast_text(message: str) -> str:
+    """A refusal (HTML-escaped) for the page's warning toast, which shows HTML: one line per line,
+    `code` in backticks as code."""
+    parts = message.split("`")
+    if len(parts) % 2:
+        message = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return "<br>".join(line.strip() for line in message.split("\n"))
+
+
 def _answered_in_place(fn, outputs):
     """`fn` with its `Refused` answered without an error state on the page.
 
@@ -463,8 +499,8 @@ def _answered_in_place(fn, outputs):
     def refusal(e: Refused):
         if not _from_page():
             raise gr.Error(str(e), print_exception=False) from None
-        gr.Warning(str(e), title="Not done")
-        values = [f"⚠️ **Not done:** {e}" if NOTE in (getattr(o, "elem_classes", None) or []) else gr.skip()
+        gr.Warning(toast_text(str(e)), title="Not done")
+        values = [f"⚠️ **Not done:** {note_text(str(e))}" if NOTE in (getattr(o, "elem_classes", None) or []) else gr.skip()
                   for o in outs]
         return values[0] if len(values) == 1 else tuple(values)
 
@@ -1104,8 +1140,7 @@ def build_demo(studio: Studio):
                     pick.input(editor_actions["choose_take"], [key, last_result, row, pick], shown,
                                api_name=False, show_progress="hidden")
         if len(result.clips) > MAX_EDITOR_ROWS:
-            gr.Markdown(f"_Lines {MAX_EDITOR_ROWS + 1}–{len(result.clips)} are in the manifest and the files; the "
-                        "editor shows the first {MAX_EDITOR_ROWS}._")
+            gr.Markdown(f"_{editor_overflow(len(result.clips))}_")
 
     def line_action(call, progress):
         """A one-line action, `call(report, stopped)`, run on a worker (`on_worker`), its progress events

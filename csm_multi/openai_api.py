@@ -206,6 +206,11 @@ def check_request(body: object, studio: Studio, models: tuple[str, ...]) -> Spee
     return Speech(text, voice, fmt, _sampling(req, studio))
 
 
+def _number(value: float) -> str:
+    """A limit or value as written: whole numbers in full (a seed's 9223372036854775807, not 9.22337e+18)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _sampling(req: SpeechRequest, studio: Studio) -> SamplingConfig:
     lim, default = studio.limits, SamplingConfig()
     longest = lim.max_line_s * 1000
@@ -215,7 +220,8 @@ def _sampling(req: SpeechRequest, studio: Studio) -> SamplingConfig:
         ("topk", req.topk, 1, lim.max_topk), ("max_audio_length_ms", req.max_audio_length_ms, FRAME_MS, longest))
     for field, value, lo, hi in checks:
         if value is not None and not lo <= value <= hi:
-            raise ApiError(400, f"{field}: {value:g} is out of range; this server takes {lo:g} to {hi:g}", field)
+            raise ApiError(400, f"{field}: {_number(value)} is out of range; this server takes {_number(lo)} to "
+                                f"{_number(hi)}", field)
     # the whole text is wanted (the model stops when it is said): the longest line this server makes
     return SamplingConfig(
         temperature=default.temperature if req.temperature is None else req.temperature,

@@ -130,9 +130,12 @@ class VoiceProfile:
 
 # ---- names -------------------------------------------------------------------------------------
 def quoted(text, limit: int = 60) -> str:
-    """`text` quoted for a message (repr, so control characters show), cut to `limit` characters."""
+    """`text` in single quotes for a message, as typed, except that characters that do not print
+    (controls, bidi and zero-width marks, lone surrogates) show as escapes (`\\u202e`); cut to `limit`
+    characters. (Not repr: it doubles every backslash, so `C:\\Ann` read as `C:\\\\Ann`.)"""
     text = str(text)
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    return f"'{shown}'" if len(text) <= limit else f"'{shown}'... ({len(text):,} characters)"
 
 
 def clean_name(name: str) -> str:

@@ -238,3 +238,11 @@ def test_an_unforeseen_failure_still_answers_with_a_message(app, monkeypatch):
     assert kind == "error" and "status failed unexpectedly (RuntimeError)" in message and "/srv" not in message
     monkeypatch.undo()
     assert _post(url, "status", [KEY])[0] == "complete"
+
+
+def test_a_file_of_the_wrong_type_is_named_with_the_type_it_takes(app):
+    """open_project takes a .csmproj: a WAV sent to it used to get Gradio's "Invalid file type..."
+    (no argument named) with a traceback in the server's log."""
+    url, studio, files = app
+    kind, message = _post(url, "open_project", [_fresh_key(studio), files["clip"]])
+    assert kind == "error" and message.startswith("path (Open project (.csmproj)): expected a .csmproj file; got '"), message

@@ -317,6 +317,17 @@ def _assert_live_segments_are_short(live_outputs):
     assert len(segments) > 2 and max(segments) <= 1.0, segments
 
 
+def test_the_editor_names_the_lines_it_leaves_out():
+    """Under the editor's last row: which lines are only in the files (the count used to be printed as
+    a literal "{MAX_EDITOR_ROWS}", and one line left out read "Lines 61–61")."""
+    import app
+
+    n = app.MAX_EDITOR_ROWS
+    assert app.editor_overflow(n + 1) == f"Line {n + 1} is in the manifest and the files; the editor shows the first {n}."
+    assert app.editor_overflow(n + 20) == (f"Lines {n + 1}–{n + 20} are in the manifest and the files; the editor "
+                                           f"shows the first {n}.")
+
+
 def test_live_pieces_are_whole_wav_files_that_gradio_reads_without_ffmpeg(monkeypatch):
     """What the live players get: complete 16-bit WAV files of at most 0.48 s that Gradio's stream
     encoder parses itself (a file it cannot parse goes to ffmpeg, which fails the render), holding

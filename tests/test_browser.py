@@ -122,6 +122,37 @@ def test_an_error_with_markup_shows_as_text_on_the_page(app_url, page):
     assert toast.locator("b").count() == 0  # shown as text, not rendered as bold
 
 
+def test_a_refusal_reads_as_written_one_problem_per_line(app_url, page, tmp_path):
+    """A refusal's note is Markdown and its toast HTML: a name with backslashes or stars shows them as
+    typed (the note dropped the backslash, the toast doubled it), and a script's problems stand one per
+    line in both (they ran together into one paragraph)."""
+    _open(page, app_url)
+    page.get_by_role("tab", name="Voices").click()
+    clip = _block(page, "Reference clip (1-30 s of one voice)")
+    clip.locator("input[type=file]").set_input_files(str(_wav(tmp_path / "ann.wav")))
+    expect(clip.locator("audio, .waveform-container").first).to_be_attached()
+    page.get_by_label("Transcript (exactly what the clip says)").fill("hello there")
+    page.get_by_label("Profile name").fill(r"C:\voices\*Ann*")
+    page.get_by_role("button", name="Save voice profile").click()
+    note = page.locator(".prose.csm-note").filter(has_text="not a valid profile name")
+    expect(note).to_be_visible()
+    assert r"'C:\voices\*Ann*' is not" in note.inner_text() and "no '/', '\\'," in note.inner_text()
+    toast = page.get_by_test_id("toast-body").filter(has_text="not a valid profile name").first
+    assert r"'C:\voices\*Ann*' is not" in toast.inner_text(), toast.inner_text()
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("Alice: Hello [pause soon] there.\n[pause 2]\nBob: yes\n[pause 1s]")
+    page.get_by_role("button", name="Render", exact=True).click()
+    note = page.locator(".prose.csm-note").filter(has_text="could not be read")
+    expect(note).to_be_visible()
+    lines = [ln for ln in note.inner_text().splitlines() if ln.strip()]
+    assert [ln.split(":")[0] for ln in lines[1:]] == ["line 1", "line 2", "line 4"], lines
+    toast = page.get_by_test_id("toast-body").filter(has_text="could not be read").first
+    said = toast.inner_text().splitlines()
+    said = said[next(i for i, ln in enumerate(said) if "could not be read" in ln) + 1:]
+    assert [ln.split(":")[0] for ln in said] == ["line 1", "line 2", "line 4"], said
+    assert toast.locator("code").count() >= 2  # `[pause 1.5s]` shown as code, not with its backticks
+
+
 # ---- the "Studio v2" defects first-time testers hit ------------------------------------------------
 def _save_voice(page, tmp_path, name: str, transcript: str = "hello there"):
     page.get_by_role("tab", name="Voices").click()

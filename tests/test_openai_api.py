@@ -230,6 +230,7 @@ def test_a_missing_or_malformed_key_is_an_authentication_error(url, key):
     ({"input": " "}, "input", ["empty"]),
     ({"input": "x" * 1001}, "input", ["1001 characters", "1000"]),
     ({"extra_body": {"seed": "seven"}}, "seed", ["whole number", "got a string"]),
+    ({"extra_body": {"seed": -5}}, "seed", ["-5 is out of range", "0 to 9223372036854775807"]),  # not 9.22337e+18
     ({"extra_body": {"temperature": 9.0}}, "temperature", ["0.1 to 1.5"]),
     ({"extra_body": {"max_audio_length_ms": 60_000}}, "max_audio_length_ms", ["30000"]),
 ])
