@@ -589,7 +589,7 @@ def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
 
 def test_a_reload_keeps_the_script_and_reopens_the_last_rendering(app_url, page):
     _open(page, app_url, 1440, 900)
-    _render_two_lines(page, "Alice: Kept after a reload.\nBob: Me too.")
+    _render_two_lines(page, "Alice: Kept after a reload.\nBob: Me too.", takes=2)
     page.get_by_label("number input for Temperature").fill("0.7")
     page.get_by_label("number input for Temperature").press("Enter")
     page.wait_for_timeout(500)
@@ -600,9 +600,12 @@ def test_a_reload_keeps_the_script_and_reopens_the_last_rendering(app_url, page)
     expect(page.get_by_label("number input for Temperature")).to_have_value("0.7")
     # the speaker rows are drawn again once the draft's map is back: on a loaded machine that took > 5 s
     expect(page.get_by_label("Voice for Bob")).to_have_value("(none) no reference voice", timeout=20_000)
+    page.get_by_label("number input for Takes per line").fill("1")
+    page.get_by_label("number input for Takes per line").press("Enter")
     page.get_by_role("button", name="Reopen the last rendering").click()
     expect(page.get_by_text(re.compile(r"^Reopened the last rendering: Done: 2 lines"))).to_be_visible()
     expect(page.get_by_label("Text of line 2")).to_have_value("Me too.")
+    expect(page.get_by_label("number input for Takes per line")).to_have_value("2")  # the rendering's, set back
     expect(page.get_by_text(re.compile(r"kept-after-a-reload-.*\.zip"))).to_be_visible()
 
 
