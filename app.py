@@ -352,7 +352,10 @@ def _player_class():
             folder = Path(self.GRADIO_CACHE) / digest.hexdigest()
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"audio.{fmt}"
-            if not path.exists():
+            if path.exists():  # touched, as Gradio does: its cache sweep ages files by their ctime
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+            else:
                 fd, staging = tempfile.mkstemp(dir=folder, prefix=".audio.", suffix=f".{fmt}")
                 os.close(fd)
                 try:
