@@ -36,7 +36,7 @@ from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_un
 from csm_multi.pacing import LineLengths, Pacer, expected_seconds
 from csm_multi.profiles import MAX_NAME_CHARS, clean_name, quoted
 from csm_multi.render import MAX_LINES, RenderConfig, RenderResult
-from csm_multi.script import clean_utterance, speaker_key
+from csm_multi.script import clean_utterance, speaker_key, with_line_text
 from csm_multi.settings import engine_flags, setting
 from csm_multi.studio import EXAMPLE_SCRIPT, LIBRARY_KEY, Studio, StudioLimits, new_library_key
 from csm_multi.takes import MAX_CANDIDATES, MAX_TAKES
@@ -1117,7 +1117,9 @@ def build_demo(studio: Studio):
             with gr.Group():
                 with gr.Row(equal_height=True):
                     gr.Markdown(f"**{i + 1}** · {html.escape(clip.line.speaker)} → {html.escape(clip.profile or NONE)}"
-                                f" · {clip.duration_s:.1f} s · {_take_label(clip)}", elem_classes=["csm-line-head", draw])
+                                f" · {clip.duration_s:.1f} s · {_take_label(clip)}"
+                                + (" · ⚠️ **heard an earlier version of a line: re-render it**" if i in result.stale else ""),
+                                elem_classes=["csm-line-head", draw])
                     Player(value=(24_000, _int16(clip.audio)), type="numpy", show_label=False, interactive=False,
                              label=f"Line {i + 1}", scale=2, buttons=[])
                 with gr.Row(equal_height=True):
@@ -1127,7 +1129,12 @@ def build_demo(studio: Studio):
                                       maximum=10, step=0.1, min_width=90, scale=1, interactive=True)
                 with gr.Row():
                     row = gr.State(i)
+                    # the edit is written back into the Script box (script_follows_edit, on last_result's change: a
+                    # step chained here would be gone with this drawing), so the next Render says it. Queued, with
+                    # no limit: Gradio finds a gr.render event's function only through the queue
                     gr.Button("Re-render with this text", size="sm").click(
+                        line_origin, [last_result, row], [edit_origin], api_name=False, concurrency_limit=None,
+                        show_progress="hidden").then(
                         editor_actions["edit_line"], [key, last_result, last_voices, row, text],
                         shown, api_name=False, concurrency_id="gpu", concurrency_limit=slots,
                         show_progress_on=[render_msg])
@@ -1195,6 +1202,29 @@ def build_demo(studio: Studio):
                 yield _shown(key, new, f"Re-rendered line(s) {stale}")
             except (CsmError, ValueError) as e:
                 fail(e)
+
+    def line_origin(result, row):
+        """What line `row` of the rendering said before an edit: (row, source line number, speaker, text)."""
+        if result is None or not 0 <= row < len(result.clips):
+            return None
+        line = result.clips[row].line
+        return row, line.number, line.speaker, line.text
+
+    def script_follows_edit(script_text, result, origin):
+        """After an edit in the per-line editor (`origin`: what the line said before it): the Script box
+        says the new text too, so that the next Render (and Save project) keeps it. Only where the box's
+        line still says what was rendered there: a line changed in the box since is left as it is."""
+        if origin is None or result is None or not isinstance(script_text, str):
+            return gr.skip(), gr.skip()
+        row, number, speaker, before = origin
+        if not 0 <= row < len(result.clips):
+            return gr.skip(), None
+        line = result.clips[row].line
+        if (line.text == before or line.number != number or speaker_key(line.speaker) != speaker_key(speaker)
+                or with_line_text(script_text, number, speaker, before) != script_text):
+            return gr.skip(), None
+        changed = with_line_text(script_text, number, speaker, line.text)
+        return (gr.skip() if changed is None else changed), None
 
     def choose_take(key, result, row, take):
         with actions.claim("A take switch"):
@@ -1525,6 +1555,7 @@ def build_demo(studio: Studio):
                 reopen_btn = gr.Button("Reopen the last rendering", size="sm", scale=1)
             timeline = gr.HTML("", js_on_load=TIMELINE_JS, apply_default_css=False, elem_id="timeline")
             last_result = gr.State(None)
+            edit_origin = gr.State(None)  # the edited line's (source line, speaker, text) before an edit
             last_voices = gr.State(None)
             gr.Markdown("**Lines** — play, take again, edit the text or the pause of any line", elem_classes=["csm-label"])
             gr.render(inputs=[last_result, last_voices], triggers=[last_result.change], concurrency_limit=None,
@@ -1656,6 +1687,8 @@ def build_demo(studio: Studio):
             library_synced(trigger)
 
         script.change(fill_mapping, [key, script, voice_choices], [mapping, voice_choices], api_name=False)
+        last_result.change(script_follows_edit, [script, last_result, edit_origin], [script, edit_origin],
+                           api_name=False, queue=False, show_progress="hidden")
         for block in draft_inputs:
             block.change(save_draft, [key, drafts, *draft_inputs], [drafts], api_name=False, queue=False,
                          show_progress="hidden")

@@ -131,6 +131,44 @@ def clean_line_text(text: str, max_chars_per_line: int = 1000) -> str:
     raise ScriptProblems([(0, problem)], "The line's text cannot be used")
 
 
+def with_line_text(script: str, number: int, speaker: str, text: str) -> str | None:
+    """`script` with its source line `number` saying `text` (the per-line editor's edit, written back
+    so that the next Render says it too), or None where that line no longer holds exactly one
+    utterance of `speaker` (the script changed since, or a mid-line pause made it two utterances).
+
+    The line keeps its speaker as written (`Name:` or `[Name]`) and its pauses, before and after the
+    text; `text` is a line's text as `clean_line_text` returns it. Line breaks are kept as they are.
+    """
+    parts = re.split(r"(\r\n|\r|\n)", script)  # lines at the even places, their breaks between
+    at = 2 * (number - 1)
+    if number < 1 or at >= len(parts):
+        return None
+    raw = parts[at]
+    stripped = raw.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    parsed = _line_events(stripped, 0)
+    if isinstance(parsed, str):
+        return None
+    name, events = parsed
+    texts = [i for i, e in enumerate(events) if isinstance(e, str)]
+    if name is None or len(texts) != 1 or speaker_key(name) != speaker_key(speaker):
+        return None
+    if events[texts[0]] == text:
+        return script
+    tag = lambda ms: f"[pause {ms / 1000:g}s]"  # noqa: E731
+    before = " ".join(tag(e) for e in events[: texts[0]])
+    after = " ".join(tag(e) for e in events[texts[0] + 1:])
+    marker = f"[{name}]" if _PAUSE_TAG.sub("", stripped).lstrip().startswith("[") else f"{name}:"
+    line = " ".join(x for x in (marker, before, text, after) if x)
+    indent = raw[: len(raw) - len(raw.lstrip())]
+    again = _line_events(line, 0)
+    if isinstance(again, str) or again[0] != name or again[1] != [*events[: texts[0]], text, *events[texts[0] + 1:]]:
+        return None  # written back, it would not read as this line with this text
+    parts[at] = indent + line
+    return "".join(parts)
+
+
 def speakers(lines: Iterable[ScriptLine]) -> list[str]:
     """Speaker names in order of first appearance, unique case-insensitively (first spelling)."""
     seen: dict[str, str] = {}

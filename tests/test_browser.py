@@ -562,13 +562,19 @@ def test_each_line_can_be_retaken_edited_and_retimed(running_app, page):
     expect(takes.get_by_role("radio")).to_have_count(3)
     _redrawn(page, takes.get_by_role("radio").nth(2).check, r"^Line 1: take 3 kept", timeout=30_000)
     expect(page.get_by_text(re.compile(r"Line 2 heard an earlier version"))).to_be_visible()
+    heads = page.locator(".prose.csm-line-head")  # the stale line says so itself, not only the notice above the editor
+    expect(heads.nth(1)).to_contain_text("heard an earlier version of a line")
+    expect(heads.nth(0)).not_to_contain_text("heard an earlier version")
     _redrawn(page, page.get_by_role("button", name="Re-render line 2").click, r"^Re-rendered line\(s\) 2")
     expect(page.get_by_text(re.compile(r"Line 2 heard an earlier version"))).to_have_count(0)
+    expect(heads.nth(1)).not_to_contain_text("heard an earlier version")
 
     page.get_by_label("Text of line 2").fill("Hi there, Alice.")
     _redrawn(page, page.get_by_role("button", name="Re-render with this text").nth(1).click,
              r"^Line 2 re-rendered with the new text")
     expect(page.get_by_label("Text of line 2")).to_have_value("Hi there, Alice.")
+    # the edit is in the script too, so the next Render says it (it used to say "Hi." again)
+    expect(page.get_by_label("Script", exact=True)).to_have_value("Alice: Hello there.\n[pause 1s]\nBob: Hi there, Alice.")
     pause = page.get_by_label("Pause before (s)").nth(1)
     pause.fill("2")
     _redrawn(page, lambda: pause.press("Enter"), r"^Pause before line 2 set")

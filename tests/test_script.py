@@ -315,3 +315,21 @@ def test_round_trip_of_written_scripts(rows):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_an_edited_line_is_written_back_into_its_script_line():
+    """The per-line editor's edit goes back into the script (the next Render says it too): the line
+    keeps its speaker as written, its pauses and the script's other lines and line breaks; a line
+    that no longer holds that speaker's one utterance is left alone (None)."""
+    from csm_multi.script import with_line_text
+
+    script = "# scene\nAlice: Hello there.\n[Bob] [pause 1s] Hi, Alice. [pause 0.5s]\r\nAlice: One [pause 1s] two.\n  王小明：你好"
+    assert with_line_text(script, 2, "alice", "Good morning!") == script.replace("Hello there.", "Good morning!")
+    bob = with_line_text(script, 3, "Bob", "Hey you.")
+    assert bob == script.replace("Hi, Alice.", "Hey you.")
+    assert [(ln.speaker, ln.text, ln.pause_before_ms) for ln in parse_script(bob)][1:3] == [
+        ("Bob", "Hey you.", 1000), ("Alice", "One", 500)]
+    assert with_line_text(script, 5, "王小明", "再见").endswith("\n  王小明: 再见")
+    assert with_line_text(script, 2, "Alice", "Hello there.") == script  # nothing to change
+    for number, speaker in ((1, "Alice"), (2, "Bob"), (4, "Alice"), (9, "Bob"), (0, "Alice")):
+        assert with_line_text(script, number, speaker, "New words.") is None  # comment, other speaker, two utterances, none
