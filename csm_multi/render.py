@@ -11,6 +11,7 @@ one; this module never imports a UI. Waveforms: (S,) float32 at 24 kHz.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,8 +327,14 @@ class RenderResult:
         return paths
 
 
+def word_char(c: str) -> bool:
+    """A letter, digit or combining mark: what a file name keeps of a name. Marks count, so a word of a
+    script that writes its vowels as signs (Devanagari "राहुल") keeps them: `isalnum` alone made it "र_ह_ल"."""
+    return c.isalnum() or unicodedata.category(c)[0] == "M"
+
+
 def _slug(speaker: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in speaker)[:24]
+    return "".join(c if word_char(c) else "_" for c in speaker)[:24]
 
 
 def _unique_slugs(speakers) -> list[str]:

@@ -40,7 +40,7 @@ from .profiles import (
     resolve_voices,
 )
 from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
-from .render import RenderConfig, RenderResult, ScriptRenderer
+from .render import RenderConfig, RenderResult, ScriptRenderer, word_char
 from .scheduler import as_visitor
 from .script import ScriptLine, parse_script, speaker_key, speakers
 
@@ -64,8 +64,10 @@ def _shown(setting: str, value: float) -> str:
 def bundle_name(title: str | None, result: RenderResult, now: float | None = None) -> str:
     """A download's name: the title (a project's) or the first line's first words, and the time:
     `alice-hey-did-you-get-2026-12-01-1204`."""
-    words = re.findall(r"[^\W_]+", title or "") or [
-        w for c in result.clips[:1] for w in re.findall(r"[^\W_]+", f"{c.line.speaker} {c.line.text}")]
+    def words_of(text: str) -> list[str]:  # runs of letters, digits and combining marks (render.word_char)
+        return "".join(c if word_char(c) else " " for c in text).split()
+
+    words = words_of(title or "") or [w for c in result.clips[:1] for w in words_of(f"{c.line.speaker} {c.line.text}")]
     slug = "-".join(words[:6]).lower()[:48].strip("-") or "dialogue"
     return f"{slug}-{time.strftime('%Y-%m-%d-%H%M', time.localtime(now))}"
 

@@ -244,6 +244,23 @@ def test_stems_of_speakers_with_alike_names_get_their_own_files(tmp_path):
         assert np.abs(np.delete(track, np.s_[240 * i:240 * (i + 1)])).max() == 0  # ...and silence elsewhere
 
 
+def test_file_names_keep_every_letter_of_a_name_vowel_signs_included(tmp_path):
+    """Stems, clips and the download's name keep a name's letters in any script: Devanagari writes its
+    vowels as combining signs, which `isalnum` drops ("राहुल" became "र_ह_ल" and "र-ह-ल-नमस-त")."""
+    from csm_multi.render import Clip, RenderResult
+    from csm_multi.script import ScriptLine
+    from csm_multi.studio import bundle_name
+
+    clips = [Clip(index=0, line=ScriptLine(1, "राहुल", "नमस्ते दोस्तों"), speaker_id=0, profile=None,
+                  audio=torch.full((240,), 0.1), codes=torch.zeros(32, 1, dtype=torch.long), seed=0, watermarked=False)]
+    result = RenderResult(clips, RenderConfig(pause_ms=0))
+    paths = result.save(tmp_path, stems=True)
+    assert paths["stem:राहुल"].name == "राहुल.wav" and paths["clip0"].name == "001-राहुल.wav"
+    assert bundle_name(None, result, now=0).startswith("राहुल-नमस्ते-दोस्तों-")
+    assert bundle_name("राहुल की परियोजना", result, now=0).startswith("राहुल-की-परियोजना-")
+    assert bundle_name("Alice: hi_there, O'Neil!", result, now=0).startswith("alice-hi-there-o-neil-")
+
+
 def test_mapping_names_match_script_speakers_as_the_check_does(engine, profiles):
     """A mapping key spelled with other spacing or case ('mary  ANN') still gives that speaker its voice."""
     config = RenderConfig(pause_ms=0, seed=1, max_line_ms=160, extra_ms=0)
