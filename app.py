@@ -736,6 +736,9 @@ def status_markdown(info: dict) -> str:
 PAGE_CSS = """
 .csm-title h1 { margin-bottom: 0.2em; }
 .csm-title h1 small { font-size: 0.55em; font-weight: 500; opacity: 0.75; }
+/* text boxes take each line's direction from its own text: an Arabic or Hebrew line reads right to left
+   with its full stop at its end, among left-to-right lines (the page's direction put it by the first word) */
+textarea, input[type="text"] { unicode-bidi: plaintext; text-align: start; }
 @media (max-width: 640px) {  /* a phone: the title on one line, all five tabs in view (no "..." menu) */
   .csm-title h1 { font-size: 1.4rem; }
   .tab-wrapper button { padding-left: 7px !important; padding-right: 7px !important; font-size: 0.92rem; }
@@ -1116,7 +1119,8 @@ def build_demo(studio: Studio):
             takes = result.candidates(i)
             with gr.Group():
                 with gr.Row(equal_height=True):
-                    gr.Markdown(f"**{i + 1}** · {html.escape(clip.line.speaker)} → {html.escape(clip.profile or NONE)}"
+                    gr.Markdown(f"**{i + 1}** · <bdi>{html.escape(clip.line.speaker)}</bdi> → "
+                                f"<bdi>{html.escape(clip.profile or NONE)}</bdi>"
                                 f" · {clip.duration_s:.1f} s · {_take_label(clip)}"
                                 + (" · ⚠️ **heard an earlier version of a line: re-render it**" if i in result.stale else ""),
                                 elem_classes=["csm-line-head", draw])

@@ -172,7 +172,7 @@ def timeline_html(manifest: Sequence[Mapping], peaks: Sequence[Sequence[float] |
                                  playable=bool(audio_url), px=durs[i] * px_per_s))
         prev_end = starts[i] + durs[i]
 
-    name_cells = "".join(f'<div class="csmv-name" style="border-color:{_colour(k)}" title="{escape(n)}">{escape(n)}</div>'
+    name_cells = "".join(f'<div class="csmv-name" style="border-color:{_colour(k)}" title="{escape(n)}" dir="auto">{escape(n)}</div>'
                          for k, n in enumerate(names))
     lane_divs = "".join(f'<div class="csmv-lane" role="group" aria-label="{escape(n)}">{"".join(r)}</div>'
                         for n, r in zip(names, rows))
@@ -244,7 +244,7 @@ def _block(i: int, m: Mapping, start: float, dur: float, total: float, lane: int
     return (f'<{tag} class="csmv-b" data-start="{start:.3f}" data-dur="{dur:.3f}"'
             f' style="left:{_pct(start, total)};width:{_pct(dur, total)};--c:{_colour(lane)}"'
             f' title="{escape(title)}" aria-label="{escape(label)}">{wave}'
-            f'<span class="csmv-lab" aria-hidden="true"><b>{n}</b>{escape(text)}</span></{tag.split()[0]}>')
+            f'<span class="csmv-lab" dir="auto" aria-hidden="true"><b>{n}</b>{escape(text)}</span></{tag.split()[0]}>')
 
 
 def _wave(peaks: Sequence[float], loudest: float, most: int) -> str:
@@ -311,6 +311,6 @@ def _context_row(i: int, m: Mapping, window: int) -> str:
     summary = f"Line {n}, {speaker}: {used} of {window} positions ({numbers})"
     drop = (f'<div class="csmv-drop" title="{escape("; ".join(dropped))}">dropped: {escape(", ".join(dropped))}</div>'
             if dropped else "")
-    return (f'<div class="csmv-row"><div class="csmv-head"><span><b>{n}</b> {escape(speaker)}</span>'
+    return (f'<div class="csmv-row"><div class="csmv-head"><span><b>{n}</b> <bdi>{escape(speaker)}</bdi></span>'
             f'<span>{escape(numbers)}</span></div>'
             f'<div class="csmv-bar" role="img" aria-label="{escape(summary)}">{"".join(segs)}</div>{drop}</div>')

@@ -119,7 +119,15 @@ def test_lines_numbered_by_position_with_text_as_title():
     blocks = Elements(html).having("csmv-b")
     assert [b["title"].split(" · ")[0] for b in blocks] == ["Line 1 (script line 7)", "Line 2 (script line 9)"]
     assert blocks[0]["title"].endswith("\ntext 1")
-    assert re.findall(r'class="csmv-lab" aria-hidden="true"><b>(\d+)</b>', html) == ["1", "2"]
+    assert re.findall(r'class="csmv-lab" dir="auto" aria-hidden="true"><b>(\d+)</b>', html) == ["1", "2"]
+
+
+def test_names_and_texts_take_their_own_direction():
+    """An Arabic or Hebrew line is laid out right to left in its block, so the block's cut (an ellipsis)
+    falls at its end, not its start; names too. Before, an RTL line showed only its last words."""
+    page = Elements(timeline_html([row(0, "مايا", 0, 1, text="البداية هنا ثم النهاية."), row(1, "Bob", 1, 1)], None, None, 2))
+    assert [a.get("dir") for a in page.having("csmv-lab")] == ["auto", "auto"]
+    assert [a.get("dir") for a in page.having("csmv-name")] == ["auto", "auto"]
 
 
 def test_with_audio_blocks_are_buttons_that_the_script_can_seek():
