@@ -61,13 +61,14 @@ def _shown(setting: str, value: float) -> str:
     return {"max_line_ms": f"{value / 1000:g} s", "pause_ms": f"{value:g} ms"}.get(setting, f"{value:g}")
 
 
-def bundle_name(title: str | None, result: RenderResult, now: float | None = None) -> str:
+def bundle_name(title: str | None, result: RenderResult | None, now: float | None = None) -> str:
     """A download's name: the title (a project's) or the first line's first words, and the time:
     `alice-hey-did-you-get-2026-12-01-1204`."""
     def words_of(text: str) -> list[str]:  # runs of letters, digits and combining marks (render.word_char)
         return "".join(c if word_char(c) else " " for c in text).split()
 
-    words = words_of(title or "") or [w for c in result.clips[:1] for w in words_of(f"{c.line.speaker} {c.line.text}")]
+    first = result.clips[:1] if result is not None else []
+    words = words_of(title or "") or [w for c in first for w in words_of(f"{c.line.speaker} {c.line.text}")]
     slug = "-".join(words[:6]).lower()[:48].strip("-") or "dialogue"
     return f"{slug}-{time.strftime('%Y-%m-%d-%H%M', time.localtime(now))}"
 
@@ -435,7 +436,11 @@ class Studio:
                      result: RenderResult | None = None) -> Path:
         """The script, its voices (with their audio), settings and `result` as a fresh `.csmproj` file."""
         voices, result = self.follow_voices(key, voices, result)
-        path = self.fresh_dir("project-") / f"project{PROJECT_SUFFIX}"
+        # named as the zip of its rendering is (the first line's words and the time), or after the script's
+        # first line when nothing was rendered: every project used to download as "project.csmproj"
+        first = next((ln.strip() for ln in (script or "").splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+        name = bundle_name(None, result) if result is not None and result.clips else bundle_name(first, None)
+        path = self.fresh_dir("project-") / f"{name}{PROJECT_SUFFIX}"
         return save_project(path, script or "", self.check_voices(key, voices), config, result,
                             store=self.library(key))
 

@@ -324,6 +324,7 @@ def test_app_saves_a_project_and_another_library_opens_it(running_app, tmp_path)
     rendered = owner.predict("project-owner-01", script, mapping, *settings, api_name="/render_script")
     project = owner.predict("project-owner-01", script, mapping, *settings, 3, api_name="/save_project")
     assert project.endswith(".csmproj") and str(studio.profiles_root) not in project
+    assert Path(project).name.startswith("alice-hi-there-")  # named as its zip is, not "project.csmproj"
 
     opened = guest.predict("project-guest-0002", gradio_client.handle_file(project), api_name="/open_project")
     assert opened[0] == script and opened[1]["data"] == mapping["data"]
