@@ -24,7 +24,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +323,7 @@ def _defaults(block_fn) -> dict[int, object]:
     return {i: p.default for i, p in enumerate(params) if p.default is not inspect.Parameter.empty}
 
 
+@cache
 def _player_class():
     """gr.Audio whose (rate, samples) values reach Gradio's cache whole: the page's players.
 
@@ -330,43 +331,49 @@ def _player_class():
     with the same samples (two testers previewing one voice of a shared library, or rendering the same
     script with the same seed) write one file at once, and either may then serve or copy it half
     written. Here the file is written under a temporary name and renamed into place, and one already
-    there (the same samples, hence the same bytes) is kept. The page draws it as an ordinary Audio."""
+    there (the same samples, hence the same bytes) is kept. The page draws it as an ordinary Audio.
+
+    Made without running Gradio's ComponentMeta.__new__, which writes a type stub of the defining module
+    beside it (`app.pyi`, a copy of this file) whenever a component class is defined: tooling for
+    custom-component packages. It does nothing else this class needs (it has no __init__ or events of
+    its own)."""
     import hashlib
     import tempfile
+    from abc import ABCMeta
 
     import gradio as gr
     from gradio import processing_utils
     from gradio.data_classes import FileData
 
-    class Player(gr.Audio):
-        is_template = True  # the browser draws gr.Audio's component
+    def postprocess(self, value):
+        if not isinstance(value, tuple):
+            return gr.Audio.postprocess(self, value)
+        rate, samples = value
+        samples = np.ascontiguousarray(samples)
+        fmt = self.format or "wav"
+        digest = hashlib.sha256(f"csm-player-v1 {rate} {samples.dtype} {samples.shape} {fmt}".encode())
+        digest.update(samples.tobytes())
+        folder = Path(self.GRADIO_CACHE) / digest.hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"audio.{fmt}"
+        if path.exists():  # touched, as Gradio does: its cache sweep ages files by their ctime
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        else:
+            fd, staging = tempfile.mkstemp(dir=folder, prefix=".audio.", suffix=f".{fmt}")
+            os.close(fd)
+            try:
+                processing_utils.audio_to_file(rate, samples, staging, format=fmt)
+                os.replace(staging, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
+        return FileData(path=str(path.resolve()), orig_name=path.name)
 
-        def postprocess(self, value):
-            if not isinstance(value, tuple):
-                return super().postprocess(value)
-            rate, samples = value
-            samples = np.ascontiguousarray(samples)
-            fmt = self.format or "wav"
-            digest = hashlib.sha256(f"csm-player-v1 {rate} {samples.dtype} {samples.shape} {fmt}".encode())
-            digest.update(samples.tobytes())
-            folder = Path(self.GRADIO_CACHE) / digest.hexdigest()
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"audio.{fmt}"
-            if path.exists():  # touched, as Gradio does: its cache sweep ages files by their ctime
-                with contextlib.suppress(OSError):
-                    os.utime(path)
-            else:
-                fd, staging = tempfile.mkstemp(dir=folder, prefix=".audio.", suffix=f".{fmt}")
-                os.close(fd)
-                try:
-                    processing_utils.audio_to_file(rate, samples, staging, format=fmt)
-                    os.replace(staging, path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(staging)
-            return FileData(path=str(path.resolve()), orig_name=path.name)
-
-    return Player
+    attrs = {"__module__": __name__, "__qualname__": "Player", "__doc__": _player_class.__doc__,
+             "is_template": True,  # the browser draws gr.Audio's component
+             "postprocess": postprocess}
+    return ABCMeta.__new__(type(gr.Audio), "Player", (gr.Audio,), attrs)
 
 
 def _checked_blocks():
@@ -464,12 +471,19 @@ def _from_page() -> bool:
 _MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\*_[]~#|"})
 
 
+def _code_spans(message: str) -> list[str] | None:
+    """`message` split at its backticks: text at the even places, `code` at the odd ones; None where
+    a backtick is unpaired (no code spans then)."""
+    parts = message.split("`")
+    return parts if len(parts) % 2 else None
+
+
 def note_text(message: str) -> str:
     """A refusal (HTML-escaped, see `for_the_caller`) as Markdown for an action's note: read as
     written (a backslash or `*` in a name stays itself; `code` in backticks stays code) and one
     line per line (a list of script problems is not run together into one paragraph)."""
-    parts = message.split("`")
-    if len(parts) % 2 == 0:  # an unpaired backtick: no code spans
+    parts = _code_spans(message)
+    if parts is None:
         text = message.translate(_MARKDOWN_SPECIAL).replace("`", "\\`")
     else:
         text = "`".join(p if i % 2 else p.translate(_MARKDOWN_SPECIAL) for i, p in enumerate(parts))
@@ -479,8 +493,8 @@ def note_text(message: str) -> str:
 def toast_text(message: str) -> str:
     """A refusal (HTML-escaped) for the page's warning toast, which shows HTML: one line per line,
     `code` in backticks as code."""
-    parts = message.split("`")
-    if len(parts) % 2:
+    parts = _code_spans(message)
+    if parts is not None:
         message = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
     return "<br>".join(line.strip() for line in message.split("\n"))
 
@@ -1330,8 +1344,6 @@ def build_demo(studio: Studio):
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
-        import torch
-
         session = _session()
         try:
             text = clean_utterance(text) if isinstance(text, str) else ""
@@ -1383,9 +1395,7 @@ def build_demo(studio: Studio):
         except GeneratorExit:  # Stop, a closed tab or a cancelled API job: keep what was said for Stop's answer
             if chunks:
                 with contextlib.suppress(CsmError):
-                    path = studio.write_clip(torch.cat(chunks), "say")
-                    studio.remember_audio(key, path)
-                    seconds = sum(c.numel() for c in chunks) / 24_000
+                    path, seconds = said_file(key, chunks)
                     kept_on_stop.keep(session, str(path), f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file "
                                                  "holds what was said until then.")
             raise
@@ -1393,11 +1403,18 @@ def build_demo(studio: Studio):
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
         try:
-            path = studio.write_clip(torch.cat(chunks), "say")
-            studio.remember_audio(key, path)
+            path, seconds = said_file(key, chunks)
         except CsmError as e:
             fail(e)
-        yield gr.skip(), str(path), f"{sum(c.numel() for c in chunks) / 24_000:.2f} s, seed {seed}, {said_mark()}."
+        yield gr.skip(), str(path), f"{seconds:.2f} s, seed {seed}, {said_mark()}."
+
+    def said_file(key, chunks) -> tuple[Path, float]:
+        """A Quick utterance's audio chunks as a fresh WAV, now this library's last audio; and its seconds."""
+        import torch
+
+        path = studio.write_clip(torch.cat(chunks), "say")
+        studio.remember_audio(key, path)
+        return path, sum(c.numel() for c in chunks) / 24_000
 
     def said_mark() -> str:
         return "watermarked" if studio.engine.watermarker else "NOT watermarked"

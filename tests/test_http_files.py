@@ -183,6 +183,7 @@ def test_a_player_never_shows_a_half_written_file(tmp_path, monkeypatch):
     player = app_module._player_class()(type="numpy", render=False)
     player.GRADIO_CACHE = str(tmp_path / "cache")
     assert player.get_block_name() == "audio"  # the browser draws it as gr.Audio
+    assert not Path(app_module.__file__).with_suffix(".pyi").exists()  # Gradio's stub of app.py: never written
     samples = (np.sin(np.arange(24_000) / 7) * 20_000).astype(np.int16)
     answers = []
     first = threading.Thread(target=lambda: answers.append(player.postprocess((24_000, samples))))
