@@ -15,7 +15,9 @@ rows of the audio embeddings projected once (`projection` has no bias, so this i
 checks the mapping first (a small CSM in F32: hidden state and logits against ours), then times
 csm-1b-sized random weights as Q4_0 and Q8_0 against our `--quantize int8` frame, in turn, per
 round. Needs `pip install llama-cpp-python gguf` (llama-cpp-python builds llama.cpp from source:
-~25 min on 2 cores); not a dependency of the project.
+~3 min on 2 cores for the library alone, with its tools, tests, examples and llava off in CMAKE_ARGS;
+~25 min with everything); not a dependency of the project. `--no-extra-buffers` loads the weights
+without llama.cpp's repacked and AMX buffers (its AMX Q4_0 product crashed on an AMX Xeon VM).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class Stack:
 
     _log = None
 
+    extra_buffers = True  # llama.cpp's repacked / AMX weight buffers (--no-extra-buffers: off)
+
     def __init__(self, path: str, n_ctx: int, threads: int = 2, f32_cache: bool = False):
         _, L = _libs()
         self.L = L
@@ -114,7 +118,10 @@ class Stack:
             L.llama_backend_init()
             Stack._log = L.llama_log_callback(lambda level, text, user: None)  # kept: C holds the pointer
             L.llama_log_set(Stack._log, None)
-        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+        mp = L.llama_model_default_params()
+        if not Stack.extra_buffers:
+            mp.use_extra_bufts = False
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         cp = L.llama_context_default_params()
@@ -221,15 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--modes", nargs="+", default=["q4_0", "q8_0"], choices=["q4_0", "q8_0"])
+    ap.add_argument("--no-extra-buffers", action="store_true",
+                    help="load the weights without llama.cpp's repacked/AMX buffers (use_extra_bufts off): its AMX "
+                         "Q4_0 product crashed on a Sapphire Rapids-class Xeon VM (llama-cpp-python 0.3.36)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    Stack.extra_buffers = not args.no_extra_buffers
     _libs()
     from . import bench, quant
 
     torch.set_num_threads(2)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine()) \
+        if Path("/proc/cpuinfo").exists() else platform.machine()
+    out = {"machine": f"{cpu}, {os.cpu_count()} CPUs",
            "model": "csm-1b size, random weights (N(0, 0.02), unit norms)", "batch": 1,
-           "frames": args.frames, "rounds": args.rounds}
+           "frames": args.frames, "rounds": args.rounds, "extra_buffers": Stack.extra_buffers}
     with tempfile.TemporaryDirectory(prefix="csm-ggml-") as work:
         out["mapping_check_f32"] = check_mapping(work)
         print("mapping (F32, small CSM):", out["mapping_check_f32"], flush=True)
