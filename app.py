@@ -22,6 +22,7 @@ import secrets
 import sys
 import threading
 import time
+import unicodedata
 import wave
 from collections.abc import Callable, Iterator
 from functools import cache, partial
@@ -753,11 +754,59 @@ PAGE_CSS = """
 /* text boxes take each line's direction from its own text: an Arabic or Hebrew line reads right to left
    with its full stop at its end, among left-to-right lines (the page's direction put it by the first word) */
 textarea, input[type="text"] { unicode-bidi: plaintext; text-align: start; }
+/* a name quoted in a note or a refusal (code), and a file's name in the download box, keep their own
+   direction: a list of Arabic or Hebrew names keeps its order and commas, a zip named in Arabic reads
+   right to left before its ".zip" */
+code { unicode-bidi: isolate; }
+.file-preview-holder .stem { unicode-bidi: plaintext; }
 @media (max-width: 640px) {  /* a phone: the title on one line, all five tabs in view (no "..." menu) */
   .csm-title h1 { font-size: 1.4rem; }
   .tab-wrapper button { padding-left: 7px !important; padding-right: 7px !important; font-size: 0.92rem; }
 }
 """
+
+# Two gaps in Gradio's own keyboard and screen-reader use, closed on the page: the tabs follow the ARIA tabs
+# pattern (arrow keys, Home and End move to the next, previous, first or last tab and open it), and each
+# slider's reset button is named after its slider ("Reset Takes per line to its default"), not only
+# "Reset to default value". Both act on whatever Gradio draws, now or later (a MutationObserver).
+PAGE_HEAD = """
+<script>
+(() => {
+  const KEYS = ["ArrowRight", "ArrowLeft", "Home", "End"];
+  document.addEventListener("keydown", (event) => {
+    const tab = event.target.closest && event.target.closest('[role="tab"]');
+    if (!tab || !KEYS.includes(event.key) || event.altKey || event.ctrlKey || event.metaKey) return;
+    const list = tab.closest('[role="tablist"]');
+    if (!list) return;
+    const tabs = [...list.querySelectorAll('[role="tab"]')].filter((t) => !t.disabled && t.offsetParent !== null);
+    const at = tabs.indexOf(tab);
+    if (at < 0 || tabs.length < 2) return;
+    const next = {ArrowRight: (at + 1) % tabs.length, ArrowLeft: (at - 1 + tabs.length) % tabs.length,
+                  Home: 0, End: tabs.length - 1}[event.key];
+    event.preventDefault();
+    tabs[next].focus();
+    tabs[next].click();
+  });
+  const nameResets = () => {
+    for (const button of document.querySelectorAll("button.reset-button:not([data-csm-named])")) {
+      const label = button.closest(".wrap")?.querySelector(".head label");
+      const text = label ? label.textContent.trim() : "";
+      if (!text) continue;
+      button.setAttribute("aria-label", `Reset ${text} to its default`);
+      button.setAttribute("title", `Reset ${text} to its default`);
+      button.setAttribute("data-csm-named", "");
+    }
+  };
+  new MutationObserver(nameResets).observe(document.documentElement, {childList: true, subtree: true});
+  document.addEventListener("DOMContentLoaded", nameResets);
+})();
+</script>
+"""
+
+
+def right_to_left(text: str) -> bool:
+    """Whether `text` holds a right-to-left letter (Arabic, Hebrew, Syriac, Thaana, N'Ko...)."""
+    return any(unicodedata.bidirectional(c) in ("R", "AL") for c in text)
 
 
 def header_markdown(info: dict) -> str:
@@ -1012,11 +1061,14 @@ def build_demo(studio: Studio):
             fail(e)
         silent = without_voice(voices, mapping)
         if silent and asked is False and _from_page():
-            who = ", ".join(silent)
-            question = (f"**{html.escape(who)}** {'has' if len(silent) == 1 else 'have'} no voice yet. Choose one "
-                        f"under *Voice for {html.escape(silent[0])}* (or {NONE} for no reference voice), or render "
-                        "anyway without one.")
-            anyway = gr.Button(value=f"Render {who} without a reference voice", visible=True)
+            # each name isolated (<bdi>; U+2068..U+2069 in the button's plain text), so that a list of Arabic or
+            # Hebrew names keeps its order and commas in the left-to-right sentence around it
+            who = ", ".join(f"<bdi>{html.escape(name)}</bdi>" for name in silent)
+            question = (f"**{who}** {'has' if len(silent) == 1 else 'have'} no voice yet. Choose one "
+                        f"under *Voice for <bdi>{html.escape(silent[0])}</bdi>* (or {NONE} for no reference voice), "
+                        "or render anyway without one.")
+            names = ", ".join(f"\u2068{name}\u2069" if right_to_left(name) else name for name in silent)
+            anyway = gr.Button(value=f"Render {names} without a reference voice", visible=True)
             yield gr.skip(), question, *[gr.skip()] * 6, anyway, *[gr.skip()] * 3
             return
         work = on_worker(lambda emit, stopped: studio.render(
@@ -1876,7 +1928,7 @@ def serve(argv: list[str]) -> None:
         log.info("OpenAI-compatible speech API at http://%s:%s/v1/audio/speech", args.host, args.port)
     start_sweeper()  # the temp folders of killed torch processes: now, then hourly
     omp.release()  # the main thread only serves from here: no idle OpenMP pool of its own (csm_multi/omp.py)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS,
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share and not env("SPACE_ID"), css=PAGE_CSS, head=PAGE_HEAD,
                 max_file_size=MAX_UPLOAD, blocked_paths=[str(studio.profiles_root)],
                 allowed_paths=[str(studio.outputs_root)], max_threads=slots + 40, app_kwargs={"routes": api})
 

@@ -55,7 +55,7 @@ def launch(studio):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app_module.PAGE_CSS,
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app_module.PAGE_CSS, head=app_module.PAGE_HEAD,
                 blocked_paths=[str(studio.profiles_root)], allowed_paths=[str(studio.outputs_root)],
                 max_threads=slots + 40)
     return f"http://127.0.0.1:{port}/", demo

@@ -735,3 +735,96 @@ def test_a_line_action_on_the_page_leaves_renders_batched(page, tmp_path):
     finally:
         demo.close()
         engine.stop_serving()
+
+
+def test_tabs_follow_arrow_keys_and_slider_resets_are_named_after_their_slider(app_url, page):
+    """The ARIA tabs pattern (Gradio's tabs take no arrow keys) and named reset buttons (Gradio names every
+    one "Reset to default value"), from app.PAGE_HEAD; and the bidi isolation of quoted names and file names
+    from app.PAGE_CSS."""
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    tabs = page.locator('[role="tablist"] [role="tab"]:visible')
+    expect(tabs.first).to_be_visible()
+    names = [t.strip() for t in tabs.all_inner_texts()]
+    assert names[:2] == ["Voices", "Script"], names
+
+    def selected() -> str:
+        return page.locator('[role="tab"][aria-selected="true"]:visible').inner_text().strip()
+
+    tabs.first.click()
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[0])
+    page.keyboard.press("ArrowRight")
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[1])
+    assert page.evaluate("document.activeElement.getAttribute('role')") == "tab"
+    assert page.evaluate("document.activeElement.textContent.trim()") == names[1]
+    page.keyboard.press("End")
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[-1])
+    page.keyboard.press("ArrowRight")  # wraps to the first
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[0])
+    page.keyboard.press("ArrowLeft")  # and back to the last
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[-1])
+    page.keyboard.press("Home")
+    expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[0])
+    assert selected() == names[0]
+
+    # every reset button on the page (all tabs are in the DOM) is named after its slider
+    page.get_by_role("tab", name="Script").click()
+    resets = page.locator("button.reset-button")
+    expect(resets.first).to_be_attached()
+    labels = [resets.nth(i).get_attribute("aria-label") for i in range(resets.count())]
+    assert labels and all(label.startswith("Reset ") and label.endswith(" to its default") for label in labels), labels
+    assert "Reset to default value" not in labels
+    assert any("Takes" in label for label in labels), labels
+    expect(page.get_by_role("button", name=re.compile(r"^Reset Takes.* to its default$"))).to_be_attached()
+
+    # quoted names (code) and a download's file name keep their own direction
+    styles = page.evaluate("""() => {
+        const code = document.createElement('code');
+        const holder = document.createElement('div');
+        holder.className = 'file-preview-holder';
+        const stem = document.createElement('span');
+        stem.className = 'stem';
+        holder.append(stem);
+        document.body.append(code, holder);
+        const got = [getComputedStyle(code).unicodeBidi, getComputedStyle(stem).unicodeBidi];
+        code.remove(); holder.remove();
+        return got;
+    }""")
+    assert styles == ["isolate", "plaintext"], styles
+
+
+_NAME_XS = """(root) => {
+  const out = {};
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  let node;
+  while ((node = walker.nextNode())) {
+    for (const name of ['مايا', 'سلمى', 'رامي']) {
+      const i = node.textContent.indexOf(name);
+      if (i < 0 || name in out) continue;
+      const range = document.createRange();
+      range.setStart(node, i);
+      range.setEnd(node, i + name.length);
+      out[name] = range.getBoundingClientRect().x;
+    }
+  }
+  return out;
+}"""
+
+
+def test_right_to_left_names_keep_their_order_in_the_question_about_missing_voices(app_url, page):
+    """Three Arabic speakers without a voice: the question and its "Render anyway" button list them in the
+    order written, left to right as the English sentence runs (unisolated, the commas between right-to-left
+    names joined them into one right-to-left run: the list read backwards)."""
+    page.set_default_timeout(30_000)
+    page.goto(app_url)
+    page.get_by_role("tab", name="Script").click()
+    page.get_by_label("Script", exact=True).fill("[مايا] مرحبا بكم.\n[سلمى] أهلا وسهلا.\n[رامي] بخير.")
+    page.get_by_role("button", name="Render", exact=True).click()
+    note = page.locator(".prose.csm-note").filter(has_text="no voice yet")
+    expect(note).to_be_visible()
+    button = page.get_by_role("button", name=re.compile("without a reference voice"))
+    expect(button).to_be_visible()
+    for where in (note, button):
+        xs = where.evaluate(_NAME_XS)
+        assert set(xs) == {"مايا", "سلمى", "رامي"}, xs
+        assert xs["مايا"] < xs["سلمى"] < xs["رامي"], xs
