@@ -608,10 +608,10 @@ class KeptOnStop:
         from collections import OrderedDict
 
         self._cond = threading.Condition()
-        self._kept: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
         self.limit, self.fresh_s = limit, fresh_s
 
-    def keep(self, session: str | None, path: str, message: str) -> None:
+    def keep(self, session: str | None, path: str | None, message: str) -> None:
         """File `session`'s clip: taken from `_session()` while the event ran (a generator's close runs
         outside the event's context)."""
         if session is None:
@@ -623,8 +623,13 @@ class KeptOnStop:
                 self._kept.popitem(last=False)
             self._cond.notify_all()
 
-    def collect(self, wait_s: float) -> tuple[str, str] | None:
-        """This session's kept clip (path, message), waiting up to `wait_s` for it; None if none came."""
+    def forget(self, session: str | None) -> None:
+        with self._cond:
+            self._kept.pop(session, None)
+
+    def collect(self, wait_s: float) -> tuple[str | None, str] | None:
+        """This session's kept clip (path, or None when nothing was said; message), waiting up to `wait_s`
+        for it; None if none came."""
         session = _session()
         if session is None:
             return None
@@ -790,7 +795,8 @@ PAGE_HEAD = """
   const nameResets = () => {
     for (const button of document.querySelectorAll("button.reset-button:not([data-csm-named])")) {
       const label = button.closest(".wrap")?.querySelector(".head label");
-      const text = label ? label.textContent.trim() : "";
+      const title = label && (label.querySelector('[data-testid="block-info"]') || label);  // not its info line
+      const text = title ? title.textContent.trim() : "";
       if (!text) continue;
       button.setAttribute("aria-label", `Reset ${text} to its default`);
       button.setAttribute("title", `Reset ${text} to its default`);
@@ -1397,12 +1403,14 @@ def build_demo(studio: Studio):
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
         session = _session()
+        kept_on_stop.forget(session)  # an earlier utterance's clip, filed after its Stop gave up waiting
         try:
             text = clean_utterance(text) if isinstance(text, str) else ""
             if not text:
                 raise CsmError("Text: write some text to speak first")
             if len(text) > studio.limits.max_line_chars:
-                raise CsmError(f"Text: keep it under {studio.limits.max_line_chars} characters (use the Script tab for more)")
+                raise CsmError(f"Text: keep it to {studio.limits.max_line_chars} characters at most (use the Script tab "
+                               "for more)")
             context = []
             if profile and profile != NONE:
                 store = studio.library(key)
@@ -1450,6 +1458,8 @@ def build_demo(studio: Studio):
                     path, seconds = said_file(key, chunks)
                     kept_on_stop.keep(session, str(path), f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file "
                                                  "holds what was said until then.")
+            else:  # the Download box must not go on offering the previous utterance as this one
+                kept_on_stop.keep(session, None, "Stopped before any audio was made: nothing to download.")
             raise
         if not chunks:
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
@@ -1471,6 +1481,10 @@ def build_demo(studio: Studio):
     def said_mark() -> str:
         return "watermarked" if studio.engine.watermarker else "NOT watermarked"
 
+    def quick_buttons(speaking: bool):
+        """Speak and Stop for an utterance that runs (`speaking`) or not."""
+        return lambda: (gr.Button(interactive=not speaking), gr.Button(interactive=speaking))
+
     def stopped_say():
         """Stop's answer: the stopped utterance's file, if it had said anything."""
         kept = kept_on_stop.collect(STOP_COLLECT_S)
@@ -1481,7 +1495,8 @@ def build_demo(studio: Studio):
     def check_watermark(path):
         try:
             if not path:
-                raise CsmError("Audio to check: upload an audio file first")
+                raise CsmError(f"Audio to check: upload an audio file first (at most {MAX_UPLOAD[:-2]} MB; "
+                               "Gradio refuses a larger one before it arrives)")
             found = studio.check_watermark(path)
         except (CsmError, ValueError) as e:
             fail(e)
@@ -1672,7 +1687,7 @@ def build_demo(studio: Studio):
                 q_max = gr.Slider(1, studio.limits.max_line_s, value=10, step=1, label="Max seconds")
             with gr.Row():
                 q_btn = gr.Button("Speak", variant="primary")
-                q_stop = gr.Button("Stop", variant="stop")
+                q_stop = gr.Button("Stop", variant="stop", interactive=False)  # on while an utterance runs
             q_live = gr.Audio(label="Streaming", streaming=True, autoplay=True, interactive=False)
             q_file = gr.File(label="Download")
             q_msg = gr.Markdown(elem_classes=[NOTE])
@@ -1807,9 +1822,15 @@ def build_demo(studio: Studio):
                                               *shown[:6], last_voices, *shown[6:], voice_choices, takes],
                      api_name="reopen_last")
         library_changed(open_event)
+        # While an utterance runs, Speak is off and Stop on (and the other way round after it): a second
+        # Speak used to be dropped without a word, and each extra Stop cancelled an event already gone
+        # (Gradio answered 500 and logged a KeyError) and wrote "Stopped." over the first Stop's answer.
+        q_btn.click(quick_buttons(True), None, [q_btn, q_stop], api_name=False, queue=False, show_progress="hidden")
         say_event = q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max],
                                 [q_live, q_file, q_msg], api_name="say", concurrency_id="gpu")
-        q_stop.click(lambda: "Stopped.", None, [q_msg], cancels=[say_event], api_name=False, queue=False).then(
+        say_event.then(quick_buttons(False), None, [q_btn, q_stop], api_name=False, queue=False, show_progress="hidden")
+        q_stop.click(lambda: ("Stopped.", *quick_buttons(False)()), None, [q_msg, q_btn, q_stop], cancels=[say_event],
+                     api_name=False, queue=False).then(
             stopped_say, None, [q_file, q_msg], api_name=False, queue=False, show_progress="hidden")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
         wm_last_btn.click(check_last, [key], [wm_msg], api_name="check_last_render")

@@ -49,3 +49,30 @@ class TranscriptionError(CsmError):
 
 class BusyError(CsmError):
     """The generation queue is full (or this visitor has too many requests waiting): try again later."""
+
+
+# ---- JSON fields in words (a hand-edited project or profile file) ------------------------------
+_KIND_WORDS = {str: "text", int: "a whole number", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def kind_words(kind: type | tuple) -> str:
+    """A JSON type (or a tuple of them) as a reader names it: "text", "a whole number or null"."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(dict.fromkeys(_KIND_WORDS.get(k, getattr(k, "__name__", str(k))) for k in kinds))
+
+
+def value_words(value: object) -> str:
+    """What a JSON field holds, in words, without echoing long text back."""
+    if value is None:
+        return "nothing (missing or null)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true or false)"
+    if isinstance(value, int):
+        digits = len(str(abs(value)))
+        return f"a whole number of {digits} digits" if digits > 19 else f"{value} (a whole number)"
+    if isinstance(value, float):
+        return f"{value!r} (a number)"
+    if isinstance(value, str):
+        return f"text of {len(value)} characters" if value else "empty text"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)

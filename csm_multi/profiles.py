@@ -67,7 +67,7 @@ from cachetools import LRUCache
 
 from .audio import from_array, load_audio, load_upload, prepare_reference
 from .config import SAMPLE_RATE
-from .errors import AudioInputError, ProfileError
+from .errors import AudioInputError, ProfileError, kind_words, value_words
 from .frames import Segment
 from .script import drop_controls, speaker_key, unreadable
 
@@ -262,7 +262,7 @@ def _parse_json(raw: bytes, where: str) -> dict:
 def _field(data: dict, key: str, kind: type | tuple, where: str):
     value = data.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ProfileError(f"{where}: field {key!r} is missing or not {getattr(kind, '__name__', kind)}")
+        raise ProfileError(f"{where}: field {key!r} must be {kind_words(kind)}, found {value_words(value)}")
     return value
 
 

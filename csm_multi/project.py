@@ -41,9 +41,9 @@ import soundfile as sf
 import torch
 
 from .config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
-from .errors import AudioInputError, CsmError, ProfileError
+from .errors import AudioInputError, CsmError, ProfileError, kind_words, value_words
 from .profiles import (EXPORT_SUFFIX, MAX_IMPORT_BYTES, MAX_NAME_CHARS, ProfileStore, clean_name, read_zip_member,
-                       slugify)
+                       quoted, slugify)
 from .render import Clip, RenderConfig, RenderResult
 from .script import MAX_PAUSE_MS, ScriptLine
 from .takes import TakeScore
@@ -194,8 +194,12 @@ def read_project(path: str | Path, max_render_s: float | None = None) -> Project
         if not isinstance(entry, dict):
             raise ProjectError(f"{where}: each entry of 'profiles' must be an object")
         name, member = _get(entry, "name", str, where), _get(entry, "file", str, where)
+        try:  # checked here, not only when imported: a voice matched to one of the library's is never imported
+            clean_name(name)
+        except ProfileError as e:
+            raise ProjectError(f"{where}: the project carries a voice with an unusable name: {e}") from e
         if member not in members or not member.startswith("profiles/") or name in profiles:
-            raise ProjectError(f"{where}: voice {name!r} names a missing or repeated file {member!r}")
+            raise ProjectError(f"{where}: voice {quoted(name)} names a missing or repeated file {quoted(member)}")
         profiles[name] = (members[member], _get(entry, "audio_sha256", str, where),
                           _get(entry, "transcript", str, where))
     missing = {v for v in voices.values() if v} - set(profiles)
@@ -247,7 +251,7 @@ def import_project(project: ProjectFile, store: ProfileStore) -> Project:
             store.delete(added)
         raise
     renamed = {a: b for a, b in local.items() if a != b}
-    notes = [f"the project's voice {a!r} is {b!r} in your library "
+    notes = [f"the project's voice {quoted(a)} is {quoted(b)} in your library "
              f"({'the same voice' if b not in imported else 'another voice already had that name'})"
              for a, b in renamed.items()]
     voices = {k: v and local[v] for k, v in project.voices.items()}
@@ -304,7 +308,8 @@ def _read_zip(path: Path, label: str) -> dict[str, bytes]:
 def _get(data: dict, key: str, kind: type | tuple, where: str):
     value = data.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ProjectError(f"{where}: field {key!r} is missing or not {getattr(kind, '__name__', kind)}")
+        raise ProjectError(f"{where}: field {key!r} must be {kind_words(kind)}, found {value_words(value)}; "
+                           "save the project again (or correct that field)")
     return value
 
 
@@ -325,7 +330,9 @@ def _config(data: object, where: str) -> RenderConfig:
             if ok and isinstance(value, int) and not isinstance(value, bool):
                 ok = abs(value) < 2**63
             if not ok:
-                raise ProjectError(f"{where}: setting {f.name!r} = {value!r} is not a valid {f.type}")
+                want = kind_words(_CONFIG_TYPES[f.type]) + (" below 2^63" if "int" in f.type else "")
+                raise ProjectError(f"{where}: setting {f.name!r} must be {want}, found {value_words(value)}; "
+                                   "save the project again (or correct that setting)")
             values[f.name] = value
     try:
         config = RenderConfig(**values)

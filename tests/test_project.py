@@ -181,6 +181,13 @@ BAD = {
                   "take score must"),
     "bad-take": (lambda m: edit_json(m, lambda d: d["render"]["lines"][1].update(take=3)), "'take' the chosen one"),
     "bad-takes": (lambda m: edit_json(m, lambda d: d["config"].update(takes=9)), "render settings are invalid"),
+    # in words a reader knows, not Python's type names, and with what was found
+    "script-a-number": (lambda m: edit_json(m, lambda d: d.update(script=12345)),
+                        r"field 'script' must be text, found 12345 \(a whole number\); save the project again"),
+    "huge-topk": (lambda m: edit_json(m, lambda d: d["config"].update(topk=10**30)),
+                  r"setting 'topk' must be a whole number below 2\^63, found a whole number of 31 digits"),
+    "voice-name-path": (lambda m: edit_json(m, lambda d: d["profiles"][0].update(name="../../etc/passwd")),
+                        "unusable name: '../../etc/passwd' is not a valid profile name"),
 }
 
 
@@ -193,6 +200,27 @@ def test_malformed_projects_are_refused_and_change_nothing(saved, tmp_path, case
     with pytest.raises(ProjectError, match=message):
         load_project(bad, store=store)
     assert tree(tmp_path) == before and store.list() == []
+
+
+def test_an_unusable_voice_name_is_refused_even_where_the_voice_matches_one_of_the_library(saved, tmp_path):
+    """A voice whose audio and transcript match a library voice is not imported (it is reused), so its name
+    was never checked: a 5,000-character name opened and was repeated whole in the note."""
+    path, _, original = saved
+    store = ProfileStore(tmp_path / "mine")
+    store.create("Alice", voice(200), "Hello there, this is Alice.")  # the project's Alice, the same voice
+    m = members(path)
+    long_name = "A" * 5000
+
+    def rename(d):
+        d["profiles"][0]["name"] = long_name
+        d["voices"] = {k: long_name if v == "Alice" else v for k, v in d["voices"].items()}
+        d["render"] = None
+
+    bad = rezip(tmp_path / "long.csmproj", edit_json(m, rename))
+    with pytest.raises(ProjectError, match=r"unusable name: 'A{60}'\.\.\. \(5,000 characters\) is not a valid") as e:
+        load_project(bad, store=store)
+    assert len(str(e.value)) < 400
+    assert [p.name for p in store.list()] == ["Alice"]
 
 
 def test_a_bad_voice_inside_rolls_back_the_others(saved, tmp_path):
