@@ -771,7 +771,8 @@ code { unicode-bidi: isolate; }
 """
 
 # Two gaps in Gradio's own keyboard and screen-reader use, closed on the page: the tabs follow the ARIA tabs
-# pattern (arrow keys, Home and End move to the next, previous, first or last tab and open it), and each
+# pattern (arrow keys, Home and End move to the next, previous, first or last tab and open it; Tab reaches
+# the list once, at its open tab, and then goes on to the open panel), and each
 # slider's reset button is named after its slider ("Reset Takes per line to its default"), not only
 # "Reset to default value". Both act on whatever Gradio draws, now or later (a MutationObserver).
 PAGE_HEAD = """
@@ -803,8 +804,17 @@ PAGE_HEAD = """
       button.setAttribute("data-csm-named", "");
     }
   };
-  new MutationObserver(nameResets).observe(document.documentElement, {childList: true, subtree: true});
-  document.addEventListener("DOMContentLoaded", nameResets);
+  // roving tabindex: Tab reaches a tab list once, at its open tab (the arrow keys move within it)
+  const rove = () => {
+    for (const tab of document.querySelectorAll('[role="tablist"] [role="tab"]')) {
+      const want = tab.getAttribute("aria-selected") === "true" ? "0" : "-1";
+      if (tab.getAttribute("tabindex") !== want) tab.setAttribute("tabindex", want);
+    }
+  };
+  const update = () => { nameResets(); rove(); };
+  new MutationObserver(update).observe(document.documentElement,
+    {childList: true, subtree: true, attributes: true, attributeFilter: ["aria-selected"]});
+  document.addEventListener("DOMContentLoaded", update);
 })();
 </script>
 """

@@ -772,6 +772,11 @@ def test_tabs_follow_arrow_keys_and_slider_resets_are_named_after_their_slider(a
     page.keyboard.press("Home")
     expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[0])
     assert selected() == names[0]
+    # Tab leaves the list at once (only the open tab is a Tab stop), for the open panel's first control
+    expect(tabs.nth(1)).to_have_attribute("tabindex", "-1")
+    expect(tabs.first).to_have_attribute("tabindex", "0")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.getAttribute('role')") != "tab"
 
     # every reset button on the page (all tabs are in the DOM) is named after its slider
     page.get_by_role("tab", name="Script").click()
