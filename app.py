@@ -294,12 +294,35 @@ def argument_problem(block, value) -> str | None:
         path = value.get("path") if isinstance(value, dict) else None
         if value is not None and not (isinstance(path, str) and 0 < len(path) <= MAX_PATH_CHARS and "\x00" not in path):
             rule = "a file (gradio_client: handle_file(path); HTTP: an uploaded file's {\"path\": ...}), or null"
-        elif path and isinstance(block, gr.File) and block.file_types:
+        elif value is not None and not _remote(path):
+            if not isinstance(value.get("meta"), dict) or value["meta"].get("_type") != "gradio.FileData":
+                return ('expected an uploaded file as {"path": ..., "meta": {"_type": "gradio.FileData"}} '
+                        '(gradio_client: handle_file(path)); got an object without that "meta"')
+            if not _uploaded(path):  # Gradio takes only files uploaded to this server (its upload folder)
+                return ("upload the file first (POST /gradio_api/upload, or gradio_client's handle_file(path)); "
+                        f"a path on the server is not accepted: got {quoted(path)}")
+        if path and isinstance(block, gr.File) and block.file_types and not rule:
             from gradio_client import utils as client_utils
 
             if not client_utils.is_valid_file(path, block.file_types):
                 return (f"expected a {' or '.join(block.file_types)} file; got {quoted(Path(path).name)}")
     return None if rule is None else f"expected {rule}; got {_sent(value)}"
+
+
+def _remote(path: str) -> bool:
+    from gradio_client import utils as client_utils
+
+    return client_utils.is_http_url_like(path)
+
+
+def _uploaded(path: str) -> bool:
+    """Whether `path` lies in Gradio's upload folder, the only place it takes an input file from."""
+    from gradio import utils as gr_utils
+
+    try:
+        return gr_utils.is_in_or_equal(gr_utils.abspath(path), gr_utils.get_upload_folder())
+    except (OSError, ValueError):
+        return False
 
 
 def _parameters(block_fn) -> list[str]:

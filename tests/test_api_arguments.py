@@ -73,8 +73,12 @@ def _hostile(value):
         {"headers": ["speaker", "profile"], "data": [["A", "B"]] * 100_000} if isinstance(value, dict)
         and "headers" in value else {"path": "x" * 100_000, "meta": {"_type": "gradio.FileData"}})
     control = ("\x00\x1b[31m\u202e\ud800" + value) if isinstance(value, str) else "\x00\x07"
-    return {"null": None, "wrong type": wrong, "NaN": NAN, "+inf": INF, "-inf": -INF, "huge": huge,
-            "empty": "" if not isinstance(value, dict) else {}, "control characters": control}
+    cases = {"null": None, "wrong type": wrong, "NaN": NAN, "+inf": INF, "-inf": -INF, "huge": huge,
+             "empty": "" if not isinstance(value, dict) else {}, "control characters": control}
+    if isinstance(value, dict) and "path" in value:  # a file: one never uploaded, and one without Gradio's "meta"
+        cases["a server path"] = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+        cases["no meta"] = {"path": value["path"]}
+    return cases
 
 
 def _tree(root, *skip):
@@ -238,6 +242,22 @@ def test_an_unforeseen_failure_still_answers_with_a_message(app, monkeypatch):
     assert kind == "error" and "status failed unexpectedly (RuntimeError)" in message and "/srv" not in message
     monkeypatch.undo()
     assert _post(url, "status", [KEY])[0] == "complete"
+
+
+@pytest.mark.parametrize("api", ["check_watermark", "add_profile"])
+def test_a_file_that_was_not_uploaded_is_named_with_how_to_upload_it(app, api, tmp_path):
+    """Raw HTTP callers naming a server path, or leaving out Gradio's "meta", got Gradio's empty
+    {"error": null} (and a traceback in the log): the file was refused, but nothing said why."""
+    url, studio, files = app
+    key = [] if api == "check_watermark" else [KEY]
+    rest = [] if api == "check_watermark" else ["Carol says hello", "Carol"]
+    for path in ("/etc/passwd", str(studio.profiles_root / "x.wav")):
+        kind, message = _post(url, api, [*key, {"path": path, "meta": {"_type": "gradio.FileData"}}, *rest])
+        assert kind == "error" and message and "upload the file first" in message and "handle_file" in message, message
+    kind, message = _post(url, api, [*key, {"path": files["clip"]["path"]}, *rest])
+    assert kind == "error" and message and '"meta"' in message, message
+    kind, out = _post(url, api, [*key, _upload(url, _clip(tmp_path / "clip.wav")), *rest])  # uploaded: taken
+    assert kind == "complete" or "upload" not in str(out) and "meta" not in str(out), out  # (this app checks no marks)
 
 
 def test_a_file_of_the_wrong_type_is_named_with_the_type_it_takes(app):
