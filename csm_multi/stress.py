@@ -177,6 +177,11 @@ def _call(rec: Recorder, endpoint: str, fn, timeout_s: float, retries: int):
     return None
 
 
+def done(lines: int) -> str:
+    """How the app's answer to a finished render of `lines` lines begins ("Done: 1 line", "Done: 2 lines")."""
+    return f"Done: {lines} line{'' if lines == 1 else 's'}"
+
+
 def script(speaker: str, render: int, lines: int) -> str:
     """A visitor's script: `lines` lines, all spoken by `speaker`."""
     return "\n".join(f"{speaker}: Line {i + 1} of render {render}." for i in range(lines))
@@ -207,10 +212,10 @@ def visitor(url: str, index: int, clip: str, requests: int, line_s: float, timeo
         for r in range(requests):
             out = api("render_script", key, script(name, r, lines), mapping, 0.9, 50, index * 100 + r, line_s, 0,
                       "conversational")
-            if out is not None and not str(out[1]).startswith(f"Done: {lines} lines"):
+            if out is not None and not str(out[1]).startswith(done(lines)):
                 rec.error("render_script", "failed", f"unexpected answer {out[1]!r}")
             elif out is not None:
-                rec.audio(float(re.search(r"lines, ([\d.]+) s", str(out[1]))[1]))
+                rec.audio(float(re.search(r"lines?, ([\d.]+) s", str(out[1]))[1]))
                 _fetch(out[2], timeout_s)  # what the page's player loads (not every file, as a browser)
         rec.render_ended()
     listed = api("list_profiles", key)

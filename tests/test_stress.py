@@ -36,6 +36,16 @@ def test_twenty_visitors_at_once(tmp_path):
     assert r["profile_cache"]["max_size"] <= r["profile_cache"]["limit"] == 32
 
 
+@pytest.mark.slow
+def test_one_line_renders_count_as_done(tmp_path):
+    """With --lines 1 the app answers "Done: 1 line, ..." (singular): every render used to count as failed
+    ("unexpected answer"), and the audio throughput came out as None."""
+    r = stress.run(clients=2, requests=1, line_s=1, clip_s=1.2, timeout_s=120, deadline_s=300, workdir=tmp_path,
+                   lines=1)
+    assert r["lines"] == 1 and r["errors"]["failed"] == 0, r["error_samples"]
+    assert r["endpoints"]["render_script"]["ok"] == 2 and r["audio_s"] > 0
+
+
 def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     fake = {"clients": 1, "requests_per_client": 1, "lines": 2, "line_s": 1.0, "wall_s": 2.0, "completed_requests": 4,
             "requests_per_s": 2.0, "hung_clients": 0,
