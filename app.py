@@ -32,7 +32,7 @@ import numpy as np
 
 from csm_multi import CsmError, SamplingConfig, StreamConfig, build_engine, omp
 from csm_multi.config import MAX_SEED
-from csm_multi.errors import ProfileError, TranscriptionError
+from csm_multi.errors import ProfileError, TranscriptionError, value_words
 from csm_multi.loaders import ASR_HINT, ASR_MODEL, build_transcriber, whisper_unavailable
 from csm_multi.pacing import LineLengths, Pacer, expected_seconds
 from csm_multi.profiles import MAX_NAME_CHARS, clean_name, quoted
@@ -229,9 +229,7 @@ def _sent(value) -> str:
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, (int, float)):
         return "NaN" if math.isnan(value) else "infinity" if math.isinf(value) else _num(value)
-    if isinstance(value, str):
-        return f"text of {len(value)} characters" if value else "empty text"
-    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    return value_words(value)  # text and containers as a project file's fields are described
 
 
 def _num(x: float) -> str:

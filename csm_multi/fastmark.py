@@ -603,13 +603,9 @@ def _load() -> list[float] | None:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+    from .machine import cpu_name
+
+    return {"platform": platform.platform(), "cpu": cpu_name(platform.processor()), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

@@ -238,10 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench, quant
 
     torch.set_num_threads(2)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine()) \
-        if Path("/proc/cpuinfo").exists() else platform.machine()
-    out = {"machine": f"{cpu}, {os.cpu_count()} CPUs",
+    from .machine import cpu_name
+
+    out = {"machine": f"{cpu_name(platform.processor() or platform.machine())}, {os.cpu_count()} CPUs",
            "model": "csm-1b size, random weights (N(0, 0.02), unit norms)", "batch": 1,
            "frames": args.frames, "rounds": args.rounds, "extra_buffers": Stack.extra_buffers}
     with tempfile.TemporaryDirectory(prefix="csm-ggml-") as work:

@@ -299,13 +299,9 @@ def _label(mode: str) -> str:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    from .machine import cpu_name
+
+    return {"platform": platform.platform(), "cpu": cpu_name(platform.processor() or platform.machine()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": "cpu"}
 
 
