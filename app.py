@@ -398,6 +398,11 @@ def _player_class():
     return ABCMeta.__new__(type(gr.Audio), "Player", (gr.Audio,), attrs)
 
 
+def _no_change(value) -> bool:
+    """Whether a handler's output is a no-change update: gr.skip(), or gr.update() with nothing in it."""
+    return isinstance(value, dict) and value == {"__type__": "update"}
+
+
 def _checked_blocks():
     """gr.Blocks whose events check their arguments first: a missing or wrong argument gets a
     message naming it and the allowed values, instead of Gradio's message-less error."""
@@ -447,6 +452,35 @@ def _checked_blocks():
                 return await super().process_api(block_fn, inputs, state, request, *args, **kwargs)
             finally:
                 _PAGE_REQUEST.reset(token)
+
+        async def postprocess_data(self, block_fn, predictions, state):
+            # Gradio turns every update it is handed into a new instance of the output component and
+            # recomputes that component's page config, its API schema included (pydantic's
+            # model_json_schema, ~1 ms a component) - a no-change update (gr.skip()) too. Our streaming
+            # handlers yield one every HEARTBEAT_S for all their outputs (12 for a render), so with 8
+            # testers rendering, the server's event loop spent a quarter of its CPU on schemas that
+            # never change, beside the frame loop (py-spy, tiny preset). A no-change output's answer is
+            # the same `{"__type__": "update"}` either way: only the others go through Gradio.
+            n = len(block_fn.outputs)
+            if block_fn.batch or block_fn.is_validator_function or not n:
+                return await super().postprocess_data(block_fn, predictions, state)
+            given = [predictions] if n == 1 else predictions
+            if _no_change(given) and n > 1:  # one skip() for every output, as Gradio allows
+                given = [given] * n
+            if not isinstance(given, (list, tuple)) or len(given) != n:
+                return await super().postprocess_data(block_fn, predictions, state)  # Gradio explains
+            unchanged = [i for i, value in enumerate(given) if _no_change(value)]
+            if not unchanged:
+                return await super().postprocess_data(block_fn, predictions, state)
+            if len(unchanged) == n:
+                return [{"__type__": "update"} for _ in range(n)]
+            rest = list(given)
+            for i in unchanged:  # Gradio answers None for these, at no cost; replaced below
+                rest[i] = gr.components._Keywords.FINISHED_ITERATING
+            output = await super().postprocess_data(block_fn, rest, state)
+            for i in unchanged:
+                output[i] = {"__type__": "update"}
+            return output
 
         async def call_function(self, block_fn, *args, **kwargs):
             # A handler that fails in a way it did not foresee (a bug) still answers with a message,

@@ -1,6 +1,7 @@
 """The Gradio app on the tiny preset, on 127.0.0.1, driven through gradio_client like an API user."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -308,13 +309,17 @@ def _assert_live_segments_are_short(live_outputs):
     """The live player streams over HLS: Gradio's playlist declares its longest segment as the target
     duration, and the browser reloads the playlist about that often. Held audio handed over as one long
     segment made the page look for new audio only every few seconds and pause; it goes in pieces of
-    at most 0.48 s, so the target stays 1 s."""
+    at most 0.48 s, so the target stays about 1 s. Gradio joins the pieces that reach its encoder
+    between two of its reads into one segment, so on a loaded machine two or three pieces can share one
+    (1.37 s was seen under the full suite); held audio handed over whole was 3.5 s and more here. The
+    pieces themselves are checked exactly in test_live_pieces_are_whole_wav_files_that_gradio_reads_without_ffmpeg."""
     playlists = [o for o in live_outputs if isinstance(o, str) and o.endswith(".m3u8")]
     assert playlists, live_outputs
     text = Path(playlists[-1]).read_text()
-    assert "#EXT-X-TARGETDURATION:1\n" in text, text
+    target = int(re.search(r"#EXT-X-TARGETDURATION:(\d+)\n", text).group(1))
     segments = [float(line.split(":")[1].rstrip(",")) for line in text.splitlines() if line.startswith("#EXTINF:")]
-    assert len(segments) > 2 and max(segments) <= 1.0, segments
+    assert len(segments) > 2 and max(segments) <= 2.0 and target <= 2, (target, segments)
+    assert sorted(segments)[len(segments) // 2] <= 1.0, segments  # most segments are single pieces
 
 
 def test_the_editor_names_the_lines_it_leaves_out():
@@ -552,3 +557,41 @@ def test_quick_stops_generating_when_cancelled_between_chunks(app_url, monkeypat
     time.sleep(4.5)  # one chunk made, the next one on its way
     went_on = _seconds_until_stopped(job, closed, wait_s=30)
     assert went_on < 1.5, f"the stream went on {went_on:.1f} s after the cancel"
+
+
+def test_no_change_updates_cost_no_component_rebuild(monkeypatch):
+    """A streaming handler's heartbeat (gr.skip() for every output, every 0.5 s) is answered as a
+    no-change update without Gradio building a new component and its API schema for each output: with
+    8 testers rendering, that had taken a quarter of the server's CPU beside the frame loop. Real
+    updates and values beside it still go through Gradio."""
+    import asyncio
+
+    import gradio as gr
+
+    import app
+
+    with app._checked_blocks()() as demo:
+        box, files, button = gr.Textbox(), gr.File(), gr.Button("Go")
+        button.click(lambda: None, None, [box, files, button])
+    block_fn = next(iter(demo.fns.values()))
+    built = []
+    real_init = gr.File.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(gr.File, "__init__", counting_init)
+    state = gr.blocks.SessionState(demo)
+
+    def post(predictions):
+        return asyncio.run(demo.postprocess_data(block_fn, predictions, state))
+
+    assert post([gr.skip(), gr.skip(), gr.skip()]) == [{"__type__": "update"}] * 3
+    assert post(gr.skip()) == [{"__type__": "update"}] * 3  # one skip() for all outputs, as Gradio allows
+    out = post(["typed", gr.skip(), gr.update(interactive=False)])
+    assert out[0] == "typed" and out[1] == {"__type__": "update"}
+    assert out[2]["__type__"] == "update" and out[2]["interactive"] is False
+    assert built == []  # the File output was never rebuilt
+    out = post([gr.skip(), gr.update(visible=False), gr.skip()])
+    assert out[1] == {"__type__": "update", "visible": False} and len(built) == 1  # a real update still is
