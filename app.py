@@ -398,6 +398,11 @@ def _player_class():
     return ABCMeta.__new__(type(gr.Audio), "Player", (gr.Audio,), attrs)
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """'1 argument', '2 arguments': a count with its noun in the right number."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _no_change(value) -> bool:
     """Whether a handler's output is a no-change update: gr.skip(), or gr.update() with nothing in it."""
     return isinstance(value, dict) and value == {"__type__": "update"}
@@ -420,8 +425,13 @@ def _checked_blocks():
             if len(inputs) < len(block_fn.inputs):
                 given = len(inputs) - (len(block_fn.inputs) - len(names))
                 missing = names[max(given, 0):]
-                raise gr.Error(f"{block_fn.name} takes {len(names)} arguments ({', '.join(names)}); "
+                raise gr.Error(f"{block_fn.name} takes {_count(len(names), 'argument')} ({', '.join(names)}); "
                                f"missing: {', '.join(missing)}", print_exception=False)
+            if len(inputs) > len(block_fn.inputs):  # Gradio would drop the surplus without a word
+                # (how many more is not known: gradio_client adds a slot for each page state, raw HTTP
+                # callers with a surplus do not get them)
+                raise gr.Error(f"{block_fn.name} takes {_count(len(names), 'argument')} ({', '.join(names)}); "
+                               f"got more than {len(names)}: leave out the extra", print_exception=False)
             super().validate_inputs(block_fn, inputs)
 
         async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
@@ -1229,7 +1239,7 @@ def build_demo(studio: Studio):
                 line = None if line_number is None else int(line_number)
                 new = yield from line_action(lambda report, stopped: studio.rerender(
                     key, result, line, voices or {}, _seed(seed), progress=report, cancel=stopped), progress)
-                yield _finished(new, key, studio_draft(key))
+                yield _shown(key, new, f"Script line {line} regenerated")
             except (CsmError, ValueError) as e:
                 fail(e)
 

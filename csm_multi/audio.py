@@ -281,7 +281,7 @@ def _check_upload(source: str | Path | bytes) -> str:
         ext = path.suffix.lower().lstrip(".")
         if ext not in READ_FORMATS:
             kind = f"'.{ext}' files are" if ext else "files without an extension are"
-            raise AudioInputError(f"{name}: {kind} not accepted; upload a WAV, FLAC, OGG or MP3 file")
+            raise AudioInputError(f"{name}: {kind} not accepted; use a WAV, FLAC, OGG or MP3 file")
         try:
             if not path.is_file():
                 raise AudioInputError(f"{name} does not exist or is not a file")

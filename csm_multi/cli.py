@@ -102,7 +102,12 @@ def _make_folder(folder) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CsmError(f"cannot make the folder {folder} ({e.strerror}): a file of that name may be in the way") from e
+        import errno
+
+        why = {errno.EEXIST: "a file of that name is in the way", errno.ENOTDIR: "a file is in the way on its path",
+               errno.EACCES: "no permission to write there", errno.EROFS: "that place is read-only"}
+        hint = why.get(e.errno, "choose a folder you can write to")
+        raise CsmError(f"cannot make the folder {folder} ({e.strerror}): {hint}") from e
     if not folder.is_dir():
         raise CsmError(f"{folder} is a file, not a folder")
 
@@ -142,11 +147,16 @@ def cmd_profiles(args) -> int:
 
         from .loaders import ASR_MODEL, build_transcriber
         from .studio import create_profile
+        from .errors import TranscriptionError
 
         source = ASR_MODEL if args.asr_model is None else args.asr_model
         transcriber = None if args.transcript else build_transcriber(source)
-        profile, transcribed = create_profile(store, args.name, args.audio, args.transcript, transcriber,
-                                              args.speaker_id)
+        try:
+            profile, transcribed = create_profile(store, args.name, args.audio, args.transcript, transcriber,
+                                                  args.speaker_id)
+        except TranscriptionError as e:  # its text is the page's ("Type what the clip says"): here, the flag
+            e.args = (f"{str(e).rstrip('.')}: --transcript \"...\".", *e.args[1:])
+            raise
         _print_profile(profile)
         if transcribed:
             print(f"transcribed automatically with {transcriber.name}: {profile.transcript!r}\n"
@@ -185,7 +195,12 @@ def voices_for(lines, store, overrides: list[str] | None) -> dict[str, str | Non
         if not sep or not name.strip():
             raise CsmError(f"--voice {item!r}: write it as SPEAKER=PROFILE (or SPEAKER=none)")
         given[name.strip()] = None if profile.strip().lower() in ("", "none") else profile.strip()
-    voices, missing = resolve_voices(store, speakers(lines), given,
+    cast = speakers(lines)
+    strangers = [name for name in given if speaker_key(name) not in {speaker_key(n) for n in cast}]
+    if strangers:  # a typo would otherwise leave that speaker on its default voice without a word
+        raise CsmError(f"--voice {strangers[0]}=...: the script has no speaker {strangers[0]!r}; "
+                       f"its speakers are {', '.join(cast)}")
+    voices, missing = resolve_voices(store, cast, given,
                                      notice=lambda text: print(f"note: --voice: {text}", file=sys.stderr))
     if missing:
         where = speaker_lines(lines)
@@ -207,8 +222,11 @@ def cmd_render(args) -> int:
 
     try:
         text = Path(args.script).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CsmError(f"cannot read script {args.script}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CsmError(f"cannot read script {args.script}: it is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                       f"position {e.start}); save it as UTF-8 and try again") from e
+    except OSError as e:
+        raise CsmError(f"cannot read script {args.script}: {e.strerror or e}") from e
     lines = parse_script(text)
     config = _checked(_render_config, args, pause_ms="--pause-ms", temperature="--temperature", topk="--topk",
                       seed="--seed", max_line_ms=("--max-line-s", args.max_line_s * 1000), mode="--mode",
@@ -242,7 +260,7 @@ def cmd_render(args) -> int:
         engine.stop_serving()
     bar.close()
     paths = result.save(folder, name=name, formats=(out.suffix.lower().lstrip(".") or "wav",))
-    print(f"{paths['dialogue']}: {result.audio.numel() / 24000:.2f} s, {len(result.clips)} lines; "
+    print(f"{paths['dialogue']}: {result.audio.numel() / 24000:.2f} s, {len(result.clips)} line{'' if len(result.clips) == 1 else 's'}; "
           f"clips in {paths['dialogue'].parent / 'clips'}, manifest {paths['manifest']}")
     stats = store.stats()
     print(f"profile cache: {stats['hits']} hits, {stats['misses']} misses, {stats['encodes']} encodes")
@@ -261,6 +279,16 @@ def cmd_project(args) -> int:
     from .project import import_project, read_project
 
     checked = read_project(args.file)  # the archive first: a bad one leaves no folders behind
+    if args.script_out and not args.force:  # a script is something people edit: never written over unasked
+        target = Path(args.script_out)
+        if target.is_file() and _text_or_none(target) != checked.script:
+            raise CsmError(f"--script-out {args.script_out}: that file exists and holds another script; give a new "
+                           "name, or add --force to write over it")
+    if args.output and not args.force:
+        folder = Path(args.output)
+        if folder.is_dir() and any(folder.iterdir()):
+            raise CsmError(f"-o {args.output}: that folder is not empty; give a new or empty folder, or add --force "
+                           "to write the rendering into it (files of the same names are replaced)")
     if args.script_out:
         _output_file(args.script_out, None)
     if args.output:
@@ -281,10 +309,17 @@ def cmd_project(args) -> int:
         print(f"script: {args.script_out}; render it again with: render {args.script_out} {flags}")
     if args.output and project.result:
         paths = project.result.save(args.output)
-        print(f"rendering: {paths['dialogue']} ({len(project.result.clips)} lines)")
+        print(f"rendering: {paths['dialogue']} ({len(project.result.clips)} line{'' if len(project.result.clips) == 1 else 's'})")
     elif args.output:
         print("the project holds no rendering")
     return 0
+
+
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def cmd_info(args) -> int:
@@ -298,9 +333,17 @@ STORE_HELP = ("the voice library (default: the app's shared library, CSM_PROFILE
               "~/.local/share/csm-multi/profiles/shared)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line too (argparse prints its whole usage first),
+    naming where the help is. Its subcommands' parsers are of this class as well."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "csm-multi" if Path(sys.argv[0]).name == "csm-multi" else "python -m csm_multi"  # the console script
-    parser = argparse.ArgumentParser(prog=prog, description="Multi-speaker CSM-1B speech.")
+    parser = OneLineParser(prog=prog, description="Multi-speaker CSM-1B speech.")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,8 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     projsub = proj.add_subparsers(dest="action", required=True)
     popen = projsub.add_parser("open", help="import its voices into --profiles-dir (reused or renamed on clashes)")
     popen.add_argument("file")
-    popen.add_argument("--script-out", help="write the project's script here")
-    popen.add_argument("-o", "--output", help="write its rendering (dialogue, clips, manifest) into this folder")
+    popen.add_argument("--script-out", help="write the project's script here (not over another file, unless --force)")
+    popen.add_argument("-o", "--output", help="write its rendering (dialogue, clips, manifest) into this folder "
+                       "(new or empty, unless --force)")
+    popen.add_argument("--force", action="store_true",
+                       help="write over an existing --script-out file and into a folder that is not empty")
     proj.set_defaults(func=cmd_project)
 
     info = sub.add_parser("info", help="load the model and print what was loaded")

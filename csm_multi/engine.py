@@ -165,7 +165,8 @@ class Engine:
             raise ContextTooLongError(
                 f"the prompt takes {prompt_positions} of the model's {window} positions and up to "
                 f"{max_frames} frames ({max_frames * FRAME_MS / 1000:.1f} s) must still fit: shorten the "
-                "context (fewer or shorter reference clips / earlier lines), the text, or max_audio_length_ms"
+                "context (fewer or shorter reference clips / earlier lines), the text, or the longest audio asked for "
+                "(max_audio_length_ms; the command line's --max-ms)"
             )
 
     # ---- generation -----------------------------------------------------------------------

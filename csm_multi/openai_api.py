@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import secrets
 import struct
 import threading
@@ -135,6 +136,8 @@ _EXPECTED = {
 
 
 def _json_type(value) -> str:
+    if type(value) in (int, float) and math.isfinite(value) and len(repr(value)) <= 24:
+        return f"the number {_number(value)}"  # "expected a whole number, got the number 1.5"
     return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -536,6 +539,11 @@ def openai_router(studio: Studio, *, model_name: str = "csm-1b") -> fastapi.APIR
 
     @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def not_served(path: str, request: fastapi.Request):
+        served = {"audio/speech": "POST", "models": "GET", "audio/models": "GET", "audio/voices": "GET"}
+        method = served.get(path.strip("/")) or ("GET" if path.startswith("models/") else None)
+        if method:  # a served path asked with another method: 405, with the one it takes
+            return ApiError(405, f"{request.method} /v1/{path[:80]}: use {method} /v1/{path.strip('/')[:80]}",
+                            code="method_not_allowed", headers={"Allow": method}).response()
         return ApiError(404, f"{request.method} /v1/{path[:80]} is not served here; this server offers "
                              "POST /v1/audio/speech, GET /v1/models, GET /v1/audio/voices", code="unknown_url"
                         ).response()

@@ -152,6 +152,15 @@ def clean_name(name: str) -> str:
     return name
 
 
+def looks_like(name: str) -> str:
+    """What a name looks like on the page, for telling names apart: without invisible format characters
+    (direction marks, zero-width spaces and joiners), in Unicode's compatibility form, case-folded. Two
+    names with the same value cannot be told apart by a reader (a right-to-left mark inside a Hebrew
+    name, say), so a library holds only one of them."""
+    visible = "".join(c for c in name if unicodedata.category(c) != "Cf")
+    return " ".join(unicodedata.normalize("NFKC", visible).casefold().split())
+
+
 def slugify(name: str) -> str:
     """A valid display name -> its folder name: lowercase ASCII letters, digits, '-' and '_'.
 
@@ -799,6 +808,9 @@ class ProfileStore:
         for p in profiles:
             if p.slug != ignore and p.name.casefold() == name.casefold():
                 raise ProfileError(f"a profile named {p.name!r} already exists; {advice}")
+            if p.slug != ignore and looks_like(p.name) == looks_like(name):
+                raise ProfileError(f"the profile {p.name!r} looks the same as {name!r} (they differ only in invisible "
+                                   f"characters, such as direction marks or zero-width spaces); {advice}")
         if slug != ignore and self._dir(slug).exists():
             other = next((f"the profile {p.name!r}" for p in profiles if p.slug == slug), "another profile")
             raise ProfileError(f"{name!r} is stored as {slug!r}, which {other} already uses (names are "

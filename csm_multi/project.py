@@ -42,8 +42,8 @@ import torch
 
 from .config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from .errors import AudioInputError, CsmError, ProfileError, kind_words, value_words
-from .profiles import (EXPORT_SUFFIX, MAX_IMPORT_BYTES, MAX_NAME_CHARS, ProfileStore, clean_name, read_zip_member,
-                       quoted, slugify)
+from .profiles import (EXPORT_SUFFIX, MAX_IMPORT_BYTES, MAX_NAME_CHARS, ProfileStore, clean_name, looks_like,
+                       quoted, read_zip_member, slugify)
 from .render import Clip, RenderConfig, RenderResult
 from .script import MAX_PAUSE_MS, ScriptLine
 from .takes import TakeScore
@@ -263,13 +263,13 @@ def import_project(project: ProjectFile, store: ProfileStore) -> Project:
 
 def _free_name(name: str, known) -> str:
     """`name` if no profile has it (or its slug), else "name (2)", "name (3)", ..."""
-    taken = {p.name.casefold() for p in known} | {p.slug for p in known}
+    taken = {looks_like(p.name) for p in known} | {p.slug for p in known}
     try:
         base = clean_name(name)
     except ProfileError as e:
         raise ProjectError(f"the project carries a voice with an unusable name: {e}") from e
     candidate, n = base, 1
-    while candidate.casefold() in taken or slugify(candidate) in taken:
+    while looks_like(candidate) in taken or slugify(candidate) in taken:
         n += 1
         suffix = f" ({n})"
         candidate = base[:MAX_NAME_CHARS - len(suffix)].rstrip() + suffix

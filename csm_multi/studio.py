@@ -42,7 +42,7 @@ from .profiles import (
 from .project import PROJECT_SUFFIX, Project, import_project, read_project, save_project
 from .render import RenderConfig, RenderResult, ScriptRenderer, word_char
 from .scheduler import as_visitor
-from .script import ScriptLine, parse_script, speaker_key, speakers
+from .script import MAX_PAUSE_MS, ScriptLine, parse_script, speaker_key, speakers
 
 LIBRARY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")  # used with fullmatch: `$` would let a final "\n" through
 SHARED = "shared"
@@ -171,8 +171,8 @@ class Studio:
             folder = SHARED
         else:
             if not isinstance(key, str) or not LIBRARY_KEY.fullmatch(key):
-                raise ProfileError("this page has no valid library key: reload the page "
-                                   "(API callers: pass 8-64 letters, digits, '-' or '_' as library_key)")
+                raise ProfileError("this page has no valid library key: reload the page (API callers: the first "
+                                   "argument, key, labelled library_key, takes 8-64 letters, digits, '-' or '_')")
             folder = f"visitor-{key}"
         with self._lock:
             store = self._stores.get(folder)
@@ -395,6 +395,10 @@ class Studio:
     def set_pause(self, result: RenderResult, row: int, seconds: float | None) -> RenderResult:
         """The silence before line `row`, in seconds (None: the script's default); nothing is regenerated."""
         row = self._row(result, row)
+        limit_s = MAX_PAUSE_MS / 1000
+        if seconds is not None and not (isinstance(seconds, (int, float)) and 0 <= seconds <= limit_s):
+            shown = f"{seconds:g}" if isinstance(seconds, (int, float)) else repr(seconds)  # 1e+308, not 309 digits
+            raise ScriptError(f"pause before line {row + 1}: give 0 to {limit_s:g} seconds, got {shown}")
         ms = None if seconds is None else round(float(seconds) * 1000)
         try:
             return result.with_pause(row, ms)

@@ -223,6 +223,22 @@ def test_a_mapping_that_leaves_out_a_speaker_uses_the_voice_of_the_same_name(app
     assert kind == "error" and "mapping" in out and "'Alice'" in out and "Nobody" in out
 
 
+def test_an_argument_too_many_is_refused_with_the_count(app):
+    """A surplus argument had been dropped without a word (a caller who put one in the wrong place never
+    learnt it): now the endpoint says how many it takes."""
+    url, _, _ = app
+    kind, message = _post(url, "list_profiles", [KEY, "extra"])
+    assert kind == "error" and message == "list_profiles takes 1 argument (key); got more than 1: leave out the extra"
+    kind, message = _post(url, "render_script", [KEY, SCRIPT, MAPPING, 0.9, 50, 1, 1, 0, "conversational", 1, 99, 98])
+    assert kind == "error" and message.startswith("render_script takes 10 arguments (key, script, mapping")
+    assert message.endswith("got more than 10: leave out the extra")
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match="got more than 10: leave out the extra"):  # the client adds the page's state
+        Client(url, verbose=False).predict(KEY, SCRIPT, MAPPING, 0.9, 50, 1, 1, 0, "conversational", 1, 99,
+                                           api_name="/render_script")
+
+
 def test_a_missing_script_is_named_as_such(app):
     url, _, _ = app
     kind, message = _post(url, "render_script", [KEY, None, MAPPING, 0.9, 50, 1, 1, 0, "conversational"])

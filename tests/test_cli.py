@@ -106,7 +106,7 @@ def test_unknown_speakers_are_listed_with_their_lines(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["say", "Hi.", "-o", "{tmp}/afile/x.wav"], "a file of that name may be in the way"),
+    (["say", "Hi.", "-o", "{tmp}/afile/x.wav"], "a file of that name is in the way"),
     (["say", "Hi.", "-o", "{tmp}"], "is a folder"),
     (["say", "Hi.", "-o", "{tmp}/x.txt"], "ending in .wav or .flac or .mp3"),
     (["say", "   ", "-o", "{tmp}/x.wav"], "nothing to say"),
@@ -114,9 +114,9 @@ def test_unknown_speakers_are_listed_with_their_lines(tmp_path, capsys):
     (["say", "Hi.", "--seed", "18446744073709551614"], "seed must be a whole number from 0"),
     (["say", "Hi.", "--max-ms", "inf"], "must be finite"),
     (["say", "Hi.", "--context", "{tmp}/missing.wav=words"], "missing.wav does not exist"),
-    (["render", "{tmp}/s.txt", "-o", "{tmp}/afile/x.wav", "--voice", "A=none"], "a file of that name may be in the way"),
+    (["render", "{tmp}/s.txt", "-o", "{tmp}/afile/x.wav", "--voice", "A=none"], "a file of that name is in the way"),
     (["render", "{tmp}/s.txt", "-o", "{tmp}/v1.2", "--voice", "A=none"], "must end in .wav, .flac or .mp3"),
-    (["render", "{tmp}/s.txt", "--voice", "A=none", "--project", "{tmp}/afile/p.csmproj"], "may be in the way"),
+    (["render", "{tmp}/s.txt", "--voice", "A=none", "--project", "{tmp}/afile/p.csmproj"], "is in the way"),
     (["render", "{tmp}/s.txt", "--voice", "A=none", "--seed", "-3"], "seed must be a whole number from 0"),
     (["info", "--device", "bogus"], "unknown device 'bogus'"),
     (["say", "Hi.", "--temperature", "0"], "--temperature 0: temperature must be > 0 and finite"),

@@ -245,7 +245,9 @@ def test_refusals_name_the_field(url, change, param, words):
 def test_wrong_types_and_bad_json_are_openai_errors_not_fastapi_details(url):
     headers = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(url + "/v1/audio/speech", headers=headers, json={"input": 42, "voice": "none"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "got a number" in r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "got the number 42" in r.text
+    r = httpx.post(url + "/v1/audio/speech", headers=headers, json={"input": "Hi.", "voice": "none", "topk": 1.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "topk" and "got the number 1.5" in r.text
     r = httpx.post(url + "/v1/audio/speech", headers=headers, content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/audio/speech", headers=headers, json={"voice": "none"})
@@ -254,6 +256,10 @@ def test_wrong_types_and_bad_json_are_openai_errors_not_fastapi_details(url):
     assert r.status_code == 413 and "error" in r.json()
     r = httpx.get(url + "/v1/chat/completions", headers=headers)
     assert r.status_code == 404 and "POST /v1/audio/speech" in r.json()["error"]["message"]
+    r = httpx.get(url + "/v1/audio/speech", headers=headers)  # a served path, the wrong method
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "use POST /v1/audio/speech" in r.text
+    r = httpx.post(url + "/v1/models", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
 
 
 def test_control_characters_and_unpaired_surrogates_are_dropped_from_the_input(url):

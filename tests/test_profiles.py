@@ -359,6 +359,17 @@ def test_duplicate_names_are_refused(store, clip, tmp_path):
     assert store.list() == [original]
 
 
+def test_names_that_differ_only_in_invisible_characters_are_one_name(store, clip, tmp_path):
+    """A right-to-left mark inside a Hebrew name, or a zero-width joiner, does not show: the two names look
+    the same in the list, so the second is refused (they had been saved side by side, in two folders)."""
+    store.create("שלוםעולם", clip, "Hello there.")
+    for name in ["שלום\u200fעולם", "\u200eשלוםעולם", "שלום\u200dעולם", "\ufeffשלוםעולם"]:
+        with pytest.raises(ProfileError, match="looks the same"):
+            store.create(name, write(tmp_path / "x.wav", speech(2.0, seed=9)), "Other text.")
+    assert [p.name for p in store.list()] == ["שלוםעולם"]
+    store.create("שלום עולם", write(tmp_path / "y.wav", speech(2.0, seed=8)), "A space shows.")  # visibly different
+
+
 def test_profile_folders_resolving_outside_root_are_ignored(tmp_path, store, clip):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -397,6 +397,30 @@ def test_cli_render_writes_a_project_and_project_open_imports_it(tmp_path, capsy
     assert main(["project", "--profiles-dir", away, "open", str(tmp_path / "scene.txt")]) == 2
     assert "not a readable .csmproj" in capsys.readouterr().err
 
+    # a file the user wrote is never written over unasked (it had been, without a word); the same script is
+    (tmp_path / "mine.txt").write_text("Bob: my own edited script\n")
+    opened = ["project", "--profiles-dir", away, "open", str(tmp_path / "scene.csmproj")]
+    library = sorted((tmp_path / "away").iterdir())
+    assert main([*opened, "--script-out", str(tmp_path / "mine.txt")]) == 2
+    assert "holds another script" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "Bob: my own edited script\n"
+    assert main([*opened, "-o", str(tmp_path / "restored")]) == 2  # not empty any more
+    assert "not empty" in capsys.readouterr().err and sorted((tmp_path / "away").iterdir()) == library
+    assert main([*opened, "--script-out", str(tmp_path / "again.txt")]) == 0  # the same script: nothing lost
+    assert main([*opened, "--script-out", str(tmp_path / "mine.txt"), "-o", str(tmp_path / "restored"), "--force"]) == 0
+    assert (tmp_path / "mine.txt").read_text() == "Bob: Hello\nNarrator: Bye\n"
+
+
+def test_cli_render_refuses_a_voice_flag_for_a_speaker_the_script_lacks(tmp_path, capsys):
+    """`--voice Alcie=Bob` (a typo) had been ignored, and Alice spoke with her default voice."""
+    from csm_multi.cli import main
+
+    (tmp_path / "scene.txt").write_text("Alice: Hi.\nbob: Hello.\n")
+    assert main(["render", str(tmp_path / "scene.txt"), "--profiles-dir", str(tmp_path / "v"), "--model", "csm-1b",
+                 "--voice", "Alice=none", "--voice", "BOB=none", "--voice", "Alcie=none"]) == 2
+    err = capsys.readouterr().err
+    assert "the script has no speaker 'Alcie'; its speakers are Alice, bob" in err and err.count("\n") == 1
+
 
 def test_opening_a_project_bounds_settings_to_the_web_controls(saved, engine, tmp_path):
     """A project written by the command line may carry settings the Script tab's controls cannot show:
