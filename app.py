@@ -876,7 +876,29 @@ PAGE_HEAD = """
       if (tab.getAttribute("tabindex") !== want) tab.setAttribute("tabindex", want);
     }
   };
-  const update = () => { nameResets(); rove(); };
+  // tabs and their panel named to each other (Gradio gives neither an id): a screen reader then says
+  // which tab a panel belongs to, and can jump from a tab to its panel. Only the open tab's panel is
+  // in the page, so only that tab controls one.
+  let tabIds = 0;
+  const link = () => {
+    for (const list of document.querySelectorAll('[role="tablist"]')) {
+      const tabs = [...list.querySelectorAll('[role="tab"]')];
+      const root = list.parentElement && list.parentElement.parentElement;
+      const panel = root && [...root.children].find((p) => p.getAttribute("role") === "tabpanel" && p.offsetParent !== null);
+      for (const tab of tabs) {
+        if (!tab.id) tab.id = `csm-tab-${++tabIds}`;
+        const open = tab.getAttribute("aria-selected") === "true" && panel;
+        if (open) {
+          if (!panel.id) panel.id = `${tab.id}-panel`;
+          if (tab.getAttribute("aria-controls") !== panel.id) tab.setAttribute("aria-controls", panel.id);
+          if (panel.getAttribute("aria-labelledby") !== tab.id) panel.setAttribute("aria-labelledby", tab.id);
+        } else if (tab.hasAttribute("aria-controls")) {
+          tab.removeAttribute("aria-controls");
+        }
+      }
+    }
+  };
+  const update = () => { nameResets(); rove(); link(); };
   new MutationObserver(update).observe(document.documentElement,
     {childList: true, subtree: true, attributes: true, attributeFilter: ["aria-selected"]});
   document.addEventListener("DOMContentLoaded", update);

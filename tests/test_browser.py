@@ -772,6 +772,17 @@ def test_tabs_follow_arrow_keys_and_slider_resets_are_named_after_their_slider(a
     page.keyboard.press("Home")
     expect(page.locator('[role="tab"][aria-selected="true"]:visible')).to_have_text(names[0])
     assert selected() == names[0]
+    # the open tab and its panel name each other (Gradio gives them no ids); closed tabs control nothing
+    page.keyboard.press("ArrowRight")
+    open_tab = page.locator('[role="tab"][aria-selected="true"]:visible')
+    expect(open_tab).to_have_text(names[1])
+    panel_id = open_tab.get_attribute("aria-controls")
+    assert panel_id and page.locator(f"#{panel_id}").get_attribute("role") == "tabpanel"
+    assert page.locator(f"#{panel_id}").get_attribute("aria-labelledby") == open_tab.get_attribute("id")
+    assert page.locator(f"#{panel_id}").get_by_role("button", name="Render").count() >= 1  # the Script panel
+    assert tabs.first.get_attribute("aria-controls") is None
+    page.keyboard.press("Home")
+    expect(tabs.first).to_have_attribute("aria-controls", re.compile(r".+"))
     # Tab leaves the list at once (only the open tab is a Tab stop), for the open panel's first control
     expect(tabs.nth(1)).to_have_attribute("tabindex", "-1")
     expect(tabs.first).to_have_attribute("tabindex", "0")
