@@ -669,12 +669,29 @@ class KeptOnStop:
     waits a moment: the close reaches the generator at its next yield, within a heartbeat). Bounded:
     a clip nobody collects (an API caller's `job.cancel()`, a closed tab) is forgotten."""
 
+    NOTHING_MADE = "Stopped before any audio was made: nothing to download."
+
     def __init__(self, limit: int = 256, fresh_s: float = 60.0):
         from collections import OrderedDict
 
         self._cond = threading.Condition()
         self._kept: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
+        self._made: OrderedDict[str, int] = OrderedDict()  # session -> chunks its running utterance made
         self.limit, self.fresh_s = limit, fresh_s
+
+    def running(self, session: str | None, chunks: int = 0) -> None:
+        """`session`'s utterance is asked for or running, and has made `chunks` chunks so far."""
+        if session is None:
+            return
+        with self._cond:
+            self._made[session] = chunks
+            self._made.move_to_end(session)
+            while len(self._made) > self.limit:  # an utterance cancelled while queued never says it ended
+                self._made.popitem(last=False)
+
+    def ended(self, session: str | None) -> None:
+        with self._cond:
+            self._made.pop(session, None)
 
     def keep(self, session: str | None, path: str | None, message: str) -> None:
         """File `session`'s clip: taken from `_session()` while the event ran (a generator's close runs
@@ -704,6 +721,9 @@ class KeptOnStop:
                 kept = self._kept.pop(session, None)
                 if kept is not None and time.monotonic() - kept[0] <= self.fresh_s:
                     return kept[1], kept[2]
+                if self._made.get(session) == 0:  # nothing made yet: no need to wait for the close, which
+                    self._made.pop(session)       # Gradio may deliver only when the utterance's worker ends
+                    return None, self.NOTHING_MADE
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -1501,6 +1521,8 @@ def build_demo(studio: Studio):
     def say(key, text, profile, temperature, topk, seed, max_s):
         session = _session()
         kept_on_stop.forget(session)  # an earlier utterance's clip, filed after its Stop gave up waiting
+        kept_on_stop.running(session)
+        chunks = []
         try:
             text = clean_utterance(text) if isinstance(text, str) else ""
             if not text:
@@ -1521,7 +1543,7 @@ def build_demo(studio: Studio):
             sampling = SamplingConfig(temperature=float(temperature), topk=int(topk), seed=seed,
                                       max_audio_length_ms=min(float(max_s), studio.limits.max_line_s) * 1000)
             speaker = context[0].speaker if context else 0
-            chunks, held = [], []
+            held = []
             stream = StreamConfig()
             limit = sampling.max_audio_length_ms / 1000
             pacer = Pacer(spoken_seconds(text, limit), limit, stream.chunk_frames * 0.08, margin_s=LIVE_DELIVERY_S)
@@ -1533,6 +1555,7 @@ def build_demo(studio: Studio):
                         yield gr.skip(), gr.skip(), gr.skip()
                         continue
                     chunks.append(chunk.audio)
+                    kept_on_stop.running(session, len(chunks))
                     held.append(_int16(chunk.audio))
                     made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
                     if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
@@ -1556,8 +1579,10 @@ def build_demo(studio: Studio):
                     kept_on_stop.keep(session, str(path), f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file "
                                                  "holds what was said until then.")
             else:  # the Download box must not go on offering the previous utterance as this one
-                kept_on_stop.keep(session, None, "Stopped before any audio was made: nothing to download.")
+                kept_on_stop.keep(session, None, KeptOnStop.NOTHING_MADE)
             raise
+        finally:
+            kept_on_stop.ended(session)
         if not chunks:
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
@@ -1580,7 +1605,11 @@ def build_demo(studio: Studio):
 
     def quick_buttons(speaking: bool):
         """Speak and Stop for an utterance that runs (`speaking`) or not."""
-        return lambda: (gr.Button(interactive=not speaking), gr.Button(interactive=speaking))
+        def buttons():
+            if speaking:  # asked for: a Stop before it even starts (a busy server) finds nothing made
+                kept_on_stop.running(_session())
+            return gr.Button(interactive=not speaking), gr.Button(interactive=speaking)
+        return buttons
 
     def stopped_say():
         """Stop's answer: the stopped utterance's file, if it had said anything."""

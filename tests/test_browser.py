@@ -525,6 +525,41 @@ def test_quick_stop_keeps_what_was_said(running_app, page, monkeypatch):
     _shot(page, "studio-quick-stopped.png")
 
 
+def test_quick_stop_before_any_audio_says_so_and_offers_no_old_file(running_app, page, monkeypatch):
+    """A Stop before the first chunk (a long prefill, a busy server) says at once that nothing was made and
+    empties Download, which had gone on offering the previous utterance's file: with no audio made, Gradio
+    closed the stopped utterance only when its worker ended, after Stop had stopped waiting."""
+    import app
+
+    url, studio = running_app
+    real = app.StreamConfig
+    slow_first = {"on": False}
+
+    def slow(*args, **kwargs):  # 8 s in the handler before its first yield, as a voice prompt being encoded
+        if slow_first["on"]:
+            time.sleep(8)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "StreamConfig", slow)
+    _open(page, url, 1280, 900)
+    page.get_by_role("tab", name="Quick").click()
+    speak, stop = page.get_by_role("button", name="Speak"), page.get_by_role("button", name="Stop")
+    page.get_by_label("Text", exact=True).fill("A first sentence, said to the end.")
+    speak.click()
+    link = _block(page, "Download").get_by_role("link").first
+    expect(link).to_be_visible(timeout=60_000)  # the first utterance's file
+    expect(speak).to_be_enabled()
+    slow_first["on"] = True
+    page.get_by_label("Text", exact=True).fill("A second one, stopped before it says anything.")
+    speak.click()
+    expect(stop).to_be_enabled()
+    page.wait_for_timeout(1000)
+    stop.click()
+    expect(page.get_by_text("Stopped before any audio was made: nothing to download.")).to_be_visible(timeout=2_500)
+    expect(_block(page, "Download").get_by_role("link")).to_have_count(0)
+    expect(speak).to_be_enabled()
+
+
 def _start_render(page, script: str, speakers=("Alice", "Bob"), takes: int = 1):
     """Render `script` with no reference voice for `speakers`, 1 s per line, `takes` takes; not waited for."""
     page.get_by_role("tab", name="Script").click()
