@@ -896,9 +896,10 @@ PAGE_HEAD = """
       if (tab.getAttribute("tabindex") !== want) tab.setAttribute("tabindex", want);
     }
   };
-  // tabs and their panel named to each other (Gradio gives neither an id): a screen reader then says
-  // which tab a panel belongs to, and can jump from a tab to its panel. Only the open tab's panel is
-  // in the page, so only that tab controls one.
+  // the open tab names its panel (aria-controls; Gradio gives neither an id), so a screen reader can
+  // jump from the tab to its panel. Only the open tab's panel is in the page, so only that tab controls
+  // one. The panel is not labelled by its tab (aria-labelledby): "Script" would then name both the
+  // panel and the Script box in it, and a label lookup (a screen reader's, a test's) finds two.
   let tabIds = 0;
   const link = () => {
     for (const list of document.querySelectorAll('[role="tablist"]')) {
@@ -911,7 +912,6 @@ PAGE_HEAD = """
         if (open) {
           if (!panel.id) panel.id = `${tab.id}-panel`;
           if (tab.getAttribute("aria-controls") !== panel.id) tab.setAttribute("aria-controls", panel.id);
-          if (panel.getAttribute("aria-labelledby") !== tab.id) panel.setAttribute("aria-labelledby", tab.id);
         } else if (tab.hasAttribute("aria-controls")) {
           tab.removeAttribute("aria-controls");
         }
