@@ -848,6 +848,11 @@ textarea, input[type="text"] { unicode-bidi: plaintext; text-align: start; }
    direction: a list of Arabic or Hebrew names keeps its order and commas, a zip named in Arabic reads
    right to left before its ".zip" */
 code { unicode-bidi: isolate; }
+/* an action's note carries the action's progress: Gradio draws its progress box over the note, absolutely
+   placed, so over an empty note (0 px tall) it was cut off entirely (no progress for a whole first line),
+   and over a note the two were painted on each other. In the flow, the box comes above the note. */
+.block.csm-note > [data-testid="status-tracker"]:not(.hide) { position: relative !important; min-height: 3.4rem; }
+.block.csm-note:has(> [data-testid="status-tracker"]:not(.hide)) { overflow: visible; }
 .file-preview-holder .stem { unicode-bidi: plaintext; }
 @media (max-width: 640px) {  /* a phone: the title on one line, all five tabs in view (no "..." menu) */
   .csm-title h1 { font-size: 1.4rem; }

@@ -390,6 +390,54 @@ def test_the_progress_stays_shown_while_a_line_is_decoded(running_app, page, mon
     expect(page.get_by_text(re.compile(r"^Done: 1 line,"))).to_be_visible(timeout=60_000)
 
 
+def test_the_progress_box_is_painted_and_clear_of_the_note(running_app, page, monkeypatch):
+    """The render's progress is drawn in its note's block. Gradio places it absolutely, over the note: while
+    the note was empty (0 px tall, overflow auto) the box was cut off entirely, so a tester saw no progress
+    for a whole first line; once the note said something, the two were painted on each other. Checked where
+    it counts, by what the browser paints at the progress text's place."""
+    url, studio = running_app
+    real = studio.engine.decode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(studio.engine, "decode", slow_decode)
+    _open(page, url)
+    _start_render(page, "Alice: one two three.\nBob: four five six.", ("Alice", "Bob"))
+    painted = """(words) => {
+        const text = [...document.querySelectorAll('.csm-note .progress-level-inner')]
+            .find((e) => e.textContent.includes(words));
+        if (!text) return null;
+        text.scrollIntoView({block: 'center'});
+        const r = text.getBoundingClientRect();
+        const at = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+        const note = text.closest('.block.csm-note').querySelector('.md');
+        const n = note.getBoundingClientRect();
+        const overlap = note.textContent.trim() !== '' && n.top < r.bottom && r.top < n.bottom;
+        const b = text.closest('.block.csm-note').getBoundingClientRect();  // its block holds it (not clipped)
+        const inside = r.top >= b.top - 1 && r.bottom <= b.bottom + 1;
+        return {painted: !!at && (text.contains(at) || at.contains(text)) && inside, overlap,
+                note: note.textContent.trim(), block: b.height};
+    }"""
+    def seen(words: str) -> dict:  # Gradio swaps the box out for a moment at each output: look a few times
+        expect(page.get_by_text(words)).to_be_attached(timeout=60_000)
+        got = None
+        for _ in range(10):
+            got = page.evaluate(painted, words)
+            if got and got["painted"] and not got["overlap"]:
+                break
+            page.wait_for_timeout(100)
+        return got
+
+    first = seen("line 1/2 · Alice · decoding")
+    assert first and first["painted"] and not first["overlap"], first  # was cut off: the note was empty
+    second = seen("line 2/2 · Bob · decoding")
+    assert second and second["painted"] and not second["overlap"], second
+    assert second["note"], second  # the note said something by then (line 1 is done), shown beside the box
+    expect(page.get_by_text(re.compile(r"^Done: 2 lines,"))).to_be_visible(timeout=60_000)
+
+
 def test_the_profile_selection_stays_where_the_tester_acted(app_url, page, tmp_path):
     """Save, rename and import keep that profile selected; delete selects nothing; a row click selects."""
     _open(page, app_url)
