@@ -106,9 +106,6 @@ LIVE_DELIVERY_S = 1.0
 # yields a no-change update at least this often, so a cancelled render frees its generation row within
 # about this long, not when its current line ends (on two CPU cores at csm-1b, ~30 s).
 HEARTBEAT_S = 0.5
-# Quick's Stop waits this long for the stopped utterance to file what it had said (KeptOnStop): the close
-# reaches it at its next yield, within HEARTBEAT_S, plus the time to write the clip.
-STOP_COLLECT_S = 3.0
 EDITOR_OUTPUTS = 9  # what the per-line editor's actions answer: note, dialogue, files, ... (build_demo's `shown`)
 
 
@@ -661,73 +658,62 @@ class OnePerSession:
                 self._running.pop(session, None)
 
 
-class KeptOnStop:
-    """What a stopped Quick utterance had said, for the Stop button's answer.
+class QuickStops:
+    """The page's Stop for Quick utterances, without Gradio's cancel.
 
-    Stop cancels the `say` event, so its generator is closed and can answer nothing more; it files
-    its partial clip here under its session instead, and Stop's next step collects it (`collect`
-    waits a moment: the close reaches the generator at its next yield, within a heartbeat). Bounded:
-    a clip nobody collects (an API caller's `job.cancel()`, a closed tab) is forgotten."""
+    Gradio's cancel (`cancels=[say_event]`) often left red "Error" badges on the stopped event's outputs
+    (the live player, the Download file, the note; every time with three renders running), and reached
+    the handler only at its next yield. Instead Stop marks the session's utterance stopped here, and the
+    utterance, which looks at every chunk and every heartbeat, ends itself like any finished utterance:
+    its file holds what was said until then. Stop answers at once where nothing was made yet (a long
+    prefill, a busy server). API callers' `job.cancel()` stays Gradio's cancel. Bounded: an utterance
+    cancelled while queued never says it ended, so the oldest sessions are forgotten."""
 
     NOTHING_MADE = "Stopped before any audio was made: nothing to download."
 
-    def __init__(self, limit: int = 256, fresh_s: float = 60.0):
+    def __init__(self, limit: int = 256):
         from collections import OrderedDict
 
-        self._cond = threading.Condition()
-        self._kept: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
-        self._made: OrderedDict[str, int] = OrderedDict()  # session -> chunks its running utterance made
-        self.limit, self.fresh_s = limit, fresh_s
+        self._lock = threading.Lock()
+        self._made: OrderedDict[str, int] = OrderedDict()  # session -> chunks its utterance has made
+        self._stopped: set[str] = set()
+        self.limit = limit
 
-    def running(self, session: str | None, chunks: int = 0) -> None:
-        """`session`'s utterance is asked for or running, and has made `chunks` chunks so far."""
-        if session is None:
-            return
-        with self._cond:
-            self._made[session] = chunks
-            self._made.move_to_end(session)
-            while len(self._made) > self.limit:  # an utterance cancelled while queued never says it ended
-                self._made.popitem(last=False)
+    def asked(self, session: str | None) -> None:
+        """Speak was clicked: a new utterance, nothing made, not stopped."""
+        if session is not None:
+            with self._lock:
+                self._stopped.discard(session)
+                self._set(session, 0)
+
+    def progress(self, session: str | None, chunks: int) -> None:
+        """`session`'s utterance runs and has made `chunks` chunks (a Stop already asked for stands)."""
+        if session is not None:
+            with self._lock:
+                self._set(session, chunks)
+
+    def _set(self, session: str, chunks: int) -> None:
+        self._made[session] = chunks
+        self._made.move_to_end(session)
+        while len(self._made) > self.limit:
+            self._stopped.discard(self._made.popitem(last=False)[0])
+
+    def stop(self, session: str | None) -> int | None:
+        """Stop `session`'s utterance: the chunks it had made, or None if none is asked for or running."""
+        with self._lock:
+            if session not in self._made:
+                return None
+            self._stopped.add(session)
+            return self._made[session]
+
+    def stopped(self, session: str | None) -> bool:
+        with self._lock:
+            return session in self._stopped
 
     def ended(self, session: str | None) -> None:
-        with self._cond:
+        with self._lock:
             self._made.pop(session, None)
-
-    def keep(self, session: str | None, path: str | None, message: str) -> None:
-        """File `session`'s clip: taken from `_session()` while the event ran (a generator's close runs
-        outside the event's context)."""
-        if session is None:
-            return
-        with self._cond:
-            self._kept[session] = (time.monotonic(), path, message)
-            self._kept.move_to_end(session)
-            while len(self._kept) > self.limit:
-                self._kept.popitem(last=False)
-            self._cond.notify_all()
-
-    def forget(self, session: str | None) -> None:
-        with self._cond:
-            self._kept.pop(session, None)
-
-    def collect(self, wait_s: float) -> tuple[str | None, str] | None:
-        """This session's kept clip (path, or None when nothing was said; message), waiting up to `wait_s`
-        for it; None if none came."""
-        session = _session()
-        if session is None:
-            return None
-        deadline = time.monotonic() + wait_s
-        with self._cond:
-            while True:
-                kept = self._kept.pop(session, None)
-                if kept is not None and time.monotonic() - kept[0] <= self.fresh_s:
-                    return kept[1], kept[2]
-                if self._made.get(session) == 0:  # nothing made yet: no need to wait for the close, which
-                    self._made.pop(session)       # Gradio may deliver only when the utterance's worker ends
-                    return None, self.NOTHING_MADE
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
+            self._stopped.discard(session)
 
 
 def for_the_caller(message: str) -> str:
@@ -955,7 +941,7 @@ def build_demo(studio: Studio):
         raise Refused(for_the_caller(str(e))) from None
 
     actions = OnePerSession()  # what changes a session's rendering: a render, a line action, a take, a pause
-    kept_on_stop = KeptOnStop()  # what a stopped Quick utterance had said, for Stop's answer
+    quick_stops = QuickStops()  # the page's Stop for Quick utterances
 
     def cell(value) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
@@ -1525,10 +1511,12 @@ def build_demo(studio: Studio):
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):
         session = _session()
-        kept_on_stop.forget(session)  # an earlier utterance's clip, filed after its Stop gave up waiting
-        kept_on_stop.running(session)
-        chunks = []
+        quick_stops.progress(session, 0)
+        chunks, stopped = [], False
         try:
+            if quick_stops.stopped(session):  # stopped while it waited for its turn: Stop has answered
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
             text = clean_utterance(text) if isinstance(text, str) else ""
             if not text:
                 raise CsmError("Text: write some text to speak first")
@@ -1556,11 +1544,14 @@ def build_demo(studio: Studio):
                 text, speaker, context, sampling, stream, visitor=studio.visitor(key), cancel=stopped), HEARTBEAT_S)
             with contextlib.closing(made_on_worker):  # a Stop or a closed tab ends the worker at once
                 for chunk in made_on_worker:
-                    if chunk is None:  # nothing new for a while: a yield, so that Stop and a closed tab reach us
+                    if quick_stops.stopped(session):  # the page's Stop: looked at every chunk and heartbeat
+                        stopped = True
+                        break
+                    if chunk is None:  # nothing new for a while: a yield, so that a closed tab reaches us
                         yield gr.skip(), gr.skip(), gr.skip()
                         continue
                     chunks.append(chunk.audio)
-                    kept_on_stop.running(session, len(chunks))
+                    quick_stops.progress(session, len(chunks))
                     held.append(_int16(chunk.audio))
                     made = f"{chunk.frames * 0.08:.2f} s… (seed {chunk.seed})"
                     if pacer.add(chunk.audio.numel() / 24_000):  # slower than real time: held until it will not pause
@@ -1572,22 +1563,24 @@ def build_demo(studio: Studio):
                     else:
                         yield gr.skip(), gr.skip(), (f"{made} Generating at {1 / pacer.rtf:.2f}× real time here, so "
                                                      f"playback starts in ~{wait:.0f} s and then does not pause.")
-            if held:
+            if held and not stopped:
                 for piece in live_pieces(held):
                     yield piece, gr.skip(), f"{pacer.made_s:.2f} s, finishing…"
         except (CsmError, ValueError) as e:
             fail(e)
-        except GeneratorExit:  # Stop, a closed tab or a cancelled API job: keep what was said for Stop's answer
-            if chunks:
-                with contextlib.suppress(CsmError):
-                    path, seconds = said_file(key, chunks)
-                    kept_on_stop.keep(session, str(path), f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file "
-                                                 "holds what was said until then.")
-            else:  # the Download box must not go on offering the previous utterance as this one
-                kept_on_stop.keep(session, None, KeptOnStop.NOTHING_MADE)
-            raise
-        finally:
-            kept_on_stop.ended(session)
+        finally:  # also on a closed tab or an API caller's job.cancel() (Gradio closes the generator)
+            quick_stops.ended(session)
+        if stopped and not chunks:  # Stop has answered ("Stopped before any audio was made")
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        if stopped:
+            try:
+                path, seconds = said_file(key, chunks)
+            except CsmError as e:
+                fail(e)
+            yield gr.skip(), str(path), (f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file holds "
+                                         "what was said until then.")
+            return
         if not chunks:
             yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
             return
@@ -1612,16 +1605,20 @@ def build_demo(studio: Studio):
         """Speak and Stop for an utterance that runs (`speaking`) or not."""
         def buttons():
             if speaking:  # asked for: a Stop before it even starts (a busy server) finds nothing made
-                kept_on_stop.running(_session())
+                quick_stops.asked(_session())
             return gr.Button(interactive=not speaking), gr.Button(interactive=speaking)
         return buttons
 
-    def stopped_say():
-        """Stop's answer: the stopped utterance's file, if it had said anything."""
-        kept = kept_on_stop.collect(STOP_COLLECT_S)
-        if kept is None:
-            return gr.skip(), gr.skip()
-        return kept
+    def stop_say():
+        """Stop: the utterance ends itself at its next chunk or heartbeat, with what it said as its file;
+        where nothing was made yet, the answer is now. Both buttons stay off until it has ended."""
+        made = quick_stops.stop(_session())
+        off = (gr.Button(interactive=False), gr.Button(interactive=False))
+        if made is None:  # it had already ended
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if made == 0:  # the Download box must not go on offering the previous utterance as this one
+            return None, QuickStops.NOTHING_MADE, *off
+        return gr.skip(), "Stopping…", *off
 
     def check_watermark(path):
         try:
@@ -1960,9 +1957,8 @@ def build_demo(studio: Studio):
         say_event = q_btn.click(_gpu(say), [key, q_text, q_profile, q_temp, q_topk, q_seed, q_max],
                                 [q_live, q_file, q_msg], api_name="say", concurrency_id="gpu")
         say_event.then(quick_buttons(False), None, [q_btn, q_stop], api_name=False, queue=False, show_progress="hidden")
-        q_stop.click(lambda: ("Stopped.", *quick_buttons(False)()), None, [q_msg, q_btn, q_stop], cancels=[say_event],
-                     api_name=False, queue=False).then(
-            stopped_say, None, [q_file, q_msg], api_name=False, queue=False, show_progress="hidden")
+        q_stop.click(stop_say, None, [q_file, q_msg, q_btn, q_stop], api_name=False, queue=False,
+                     show_progress="hidden")
         wm_btn.click(check_watermark, [wm_file], [wm_msg], api_name="check_watermark")
         wm_last_btn.click(check_last, [key], [wm_msg], api_name="check_last_render")
         status_btn.click(status, [key], [status_md], api_name="status")

@@ -564,6 +564,7 @@ def test_quick_stop_keeps_what_was_said(running_app, page, monkeypatch):
     expect(stopped).to_be_visible(timeout=10_000)
     expect(speak).to_be_enabled()
     expect(stop).to_be_disabled()  # so a second Stop cannot write "Stopped." over this answer
+    expect(page.locator(".error")).to_have_count(0)  # no red Error badge on the player, file or note
     link = _block(page, "Download").get_by_role("link").first
     expect(link).to_be_visible()
     got = page.request.get(link.get_attribute("href"))
@@ -605,7 +606,9 @@ def test_quick_stop_before_any_audio_says_so_and_offers_no_old_file(running_app,
     stop.click()
     expect(page.get_by_text("Stopped before any audio was made: nothing to download.")).to_be_visible(timeout=2_500)
     expect(_block(page, "Download").get_by_role("link")).to_have_count(0)
-    expect(speak).to_be_enabled()
+    expect(speak).to_be_enabled(timeout=30_000)  # once the stopped utterance has ended itself (after the 8 s)
+    expect(page.get_by_text("Stopped before any audio was made: nothing to download.")).to_be_visible()
+    expect(page.locator(".error")).to_have_count(0)  # no red Error badge (Gradio's cancel left them)
 
 
 def _start_render(page, script: str, speakers=("Alice", "Bob"), takes: int = 1):
