@@ -658,18 +658,16 @@ class OnePerSession:
                 self._running.pop(session, None)
 
 
-class QuickStops:
-    """The page's Stop for Quick utterances, without Gradio's cancel.
+class SessionStops:
+    """The page's Stop (Quick) and Cancel (Script) without Gradio's cancel.
 
-    Gradio's cancel (`cancels=[say_event]`) often left red "Error" badges on the stopped event's outputs
-    (the live player, the Download file, the note; every time with three renders running), and reached
-    the handler only at its next yield. Instead Stop marks the session's utterance stopped here, and the
-    utterance, which looks at every chunk and every heartbeat, ends itself like any finished utterance:
-    its file holds what was said until then. Stop answers at once where nothing was made yet (a long
-    prefill, a busy server). API callers' `job.cancel()` stays Gradio's cancel. Bounded: an utterance
-    cancelled while queued never says it ended, so the oldest sessions are forgotten."""
-
-    NOTHING_MADE = "Stopped before any audio was made: nothing to download."
+    Gradio's cancel (`cancels=[event]`) often left red "Error" badges on the stopped event's outputs
+    (Quick's live player, Download file and note; the render's note), every time with three renders
+    running, and reached the handler only at its next yield. Instead the button marks the session's
+    action stopped here, and the action, which looks at every step and heartbeat, ends itself like a
+    finished one. The button answers at once where nothing was made yet (a long prefill, a busy server).
+    API callers' `job.cancel()` stays Gradio's cancel. Bounded: an action cancelled while queued never
+    says it ended, so the oldest sessions are forgotten."""
 
     def __init__(self, limit: int = 256):
         from collections import OrderedDict
@@ -680,14 +678,14 @@ class QuickStops:
         self.limit = limit
 
     def asked(self, session: str | None) -> None:
-        """Speak was clicked: a new utterance, nothing made, not stopped."""
+        """Speak or Render was clicked: a new action, nothing made, not stopped."""
         if session is not None:
             with self._lock:
                 self._stopped.discard(session)
                 self._set(session, 0)
 
     def progress(self, session: str | None, chunks: int) -> None:
-        """`session`'s utterance runs and has made `chunks` chunks (a Stop already asked for stands)."""
+        """`session`'s action runs and has made `chunks` chunks or lines (a stop already asked for stands)."""
         if session is not None:
             with self._lock:
                 self._set(session, chunks)
@@ -699,7 +697,7 @@ class QuickStops:
             self._stopped.discard(self._made.popitem(last=False)[0])
 
     def stop(self, session: str | None) -> int | None:
-        """Stop `session`'s utterance: the chunks it had made, or None if none is asked for or running."""
+        """Stop `session`'s action: what it had made, or None if none is asked for or running."""
         with self._lock:
             if session not in self._made:
                 return None
@@ -714,6 +712,9 @@ class QuickStops:
         with self._lock:
             self._made.pop(session, None)
             self._stopped.discard(session)
+
+
+QUICK_NOTHING_MADE = "Stopped before any audio was made: nothing to download."
 
 
 def for_the_caller(message: str) -> str:
@@ -941,7 +942,8 @@ def build_demo(studio: Studio):
         raise Refused(for_the_caller(str(e))) from None
 
     actions = OnePerSession()  # what changes a session's rendering: a render, a line action, a take, a pause
-    quick_stops = QuickStops()  # the page's Stop for Quick utterances
+    quick_stops = SessionStops()  # the page's Stop for Quick utterances
+    render_stops = SessionStops()  # the Script tab's Cancel for renders
 
     def cell(value) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
@@ -1146,7 +1148,10 @@ def build_demo(studio: Studio):
         return text
 
     def busy():
-        return gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(visible=False)
+        """Render and Regenerate off, Cancel on (and "Render anyway" hidden) for a render that starts."""
+        render_stops.asked(_session())
+        return (gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(visible=False),
+                gr.Button(interactive=True))
 
     def spoken_seconds(text: str, limit_s: float) -> float:
         """The live players' guess at how long `text` takes to say: from its length, or the limit where the
@@ -1154,7 +1159,15 @@ def build_demo(studio: Studio):
         return limit_s if studio.engine.info.untrained else min(expected_seconds(text), limit_s)
 
     def idle():
-        return gr.Button(interactive=True), gr.Button(interactive=True)
+        """Render and Regenerate on, Cancel off: no render runs."""
+        return gr.Button(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False)
+
+    def cancel_render():
+        """Cancel: the render ends itself at its next step or heartbeat and says so; Render comes back then."""
+        made = render_stops.stop(_session())
+        if made is None:  # it had already ended
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return "Cancelling…", gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(interactive=False)
 
     def render_script(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes=1,
                       asked=None, progress=gr.Progress()):
@@ -1167,6 +1180,19 @@ def build_demo(studio: Studio):
                 shown.again()
 
     def rendering(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked, progress):
+        session = _session()
+        render_stops.progress(session, 0)
+        try:
+            yield from _rendering(session, key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
+                                  takes, asked, progress)
+        finally:  # also on a closed tab or an API caller's job.cancel() (Gradio closes the generator)
+            render_stops.ended(session)
+
+    def _rendering(session, key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked,
+                   progress):
+        if render_stops.stopped(session):  # cancelled while it waited for its turn
+            yield (gr.skip(), "Cancelled.", *[gr.skip()] * 10)
+            return
         try:
             config = _render_config(temperature, topk, seed, max_line_s, pause_ms, mode, takes)
             lines = studio.parse(script)  # script problems first, with line numbers
@@ -1198,6 +1224,9 @@ def build_demo(studio: Studio):
         held = []
         with contextlib.closing(work):  # cancelled or closed: the worker stops at its next frame
             while True:
+                if render_stops.stopped(session):  # the page's Cancel: looked at every step and heartbeat
+                    yield (gr.skip(), "Cancelled.", *[gr.skip()] * 10)
+                    return
                 try:
                     item = next(work)
                 except StopIteration as done:
@@ -1212,6 +1241,7 @@ def build_demo(studio: Studio):
                 else:  # ("clip", a finished line)
                     clip = item[1]
                     lines_done.append(time.monotonic() - started)
+                    render_stops.progress(session, len(lines_done))
                     pause = np.zeros(24_000 * config.pause_before_ms(clip.line, clip.index) // 1000, np.int16)
                     held.append(np.concatenate([pause, _int16(clip.audio)]))
                     note = f"Rendered line {len(lines_done)} ({html.escape(clip.line.speaker)})…"
@@ -1570,7 +1600,7 @@ def build_demo(studio: Studio):
             fail(e)
         finally:  # also on a closed tab or an API caller's job.cancel() (Gradio closes the generator)
             quick_stops.ended(session)
-        if stopped and not chunks:  # Stop has answered ("Stopped before any audio was made")
+        if stopped and not chunks:  # Stop has answered (QUICK_NOTHING_MADE)
             yield gr.skip(), gr.skip(), gr.skip()
             return
         if stopped:
@@ -1617,7 +1647,7 @@ def build_demo(studio: Studio):
         if made is None:  # it had already ended
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if made == 0:  # the Download box must not go on offering the previous utterance as this one
-            return None, QuickStops.NOTHING_MADE, *off
+            return None, QUICK_NOTHING_MADE, *off
         return gr.skip(), "Stopping…", *off
 
     def check_watermark(path):
@@ -1761,7 +1791,7 @@ def build_demo(studio: Studio):
                                                              if studio.transcriber else " (ranked by clean endings)"))
                     with gr.Row():
                         render_btn = gr.Button("Render", variant="primary")
-                        cancel_btn = gr.Button("Cancel", variant="stop")
+                        cancel_btn = gr.Button("Cancel", variant="stop", interactive=False)
                     render_anyway = gr.Button("Render anyway", visible=False, size="sm")
                     render_msg = gr.Markdown(elem_classes=[NOTE])
             live = gr.Audio(label="Playing while rendering", streaming=True, autoplay=True, interactive=False)
@@ -1918,18 +1948,18 @@ def build_demo(studio: Studio):
         editor_actions = {name: _answered_in_place(_gpu(fn) if gpu else fn, shown) for name, fn, gpu in (
             ("rerender_stale", rerender_stale, True), ("edit_line", edit_line, True), ("new_take", new_take, True),
             ("set_pause", set_pause, False), ("choose_take", choose_take, False))}
-        render_event = render_btn.click(busy, None, [render_btn, regen_btn, render_anyway], api_name=False,
+        render_event = render_btn.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn], api_name=False,
                                         queue=False).then(
             _gpu(render_script), [*render_inputs, ask], render_outputs, api_name="render_script",
             concurrency_id="gpu", show_progress_on=[render_msg])
-        render_event.then(idle, None, [render_btn, regen_btn], api_name=False, queue=False)
-        anyway_event = render_anyway.click(busy, None, [render_btn, regen_btn, render_anyway], api_name=False,
+        render_event.then(idle, None, [render_btn, regen_btn, cancel_btn], api_name=False, queue=False)
+        anyway_event = render_anyway.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn], api_name=False,
                                            queue=False).then(
             _gpu(render_script), [*render_inputs, dont_ask], render_outputs, api_name=False,
             concurrency_id="gpu", show_progress_on=[render_msg])
-        anyway_event.then(idle, None, [render_btn, regen_btn], api_name=False, queue=False)
-        cancel_btn.click(lambda: ("Cancelled.", *idle()), None, [render_msg, render_btn, regen_btn],
-                         cancels=[render_event, anyway_event], api_name=False, queue=False)
+        anyway_event.then(idle, None, [render_btn, regen_btn, cancel_btn], api_name=False, queue=False)
+        cancel_btn.click(cancel_render, None, [render_msg, render_btn, regen_btn, cancel_btn], api_name=False,
+                         queue=False, show_progress="hidden")
         regen_btn.click(_gpu(regenerate_line), [key, last_result, last_voices, regen_line, regen_seed],
                         shown, api_name="regenerate_line",
                         concurrency_id="gpu", show_progress_on=[render_msg])

@@ -438,6 +438,29 @@ def test_the_progress_box_is_painted_and_clear_of_the_note(running_app, page, mo
     expect(page.get_by_text(re.compile(r"^Done: 2 lines,"))).to_be_visible(timeout=60_000)
 
 
+def test_cancel_ends_the_render_without_an_error_badge_and_is_off_when_idle(running_app, page, monkeypatch):
+    """Cancel is on only while a render runs (it used to say "Cancelled." with nothing running). It no longer
+    uses Gradio's cancel, which often left a red Error badge on the note (every time with three renders at
+    once): the render ends itself at its next step and says so, and Render comes back."""
+    from conftest import slow_lines
+
+    url, studio = running_app
+    slow_lines(monkeypatch, studio, 4.0)
+    _open(page, url)
+    cancel, render = page.get_by_role("button", name="Cancel"), page.get_by_role("button", name="Render", exact=True)
+    page.get_by_role("tab", name="Script").click()
+    expect(cancel).to_be_disabled()
+    _start_render(page, "Alice: one two three.\nBob: four five six.\nAlice: seven eight.", ("Alice", "Bob"))
+    expect(cancel).to_be_enabled()
+    expect(page.get_by_text(re.compile(r"line 1/3 · Alice"))).to_be_attached(timeout=60_000)
+    cancel.click()
+    expect(page.get_by_text("Cancelled.", exact=True)).to_be_visible(timeout=5_000)
+    expect(render).to_be_enabled()
+    expect(cancel).to_be_disabled()
+    page.wait_for_timeout(1500)
+    expect(page.locator(".error")).to_have_count(0)
+
+
 def test_the_profile_selection_stays_where_the_tester_acted(app_url, page, tmp_path):
     """Save, rename and import keep that profile selected; delete selects nothing; a row click selects."""
     _open(page, app_url)
