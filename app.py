@@ -708,6 +708,10 @@ class SessionStops:
         with self._lock:
             return session in self._stopped
 
+    def made(self, session: str | None) -> int | None:
+        with self._lock:
+            return self._made.get(session)
+
     def ended(self, session: str | None) -> None:
         with self._lock:
             self._made.pop(session, None)
@@ -1182,14 +1186,20 @@ def build_demo(studio: Studio):
     def rendering(key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked, progress):
         session = _session()
         render_stops.progress(session, 0)
+        lines = []  # the script's lines, once parsed
         try:
             yield from _rendering(session, key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode,
-                                  takes, asked, progress)
+                                  takes, asked, progress, lines)
+        except GeneratorExit:  # a closed or reloaded page, an API caller's cancel: a reopen will say so
+            if lines and not render_stops.stopped(session):
+                with contextlib.suppress(CsmError):
+                    studio.cut_short(key, render_stops.made(session) or 0, len(lines))
+            raise
         finally:  # also on a closed tab or an API caller's job.cancel() (Gradio closes the generator)
             render_stops.ended(session)
 
     def _rendering(session, key, script, mapping, temperature, topk, seed, max_line_s, pause_ms, mode, takes, asked,
-                   progress):
+                   progress, parsed: list):
         if render_stops.stopped(session):  # cancelled while it waited for its turn
             yield (gr.skip(), "Cancelled.", *[gr.skip()] * 10)
             return
@@ -1211,6 +1221,7 @@ def build_demo(studio: Studio):
             anyway = gr.Button(value=f"Render {names} without a reference voice", visible=True)
             yield gr.skip(), question, *[gr.skip()] * 6, anyway, *[gr.skip()] * 3
             return
+        parsed.extend(lines)
         work = on_worker(lambda emit, stopped: studio.render(
             key, script, voices, config, progress=throttled(emit), cancel=stopped,
             on_clip=lambda clip: emit(("clip", clip))), HEARTBEAT_S)
@@ -1527,16 +1538,17 @@ def build_demo(studio: Studio):
 
     def reopened_last(key):
         try:
-            last = studio.last_rendering(key)
+            last, lost = studio.last_rendering(key), studio.cut_short_note(key)
             if last is None:
-                raise CsmError("there is no rendering of this library since the server started: render the script")
+                raise CsmError(f"{lost}; render the script again" if lost else
+                               "there is no rendering of this library since the server started: render the script")
             script_text, voices, c, result = last
             rendered = _finished(result)
         except CsmError as e:
             fail(e)
         values = tab_values(script_text, voices, c)
-        return (*values, f"Reopened the last rendering: {rendered[0]}", *rendered[1:6], voices, *rendered[6:],
-                choices_of(values[1]), c.takes)
+        before = f"{lost[0].upper()}{lost[1:]}. Reopened the rendering before it: " if lost else "Reopened the last rendering: "
+        return (*values, f"{before}{rendered[0]}", *rendered[1:6], voices, *rendered[6:], choices_of(values[1]), c.takes)
 
     # ---- quick ----------------------------------------------------------------------------
     def say(key, text, profile, temperature, topk, seed, max_s):

@@ -153,6 +153,7 @@ class Studio:
         self._stores: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)
         self._last: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> its last rendering
         self._last_audio: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> its last audio file
+        self._cut_short: LRUCache = LRUCache(maxsize=limits.libraries_in_memory)  # library -> a lost render's note
         self._lock = threading.Lock()
         self.memory = CudaMemoryManager(engine.device)
         if getattr(engine, "prefix", None) is not None:  # a crowded GPU drops the prefix cache first
@@ -506,6 +507,22 @@ class Studio:
         folder = self._folder(key)
         with self._lock:
             self._last[folder] = (script, dict(voices), config, result)
+            self._cut_short.pop(folder, None)
+
+    def cut_short(self, key, lines_done: int, lines: int) -> None:
+        """A render of this library ended unfinished without a Cancel (its page closed or reloaded, an API
+        caller's cancel): its lines are lost, and a reopen says so instead of only "no rendering"."""
+        when, folder = time.strftime("%H:%M"), self._folder(key)  # the folder first: library() takes the lock
+        with self._lock:
+            self._cut_short[folder] = (
+                f"the render started at {when} was stopped when its page was closed or reloaded "
+                f"({lines_done} of {lines} line{'' if lines == 1 else 's'} done), so it was not kept")
+
+    def cut_short_note(self, key) -> str | None:
+        """What `cut_short` said of this library's last unfinished render, if it came after its last rendering."""
+        folder = self._folder(key)
+        with self._lock:
+            return self._cut_short.get(folder)
 
     def remember_audio(self, key, path: str | Path) -> None:
         """`path` (a fresh output file) as this library's last rendered audio, for the watermark check."""

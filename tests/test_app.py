@@ -383,6 +383,33 @@ def test_a_cancelled_render_stops_generating_within_a_second(app_url, monkeypatc
     assert went_on < 1.5, f"generation went on {went_on:.1f} s after the cancel"
 
 
+def test_a_render_lost_with_its_page_is_named_when_the_tester_reopens(app_url, monkeypatch):
+    """A page reloaded or closed mid-render ends that render (like gradio_client's job.cancel() here). The
+    tester who then pressed "Reopen the last rendering" read only that there was no rendering since the
+    server started; now the lost render is named, and an earlier rendering is still reopened."""
+    import time
+
+    from conftest import slow_lines
+
+    url, studio = app_url
+    client = Client(url, verbose=False)
+    key, table = "visitor-lost-0001", {"headers": ["speaker", "profile"], "data": []}
+    with pytest.raises(Exception, match="no rendering of this library since the server started"):
+        client.predict(key, api_name="/reopen_last")
+    slow_lines(monkeypatch, studio, 4.0)
+    job = client.submit(key, "A: One.\nB: Two.\nA: Three.", table, 0.9, 50, 5, 1, 0, "conversational",
+                        api_name="/render_script")
+    time.sleep(3.0)
+    job.cancel()
+    time.sleep(2.0)
+    with pytest.raises(Exception, match=r"the render started at \d\d:\d\d was stopped when its page was closed or "
+                                        r"reloaded \([0-3] of 3 lines done\), so it was not kept; render the script again"):
+        client.predict(key, api_name="/reopen_last")
+    monkeypatch.undo()
+    client.predict(key, "A: Kept.", table, 0.9, 50, 5, 1, 0, "conversational", api_name="/render_script")
+    assert "Reopened the last rendering: Done: 1 line" in client.predict(key, api_name="/reopen_last")[8]
+
+
 def _seconds_until_stopped(job, stopped: list, wait_s: float = 60) -> float:
     """Cancel the running `job`; seconds until a patched generation appended its time to `stopped`."""
     import time
