@@ -844,6 +844,9 @@ code { unicode-bidi: isolate; }
    and over a note the two were painted on each other. In the flow, the box comes above the note. */
 .block.csm-note > [data-testid="status-tracker"]:not(.hide) { position: relative !important; min-height: 3.4rem; }
 .block.csm-note:has(> [data-testid="status-tracker"]:not(.hide)) { overflow: visible; }
+/* Gradio's elapsed-time counter beside it restarts at every output of a streaming handler (a heartbeat
+   every 0.5 s), so it only ever read 0.0-0.5 s; the progress text says the time left instead */
+.block.csm-note > [data-testid="status-tracker"] .progress-text { display: none; }
 .file-preview-holder .stem { unicode-bidi: plaintext; }
 @media (max-width: 640px) {  /* a phone: the title on one line, all five tabs in view (no "..." menu) */
   .csm-title h1 { font-size: 1.4rem; }
@@ -1152,10 +1155,11 @@ def build_demo(studio: Studio):
         return text
 
     def busy():
-        """Render and Regenerate off, Cancel on (and "Render anyway" hidden) for a render that starts."""
+        """Render and Regenerate off, Cancel on, "Render anyway" hidden and the last note cleared (a question
+        about another script's voices stayed up during the new render) for a render that starts."""
         render_stops.asked(_session())
         return (gr.Button(interactive=False), gr.Button(interactive=False), gr.Button(visible=False),
-                gr.Button(interactive=True))
+                gr.Button(interactive=True), "")
 
     def spoken_seconds(text: str, limit_s: float) -> float:
         """The live players' guess at how long `text` takes to say: from its length, or the limit where the
@@ -1960,12 +1964,14 @@ def build_demo(studio: Studio):
         editor_actions = {name: _answered_in_place(_gpu(fn) if gpu else fn, shown) for name, fn, gpu in (
             ("rerender_stale", rerender_stale, True), ("edit_line", edit_line, True), ("new_take", new_take, True),
             ("set_pause", set_pause, False), ("choose_take", choose_take, False))}
-        render_event = render_btn.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn], api_name=False,
+        render_event = render_btn.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn, render_msg],
+                                        api_name=False,
                                         queue=False).then(
             _gpu(render_script), [*render_inputs, ask], render_outputs, api_name="render_script",
             concurrency_id="gpu", show_progress_on=[render_msg])
         render_event.then(idle, None, [render_btn, regen_btn, cancel_btn], api_name=False, queue=False)
-        anyway_event = render_anyway.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn], api_name=False,
+        anyway_event = render_anyway.click(busy, None, [render_btn, regen_btn, render_anyway, cancel_btn, render_msg],
+                                           api_name=False,
                                            queue=False).then(
             _gpu(render_script), [*render_inputs, dont_ask], render_outputs, api_name=False,
             concurrency_id="gpu", show_progress_on=[render_msg])
