@@ -974,6 +974,22 @@ def build_demo(studio: Studio):
         value = (names[0] if names else None) if selected is first else selected if selected in names else None
         return studio.profile_rows(key), gr.Dropdown(choices=names, value=value)
 
+    def clip_checked(audio_path):
+        """A first answer on an uploaded clip, from its header (nothing decoded): a file that is not audio, or
+        too long, is named now rather than at Save; a good one clears the note."""
+        from csm_multi.audio import MAX_REFERENCE_S, probe_upload
+
+        if not audio_path:
+            return gr.skip()
+        try:
+            seconds = probe_upload(audio_path)
+        except (CsmError, ValueError) as e:
+            return f"⚠️ This clip cannot be used: {note_text(str(e))}"
+        if seconds > MAX_REFERENCE_S:
+            return (f"⚠️ This clip is {seconds:.1f} s long: a voice profile keeps at most {MAX_REFERENCE_S} s of "
+                    "speech (silence is trimmed first). Trim it to one voice's best 5-15 s before saving.")
+        return ""
+
     def add_profile(key, audio_path, transcript, name):
         try:
             if not audio_path:
@@ -1927,6 +1943,7 @@ def build_demo(studio: Studio):
             fill_mapping, [key, script, voice_choices], [mapping, voice_choices], api_name=False).then(
             status, [key], [status_md], api_name=False)
 
+        ref_audio.change(clip_checked, [ref_audio], [voice_msg], api_name=False, queue=False, show_progress="hidden")
         library_changed(save_btn.click(add_profile, [key, ref_audio, ref_text, ref_name], [library, chosen, voice_msg],
                                        api_name="add_profile"))
         chosen.change(preview_profile, [key, chosen], [preview], api_name="preview_profile")

@@ -297,6 +297,19 @@ def _check_upload(source: str | Path | bytes) -> str:
     return name
 
 
+def probe_upload(source: str | Path) -> float:
+    """An upload's length in seconds from its header alone (nothing is decoded), after the checks every
+    upload gets (extension, size, a readable header, the length limit): AudioInputError naming the problem.
+    For a first answer while the visitor is still filling in the form."""
+    name = _check_upload(source)
+    try:
+        info = sf.info(str(source))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise _unreadable(name, e) from e
+    _check_header(name, info.samplerate, info.channels, info.frames)
+    return info.frames / max(info.samplerate, 1)
+
+
 @contextmanager
 def open_upload_spans(source: str | Path | bytes) -> Iterator[tuple[int, Callable[[int, int], torch.Tensor]]]:
     """An upload opened for reading parts of it, for work that needs a few seconds of a long file

@@ -421,7 +421,7 @@ def test_the_progress_box_is_painted_and_clear_of_the_note(running_app, page, mo
                 note: note.textContent.trim(), block: b.height};
     }"""
     def seen(words: str) -> dict:  # Gradio swaps the box out for a moment at each output: look a few times
-        expect(page.get_by_text(words)).to_be_attached(timeout=60_000)
+        expect(page.get_by_text(words).first).to_be_attached(timeout=60_000)  # also in a live region
         got = None
         for _ in range(10):
             got = page.evaluate(painted, words)
@@ -459,6 +459,25 @@ def test_cancel_ends_the_render_without_an_error_badge_and_is_off_when_idle(runn
     expect(cancel).to_be_disabled()
     page.wait_for_timeout(1500)
     expect(page.locator(".error")).to_have_count(0)
+
+
+def test_an_uploaded_clip_that_cannot_be_used_is_named_on_upload(app_url, page, tmp_path):
+    """A text file renamed .wav, or a clip over 30 s, used to be named only at Save (the upload showed a 0:00
+    player and nothing else); its header is read on upload now, and a good clip clears the note."""
+    _open(page, app_url)
+    clip = _block(page, "Reference clip (1-30 s of one voice)")
+    fake = tmp_path / "fake.wav"
+    fake.write_text("this is not audio at all\n" * 50)
+    clip.locator("input[type=file]").set_input_files(str(fake))
+    expect(page.get_by_text(re.compile(r"This clip cannot be used: could not read fake\.wav as audio"))).to_be_visible()
+    clip.get_by_role("button", name="Clear").click()
+    long = tmp_path / "long.wav"
+    sf.write(str(long), np.zeros(24_000 * 40, dtype=np.float32), 24_000)
+    clip.locator("input[type=file]").set_input_files(str(long))
+    expect(page.get_by_text(re.compile(r"This clip is 40\.0 s long: a voice profile keeps at most 30 s"))).to_be_visible()
+    clip.get_by_role("button", name="Clear").click()
+    clip.locator("input[type=file]").set_input_files(str(_wav(tmp_path / "good.wav")))
+    expect(page.get_by_text(re.compile(r"This clip"))).to_have_count(0)
 
 
 def test_the_profile_selection_stays_where_the_tester_acted(app_url, page, tmp_path):
