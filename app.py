@@ -1632,25 +1632,16 @@ def build_demo(studio: Studio):
             fail(e)
         finally:  # also on a closed tab or an API caller's job.cancel() (Gradio closes the generator)
             quick_stops.ended(session)
-        if stopped and not chunks:  # Stop has answered (QUICK_NOTHING_MADE)
-            yield gr.skip(), gr.skip(), gr.skip()
-            return
-        if stopped:
-            try:
-                path, seconds = said_file(key, chunks)
-            except CsmError as e:
-                fail(e)
-            yield gr.skip(), str(path), (f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file holds "
-                                         "what was said until then.")
-            return
-        if not chunks:
-            yield gr.skip(), gr.skip(), f"The model ended the utterance at once with seed {seed}; try another seed."
+        if not chunks:  # stopped: Stop has answered (QUICK_NOTHING_MADE)
+            yield (gr.skip(), gr.skip(), gr.skip() if stopped else
+                   f"The model ended the utterance at once with seed {seed}; try another seed.")
             return
         try:
             path, seconds = said_file(key, chunks)
         except CsmError as e:
             fail(e)
-        yield gr.skip(), str(path), f"{seconds:.2f} s, seed {seed}, {said_mark()}."
+        yield gr.skip(), str(path), (f"Stopped at {seconds:.2f} s (seed {seed}, {said_mark()}): the file holds what "
+                                     "was said until then." if stopped else f"{seconds:.2f} s, seed {seed}, {said_mark()}.")
 
     def said_file(key, chunks) -> tuple[Path, float]:
         """A Quick utterance's audio chunks as a fresh WAV, now this library's last audio; and its seconds."""

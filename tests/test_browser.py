@@ -365,18 +365,23 @@ def test_render_shows_its_stage_and_is_off_while_busy(app_url, page, tmp_path):
     expect(render).to_be_enabled()
 
 
+def _slow_decode(monkeypatch, studio, seconds: float) -> None:
+    """Make every Mimi decode of `studio`'s engine take `seconds` longer (as csm-1b's do on two CPU cores)."""
+    real = studio.engine.decode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(studio.engine, "decode", slow_decode)
+
+
 def test_the_progress_stays_shown_while_a_line_is_decoded(running_app, page, monkeypatch):
     """Gradio's page drops the progress text at every output of a streaming handler, and a render
     yields a no-change update every 0.5 s (so a cancel lands): while a line was decoded and
     watermarked (seconds at csm-1b size) the page showed no progress at all. Here decoding takes 3 s."""
     url, studio = running_app
-    real = studio.engine.decode
-
-    def slow_decode(*args, **kwargs):
-        time.sleep(3)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(studio.engine, "decode", slow_decode)
+    _slow_decode(monkeypatch, studio, 3.0)
     _open(page, url)
     _start_render(page, "Alice: one two three.", ("Alice",))
     decoding = page.get_by_text("line 1/1 · Alice · decoding")
@@ -396,13 +401,7 @@ def test_the_progress_box_is_painted_and_clear_of_the_note(running_app, page, mo
     for a whole first line; once the note said something, the two were painted on each other. Checked where
     it counts, by what the browser paints at the progress text's place."""
     url, studio = running_app
-    real = studio.engine.decode
-
-    def slow_decode(*args, **kwargs):
-        time.sleep(3)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(studio.engine, "decode", slow_decode)
+    _slow_decode(monkeypatch, studio, 3.0)
     _open(page, url)
     _start_render(page, "Alice: one two three.\nBob: four five six.", ("Alice", "Bob"))
     painted = """(words) => {
